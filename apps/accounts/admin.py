@@ -1,0 +1,211 @@
+"""The operator console for accounts: users with their roles, roles with their ESD permissions, API keys.
+
+Every change goes through ``apps.accounts.services`` so the console and the API apply the same rules.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import Group
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest, HttpResponseRedirect
+from django.urls import reverse
+
+from apps.accounts import services
+from apps.accounts.models import ApiKey, Role, User, esd_permission_queryset, permissions_of
+from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS
+from esd.api.errors import EsdError
+
+admin.site.site_header = "ESD Server"
+admin.site.site_title = "ESD Server"
+admin.site.index_title = "Operations"
+admin.site.unregister(Group)
+
+
+@admin.register(User)
+class EsdUserAdmin(UserAdmin):
+    list_display = ("username", "role_names", "creator", "is_active", "is_superuser", "last_login")
+    list_filter = ("is_active", "is_superuser", "groups")
+    search_fields = ("username", "email", "creator")
+    ordering = ("username",)
+    readonly_fields = ("creator", "last_login", "date_joined")
+    fieldsets = (
+        (None, {"fields": ("username", "password")}),
+        ("Roles", {"fields": ("groups",), "description": "The user's ESD permissions are those of their roles."}),
+        ("Profile", {"fields": ("first_name", "last_name", "email", "creator")}),
+        ("Console access", {"fields": ("is_active", "is_staff", "is_superuser")}),
+        ("Dates", {"fields": ("last_login", "date_joined")}),
+    )
+    filter_horizontal = ("groups",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).prefetch_related("groups")
+
+    @admin.display(description="Roles")
+    def role_names(self, obj: User) -> str:
+        return ", ".join(sorted(g.name for g in obj.groups.all()))
+
+    def formfield_for_manytomany(self, db_field, request, **kwargs):
+        if db_field.name == "groups":
+            kwargs["label"] = "Roles"
+            kwargs["queryset"] = Group.objects.order_by("name")
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: User, form, change: bool) -> None:
+        if not change and not obj.creator:
+            obj.creator = request.user.get_username()
+        super().save_model(request, obj, form, change)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        services.delete_users(list(queryset))
+
+    def delete_model(self, request: HttpRequest, obj: User) -> None:
+        services.delete_users([obj])
+
+
+class RoleForm(forms.ModelForm):
+    esd_permissions = forms.MultipleChoiceField(
+        label="Permissions",
+        choices=[(p, p) for p in PERMISSIONS],
+        widget=forms.CheckboxSelectMultiple,
+        help_text="{resource}:all includes the resource's list and create actions.",
+    )
+    actor: User  # set by RoleAdmin.get_form
+
+    class Meta:
+        model = Role
+        fields = ("name",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["esd_permissions"] = list(
+                self.instance.permissions.filter(pk__in=esd_permission_queryset()).values_list("codename", flat=True)
+            )
+
+    def clean(self) -> dict:
+        data = super().clean()
+        name = data.get("name") or self.instance.name
+        try:
+            services.check_role(
+                actor=self.actor.get_username(),
+                actor_permissions=permissions_of(self.actor),
+                name=name,
+                permissions=data.get("esd_permissions", []),
+                existing=self.instance if self.instance.pk else None,
+            )
+        except EsdError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        return data
+
+
+@admin.register(Role)
+class RoleAdmin(admin.ModelAdmin):
+    form = RoleForm
+    list_display = ("name", "creator", "permission_list", "member_count")
+    search_fields = ("name", "creator")
+    ordering = ("name",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).annotate(members=Count("user")).prefetch_related("permissions")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Role | None = None):
+        # Roles are referenced by name (owners of endpoints and checkpoints): no renames.
+        return ("name", "creator") if obj is not None else ("creator",)
+
+    def get_form(self, request: HttpRequest, obj: Role | None = None, change: bool = False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"actor": request.user})
+
+    @admin.display(description="Permissions")
+    def permission_list(self, obj: Role) -> str:
+        return ", ".join(sorted(p.codename for p in obj.permissions.all() if p.codename in ALL_PERMISSIONS))
+
+    @admin.display(description="Members", ordering="members")
+    def member_count(self, obj: Role) -> int:
+        return obj.members
+
+    def has_change_permission(self, request: HttpRequest, obj: Role | None = None) -> bool:
+        return not (obj is not None and obj.is_protected) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Role | None = None) -> bool:
+        return not (obj is not None and obj.is_protected) and super().has_delete_permission(request, obj)
+
+    def save_model(self, request: HttpRequest, obj: Role, form: RoleForm, change: bool) -> None:
+        role, _ = services.save_role(
+            actor=request.user.get_username(),
+            actor_permissions=permissions_of(request.user),
+            name=obj.name,
+            permissions=form.cleaned_data["esd_permissions"],
+        )
+        form.instance = role
+        obj.pk = role.pk
+
+    def save_related(self, request, form, formsets, change):
+        """The service already set the permissions; there are no inlines."""
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        services.delete_roles([r.name for r in queryset if not r.is_protected], visible=list(queryset))
+
+    def delete_model(self, request: HttpRequest, obj: Role) -> None:
+        services.delete_roles([obj.name], visible=[obj])
+
+
+class ApiKeyForm(forms.ModelForm):
+    expires_days = forms.IntegerField(
+        required=False, min_value=1, help_text="Leave empty for a key that does not expire."
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("user", "name", "kind")
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = ("prefix", "user", "name", "kind", "status", "created_at", "expires_at", "last_used_at")
+    list_filter = ("kind", ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("prefix", "name", "user__username")
+    list_select_related = ("user",)
+    autocomplete_fields = ("user",)
+    actions = ["revoke"]
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None):
+        if obj is None:
+            return ("user", "name", "kind", "expires_days")
+        return ("prefix", "user", "name", "kind", "status", "created_at", "expires_at", "revoked_at", "last_used_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None):
+        if obj is None:
+            return ()
+        return self.get_fields(request, obj)
+
+    def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        # Keys are immutable apart from revocation; the change page is a read-only detail view.
+        return obj is None and super().has_change_permission(request, obj)
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: ApiKeyForm, change: bool) -> None:
+        key, raw = services.issue_api_key(
+            form.cleaned_data["user"],
+            kind=form.cleaned_data["kind"],
+            name=form.cleaned_data["name"],
+            expires_days=form.cleaned_data.get("expires_days"),
+        )
+        form.instance = key
+        obj.pk = key.pk
+        self.message_user(
+            request,
+            f"New API key for {key.user.username}: {raw} — copy it now, it will not be shown again.",
+            messages.SUCCESS,
+        )
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return HttpResponseRedirect(reverse("admin:accounts_apikey_changelist"))
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
+        count = sum(services.revoke_api_key(key) for key in queryset)
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)

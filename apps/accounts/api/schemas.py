@@ -1,0 +1,108 @@
+"""Body and response schemas of the account routes (contract §9.1-9.3). Validated and published as given."""
+
+from apps.accounts.permissions import PERMISSIONS
+
+ROLE_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
+USERNAME = {"type": "string", "minLength": 1, "maxLength": 150, "pattern": r"^[\w.@+-]+$"}
+
+CREATE_ROLE = {
+    "type": "object",
+    "required": ["role_name", "permissions"],
+    "properties": {
+        "role_name": ROLE_NAME,
+        "permissions": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 20,
+            "items": {"type": "string", "enum": list(PERMISSIONS)},
+        },
+        "initial": {"type": "boolean", "description": "First run only (contract §13)"},
+        "creator": {"type": "string", "description": "Ignored; the acting user is recorded"},
+    },
+}
+
+DELETE_ROLES = {
+    "type": "object",
+    "required": ["role_name_list"],
+    "properties": {"role_name_list": {"type": "array", "minItems": 1, "maxItems": 100, "items": ROLE_NAME}},
+}
+
+CREATE_USER = {
+    "type": "object",
+    "required": ["username", "password"],
+    "properties": {
+        "username": USERNAME,
+        "password": {"type": "string", "minLength": 1, "maxLength": 128},
+        "roles": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 20,
+            "items": ROLE_NAME,
+        },
+        "initial": {"type": "boolean", "description": "First run only (contract §13)"},
+        "creator": {"type": "string", "description": "Ignored; the acting user is recorded"},
+    },
+}
+
+DELETE_USERS = {
+    "type": "object",
+    "required": ["user_name_list"],
+    "properties": {
+        "user_name_list": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 100,
+            "items": {"type": "string", "minLength": 1, "maxLength": 150},
+        }
+    },
+}
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+ROLE_LIST = {
+    "type": "object",
+    "properties": {
+        "roles": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "role_name": {"type": "string"},
+                    "creator": {"type": "string"},
+                    "permissions": _STRINGS,
+                },
+            },
+        },
+        "previous_evaluated_key": {"type": "string", "example": "not_applicable"},
+        "last_evaluated_key": {"type": "string", "nullable": True},
+    },
+}
+
+USER_LIST = {
+    "type": "object",
+    "properties": {
+        "users": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "username": {"type": "string"},
+                    "roles": _STRINGS,
+                    "creator": {"type": "string"},
+                    "permissions": _STRINGS,
+                    "password": {"type": "string", "description": '"********", "*" without password, or a token'},
+                },
+            },
+        },
+        "previous_evaluated_key": {"type": "string", "example": "not_applicable"},
+        "last_evaluated_key": {"type": "string", "example": "not_applicable"},
+    },
+}
+
+FIRST_RUN_USER = {
+    "type": "object",
+    "properties": {
+        "user": {"type": "object", "properties": {"username": {"type": "string"}, "roles": _STRINGS}},
+        "all_roles": _STRINGS,
+    },
+}

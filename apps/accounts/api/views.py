@@ -1,0 +1,215 @@
+"""``/ping``, ``/roles`` and ``/users`` (contract §9.1-9.3). Thin: parse, call a service, render."""
+
+from __future__ import annotations
+
+import secrets
+
+from django.contrib.auth.models import Group
+from django.db.models import Prefetch
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apps.accounts import services
+from apps.accounts.api import schemas
+from apps.accounts.authentication import SESSION
+from apps.accounts.crypto import decrypt_password
+from apps.accounts.models import Role, User, esd_permissions_prefetch
+from apps.accounts.permissions import ALL_PERMISSIONS
+from esd.api.openapi import envelope_schema
+from esd.api.validation import Query
+from esd.api.views import EsdView, envelope, route
+
+NOT_APPLICABLE = "not_applicable"
+
+
+class PingView(EsdView):
+    @route(
+        operation_id="TestConnection",
+        summary="Check that the API is reachable and the key is valid",
+        tags=["Service"],
+        needs_user=False,
+        responses={200: OpenApiResponse(response=envelope_schema(200, message="pong"))},
+    )
+    def get(self, request: Request) -> Response:
+        return envelope(200, message="pong")
+
+
+class RolesView(EsdView):
+    @route(
+        operation_id="ListRoles",
+        summary="List the roles visible to the caller",
+        tags=["Roles"],
+        permissions=("role:all", "role:list"),
+        query=(Query("role", description="Exact role name"),),
+        responses={200: schemas.ROLE_LIST},
+    )
+    def get(self, request: Request) -> Response:
+        roles = self.visible(Role).prefetch_related(esd_permissions_prefetch())
+        if request.esd_query["role"] is not None:
+            roles = roles.filter(name=request.esd_query["role"])
+        items = [
+            {
+                "role_name": role.name,
+                "creator": role.creator,
+                "permissions": sorted(p.codename for p in role.permissions.all()),
+            }
+            for role in roles
+        ]
+        items.sort(key=lambda item: item["role_name"], reverse=True)
+        return envelope(200, {"roles": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": None})
+
+    @route(
+        operation_id="CreateRole",
+        summary="Create a role or replace its permissions",
+        tags=["Roles"],
+        permissions=("role:all", "role:create"),
+        body=schemas.CREATE_ROLE,
+        first_run_initial=True,
+        responses={201: OpenApiResponse(response=envelope_schema(201, message="role created"))},
+    )
+    def post(self, request: Request) -> Response:
+        body = request.esd_body
+        if request.esd_first_run:
+            actor = _first_run_actor(request)
+            services.save_role(
+                actor=actor,
+                actor_permissions=ALL_PERMISSIONS,
+                name=body["role_name"],
+                permissions=body["permissions"],
+                checked=False,
+            )
+        else:
+            services.save_role(
+                actor=request.user.username,
+                actor_permissions=request.esd_permissions,
+                name=body["role_name"],
+                permissions=body["permissions"],
+            )
+        return envelope(201, message="role created")
+
+    @route(
+        operation_id="DeleteRoles",
+        summary="Delete roles (the default role cannot be deleted)",
+        tags=["Roles"],
+        permissions=("role:all",),
+        body=schemas.DELETE_ROLES,
+        keyless_user_ok=True,
+        responses={204: None},
+    )
+    def delete(self, request: Request) -> Response:
+        names = request.esd_body["role_name_list"]
+        services.delete_roles(names, visible=list(self.visible(Role).filter(name__in=names)))
+        return envelope(204)
+
+
+class UsersView(EsdView):
+    @route(
+        operation_id="ListUsers",
+        summary="List the users visible to the caller",
+        tags=["Users"],
+        permissions=("user:all", "user:list"),
+        query=(
+            Query("username", description="Exact user name"),
+            Query(
+                "show_password",
+                kind="bool",
+                default=False,
+                description="Return a password field for the WebUI's login table (see the contract, §9.3)",
+            ),
+        ),
+        responses={200: schemas.USER_LIST},
+    )
+    def get(self, request: Request) -> Response:
+        users = self.visible(User).prefetch_related(
+            Prefetch("groups", queryset=Group.objects.prefetch_related(esd_permissions_prefetch()))
+        )
+        if request.esd_query["username"] is not None:
+            users = users.filter(username=request.esd_query["username"])
+        reveal = self._password_reveal(request)
+        items = []
+        for user in users:
+            roles = user.groups.all()
+            permissions = (
+                ALL_PERMISSIONS if user.is_superuser else {p.codename for role in roles for p in role.permissions.all()}
+            )
+            items.append(
+                {
+                    "username": user.username,
+                    "roles": sorted(role.name for role in roles),
+                    "creator": user.creator,
+                    "permissions": sorted(permissions),
+                    "password": reveal(user),
+                }
+            )
+        items.sort(key=lambda item: item["username"], reverse=True)
+        return envelope(
+            200, {"users": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": NOT_APPLICABLE}
+        )
+
+    @staticmethod
+    def _password_reveal(request: Request):
+        """What goes in ``password`` (contract §9.3): masks, or random tokens when the WebUI asks (fail closed).
+
+        Plaintext only with ``ESD_WEBUI_PASSWORD_SYNC``, a service key and an acting user holding ``user:all``.
+        """
+        if not request.esd_query["show_password"]:
+            return lambda user: "********" if user.has_usable_password() else "*"
+        trusted = request.auth is not SESSION and request.auth.is_service and "user:all" in request.esd_permissions
+
+        def reveal(user: User) -> str:
+            plain = decrypt_password(user.encrypted_password) if trusted else None
+            return plain if plain is not None else secrets.token_urlsafe(24)[:32]
+
+        return reveal
+
+    @route(
+        operation_id="CreateUser",
+        summary="Create a user or replace their password and roles",
+        tags=["Users"],
+        permissions=("user:all",),
+        body=schemas.CREATE_USER,
+        first_run_initial=True,
+        responses={
+            201: OpenApiResponse(
+                response=envelope_schema(201, schemas.FIRST_RUN_USER),
+                description="`data` only when the request had `initial: true`",
+            )
+        },
+    )
+    def post(self, request: Request) -> Response:
+        body = request.esd_body
+        initial = body.get("initial") is True
+        saved = services.save_user(
+            actor=request.user.username if not request.esd_first_run else "",
+            actor_permissions=request.esd_permissions,
+            username=body["username"],
+            password=body["password"],
+            roles=body.get("roles", []),
+            first_run=request.esd_first_run,
+        )
+        if not initial:
+            return envelope(201)
+        all_roles = sorted(Role.objects.values_list("name", flat=True))
+        data = {"user": {"username": saved.user.username, "roles": saved.roles}, "all_roles": all_roles}
+        return envelope(201, data)
+
+    @route(
+        operation_id="DeleteUsers",
+        summary="Delete users with their API keys and sessions",
+        tags=["Users"],
+        permissions=("user:all",),
+        body=schemas.DELETE_USERS,
+        responses={204: None},
+    )
+    def delete(self, request: Request) -> Response:
+        names = request.esd_body["user_name_list"]
+        services.delete_users(list(self.visible(User).filter(username__in=names)))
+        return envelope(204)
+
+
+def _first_run_actor(request: Request) -> str:
+    """During first run the named administrator may not exist yet; record the name the WebUI sent."""
+    from apps.accounts.access import named_user
+
+    return named_user(request) or request.user.username

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class AccountsConfig(AppConfig):
+    """Users, roles (Django groups carrying ESD permission strings), API keys and their authentication."""
+
+    name = "apps.accounts"
+    label = "accounts"
+    verbose_name = "Accounts"

@@ -1,0 +1,137 @@
+"""OpenAPI documentation built from the same declarations the server enforces.
+
+A route's body schema (the JSON Schema its requests are validated against), its query parameters and its response
+shapes are given once, to ``@route``; this module turns them into drf-spectacular annotations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+
+from esd.api.errors import DEFAULT_MESSAGES
+from esd.api.validation import Query
+
+
+class EsdAutoSchema(AutoSchema):
+    """ESD's bulk ``DELETE`` routes take a JSON body; drf-spectacular documents bodies for PUT/PATCH/POST only."""
+
+    def _get_request_body(self, direction: str = "request") -> Any:
+        if self.method == "DELETE":
+            self.method = "POST"
+            try:
+                return super()._get_request_body(direction)
+            finally:
+                self.method = "DELETE"
+        return super()._get_request_body(direction)
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    target_class = "apps.accounts.authentication.ApiKeyAuthentication"
+    name = "ApiKeyAuth"
+
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict:
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-api-key",
+            "description": "A personal or service key (40 characters) issued in the console or by "
+            "`manage.py create_api_key`.",
+        }
+
+
+def envelope_schema(status: int, data: dict | None = None, message: str | None = None) -> dict:
+    """The response envelope around ``data`` (contract §2)."""
+    properties: dict[str, Any] = {"statusCode": {"type": "integer", "enum": [status]}}
+    required = ["statusCode"]
+    if data is not None:
+        properties["data"] = data
+        required.append("data")
+    properties["message"] = {"type": "string", "example": message or DEFAULT_MESSAGES.get(status, "")}
+    return {"type": "object", "properties": properties, "required": required}
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "statusCode": {"type": "integer"},
+        "message": {"type": "string"},
+        "errors": {
+            "type": "object",
+            "additionalProperties": {"type": "array", "items": {"type": "string"}},
+            "description": "Validation errors by field path (400 only)",
+        },
+        "requestId": {"type": "string", "description": "500 only: the x-request-id of the failed request"},
+    },
+    "required": ["message"],
+}
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (ESD validator wording) or refused by the route's rules",
+    401: "Service key without a (known) acting user",
+    403: 'Missing, invalid, revoked or expired key (`{"message":"Forbidden"}`), or no permission',
+    404: "Not found or not visible to the caller",
+}
+
+USERNAME_HEADER = OpenApiParameter(
+    "username",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="The acting user. Required with a service key on most routes; with a personal key it may only "
+    "name the key's owner.",
+)
+
+
+def _parameter(query: Query) -> OpenApiParameter:
+    types = {"int": int, "limit": int, "bool": bool}
+    kwargs: dict[str, Any] = {"required": False, "description": query.description}
+    if query.kind == "enum":
+        kwargs["enum"] = list(query.choices)
+    if query.many:
+        kwargs["many"] = True
+        kwargs["explode"] = True
+    return OpenApiParameter(query.name, types.get(query.kind, str), OpenApiParameter.QUERY, **kwargs)
+
+
+def document(
+    *,
+    operation_id: str,
+    summary: str,
+    tags: list[str],
+    body: dict | None,
+    query: tuple[Query, ...],
+    responses: dict[int, Any],
+    path_params: tuple[str, ...] = (),
+    needs_user: bool = True,
+    description: str = "",
+) -> Any:
+    """``extend_schema`` for one ESD handler; ``responses`` maps status to a ``data`` schema (or None)."""
+    documented: dict[int, Any] = {}
+    for status, data in responses.items():
+        if status == 204:
+            documented[status] = OpenApiResponse(description="No Content")
+        elif isinstance(data, OpenApiResponse):
+            documented[status] = data
+        else:
+            documented[status] = OpenApiResponse(response=envelope_schema(status, data))
+    for status in (400, 401, 403, 404):
+        if status in (401,) and not needs_user:
+            continue
+        documented.setdefault(status, OpenApiResponse(response=ERROR_SCHEMA, description=_ERROR_DESCRIPTIONS[status]))
+    parameters = [_parameter(q) for q in query]
+    parameters += [OpenApiParameter(name, str, OpenApiParameter.PATH) for name in path_params]
+    if needs_user:
+        parameters.append(USERNAME_HEADER)
+    return extend_schema(
+        operation_id=operation_id,
+        summary=summary,
+        description=description,
+        tags=tags,
+        request={"application/json": body} if body is not None else None,
+        responses=documented,
+        parameters=parameters,
+    )

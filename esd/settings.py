@@ -1,0 +1,236 @@
+"""Settings, all read from the environment (django-environ).
+
+Every default is the *embedded* mode: SQLite, files on local disk and an in-process dramatiq broker under
+``ESD_VAR_DIR``, so a fresh machine needs nothing installed. ``DATABASE_URL``, ``DRAMATIQ_BROKER_URL`` and the
+storage variables switch to the scaled-out services. ``.env.example`` lists every variable read here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+ESD_VAR_DIR = Path(env.str("ESD_VAR_DIR", default=str(BASE_DIR / "var"))).resolve()
+ESD_VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """Use SECRET_KEY when given; otherwise generate one once and keep it under the var dir.
+
+    A key that changes on every start would log everybody out and invalidate every signed upload URL.
+    """
+    given = env.str("SECRET_KEY", default="")
+    if given:
+        return given
+    path = ESD_VAR_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "guardian",
+    "django_dramatiq",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "esd",
+    "apps.accounts",
+    "apps.models_registry",
+    "apps.endpoints",
+    "apps.inference",
+    "apps.training",
+]
+
+MIDDLEWARE = [
+    "esd.api.middleware.ApiMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "esd.urls"
+WSGI_APPLICATION = "esd.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ---------------------------------------------------------------------------------------------
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{ESD_VAR_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets readers work while the actor threads write; IMMEDIATE transactions avoid the
+    # "database is locked" upgrade deadlock between concurrent writers.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        }
+    )
+else:
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Auth -------------------------------------------------------------------------------------------------
+AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+# No guardian "AnonymousUser" row: it would show up in GET /users.
+ANONYMOUS_USER_NAME = None
+GUARDIAN_MONKEY_PATCH_USER = False
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "admin:login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Static files (whitenoise serves them; no CDN anywhere) -------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = ESD_VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+STATICFILES_DIRS = [d for d in [BASE_DIR / "static"] if d.is_dir()]
+# Serve straight from the app and package static dirs: `make run` needs no collectstatic step.
+WHITENOISE_USE_FINDERS = True
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(ESD_VAR_DIR / "storage")},
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# --- ESD API ------------------------------------------------------------------------------------------------
+ESD_API_PREFIX = env.str("ESD_API_PREFIX", default="api/").strip("/") + "/"
+ESD_API_DOCS_PUBLIC = env.bool("ESD_API_DOCS_PUBLIC", default=True)
+ESD_BUCKET = env.str("ESD_BUCKET", default="esd")
+ESD_MAX_BODY_BYTES = env.int("ESD_MAX_BODY_BYTES", default=10 * 1024 * 1024)
+ESD_PAGE_MAX = env.int("ESD_PAGE_MAX", default=1000)
+ESD_WEBUI_PASSWORD_SYNC = env.bool("ESD_WEBUI_PASSWORD_SYNC", default=False)
+ESD_PASSWORD_ENCRYPTION_KEY = env.str("ESD_PASSWORD_ENCRYPTION_KEY", default="")
+ESD_PASSWORD_VALIDATION = env.bool("ESD_PASSWORD_VALIDATION", default=False)
+# How stale an API key's last_used_at may get before a request writes it again (one write per key per window).
+ESD_KEY_LAST_USED_RESOLUTION = env.int("ESD_KEY_LAST_USED_RESOLUTION", default=60)
+DATA_UPLOAD_MAX_MEMORY_SIZE = ESD_MAX_BODY_BYTES
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.accounts.authentication.ApiKeyAuthentication",
+        "apps.accounts.authentication.EsdSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["esd.api.negotiation.DeferredBodyParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "esd.api.negotiation.JsonOnlyNegotiation",
+    "EXCEPTION_HANDLER": "esd.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "esd.api.openapi.EsdAutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ESD Server API",
+    "DESCRIPTION": (
+        "The REST API of Extension for Stable Diffusion on AWS (ESD) 1.5.0, served by ESD Server. "
+        "Authenticate with the `x-api-key` header; service keys name the acting user with the `username` header."
+    ),
+    "VERSION": "1.5.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/" + ESD_API_PREFIX.rstrip("/"),
+    "COMPONENT_SPLIT_REQUEST": False,
+}
+
+# --- Background work (dramatiq) ---------------------------------------------------------------------------
+DRAMATIQ_BROKER_URL = env.str("DRAMATIQ_BROKER_URL", default="")
+_DRAMATIQ_MIDDLEWARE = [
+    "dramatiq.middleware.AgeLimit",
+    "dramatiq.middleware.TimeLimit",
+    "dramatiq.middleware.ShutdownNotifications",
+    "dramatiq.middleware.Callbacks",
+    "dramatiq.middleware.Pipelines",
+    "dramatiq.middleware.Retries",
+    "dramatiq.middleware.CurrentMessage",
+    "django_dramatiq.middleware.DbConnectionsMiddleware",
+]
+
+
+def dramatiq_broker_settings(url: str) -> dict:
+    """Pick the dramatiq broker from a URL: redis:// or amqp://, or the in-process broker when empty."""
+    if not url:
+        return {"BROKER": "dramatiq.brokers.stub.StubBroker", "OPTIONS": {}, "MIDDLEWARE": _DRAMATIQ_MIDDLEWARE}
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return {
+            "BROKER": "dramatiq.brokers.redis.RedisBroker",
+            "OPTIONS": {"url": url},
+            "MIDDLEWARE": _DRAMATIQ_MIDDLEWARE,
+        }
+    if url.startswith(("amqp://", "amqps://")):
+        return {
+            "BROKER": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
+            "OPTIONS": {"url": url},
+            "MIDDLEWARE": _DRAMATIQ_MIDDLEWARE,
+        }
+    raise environ.ImproperlyConfigured(f"DRAMATIQ_BROKER_URL must be redis://, rediss:// or amqp://, got {url!r}")
+
+
+DRAMATIQ_BROKER = dramatiq_broker_settings(DRAMATIQ_BROKER_URL)
+# Actors run inside `runesd` (embedded) with this many threads; `rundramatiq` takes --threads.
+ESD_EMBEDDED_WORKER_THREADS = env.int("ESD_EMBEDDED_WORKER_THREADS", default=4)
+
+# --- Logging ------------------------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

@@ -1,0 +1,16 @@
+"""Test settings: the real settings plus what must differ under pytest.
+
+The var dir is a throw-away temp directory (tests never touch a developer's embedded data) and passwords use a
+fast hasher. The broker comes from ``DRAMATIQ_BROKER_URL`` exactly as in production: django_dramatiq builds it when
+the app registry loads, so the in-process StubBroker is used unless CI points the variable at Redis.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("ESD_VAR_DIR", tempfile.mkdtemp(prefix="esd-test-"))
+os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+
+from esd.settings import *  # noqa: F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

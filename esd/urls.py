@@ -1,0 +1,23 @@
+"""Root URLs: the ESD API under ``ESD_API_PREFIX``, the admin console, and the API's schema and docs."""
+
+from django.conf import settings
+from django.contrib import admin
+from django.urls import include, path, re_path
+from django.views.generic import RedirectView
+
+from esd.api.docs import DocsView, SchemaView
+from esd.api.views import not_found
+
+api_patterns = [
+    path("", include("apps.accounts.api.urls")),
+    re_path(r"^schema/?$", SchemaView.as_view(), name="schema"),
+    re_path(r"^docs/?$", DocsView.as_view(url_name="schema"), name="docs"),
+    # Anything else under the prefix: the ESD 404 envelope, before authentication (contract §2).
+    re_path(r"", not_found),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path(settings.ESD_API_PREFIX, include(api_patterns)),
+    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+]

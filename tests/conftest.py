@@ -1,0 +1,163 @@
+"""Shared fixtures. The cast: ``admin`` (IT Operator), ``designer`` (a narrow role), ``outsider`` (no role).
+
+Every API call goes through Django's test client against the real database with real keys; nothing about
+authentication, permissions or validation is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from django.contrib.contenttypes.models import ContentType
+from django.test import Client
+
+from apps.accounts.choices import ApiKeyKind
+from apps.accounts.models import Role, User
+from apps.accounts.permissions import ALL_PERMISSIONS
+from apps.accounts.services import issue_api_key, save_role
+
+PREFIX = "/api/"
+
+
+def pytest_report_header(config) -> list[str]:
+    return [
+        f"DATABASE_URL: {'set' if os.environ.get('DATABASE_URL') else 'unset (SQLite)'}",
+        f"DRAMATIQ_BROKER_URL: {os.environ.get('DRAMATIQ_BROKER_URL') or 'unset (in-process StubBroker)'}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _clear_caches():
+    """ContentType ids are cached per process; transactional tests recreate them."""
+    ContentType.objects.clear_cache()
+    yield
+    ContentType.objects.clear_cache()
+
+
+@dataclass
+class Answer:
+    """A response, with the body parsed when there is one."""
+
+    status: int
+    body: Any
+    headers: Any
+    raw: bytes
+
+
+class Api:
+    """Calls the ESD API as a client would: JSON bodies on any method, key and username in headers."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        username: str | None = None,
+        headers: dict[str, str] | None = None,
+        raw_body: bytes | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Answer:
+        extra = dict(headers or {})
+        if key is not None:
+            extra["x-api-key"] = key
+        if username is not None:
+            extra["username"] = username
+        data = raw_body if raw_body is not None else (b"" if body is None else json.dumps(body).encode())
+        url = path if path.startswith("/") else PREFIX + path
+        kwargs: dict[str, Any] = {"headers": extra}
+        if params:
+            url += "?" + urlencode(params, doseq=True)
+        response = self.client.generic(method, url, data, content_type="application/json", **kwargs)
+        content = response.content
+        parsed = (
+            json.loads(content) if content and response.get("Content-Type", "").startswith("application/json") else None
+        )
+        return Answer(response.status_code, parsed, response.headers, content)
+
+    def get(self, path: str, **kw: Any) -> Answer:
+        return self.call("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return self.call("POST", path, body, **kw)
+
+    def put(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return self.call("PUT", path, body, **kw)
+
+    def delete(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return self.call("DELETE", path, body, **kw)
+
+
+@pytest.fixture
+def api(client: Client) -> Api:
+    return Api(client)
+
+
+def make_user(
+    username: str, *, roles: tuple[str, ...] = (), password: str | None = None, creator: str = "admin", **fields: Any
+) -> User:
+    user = User(username=username, creator=creator, **fields)
+    if password is None:
+        user.set_unusable_password()
+    else:
+        user.set_password(password)
+    user.save()
+    user.groups.set(Role.objects.filter(name__in=roles))
+    return user
+
+
+def make_role(name: str, permissions: list[str], creator: str = "admin") -> Role:
+    role, _ = save_role(
+        actor=creator, actor_permissions=ALL_PERMISSIONS, name=name, permissions=permissions, checked=False
+    )
+    return role
+
+
+def make_key(user: User, kind: str = ApiKeyKind.PERSONAL, **kw: Any) -> str:
+    return issue_api_key(user, kind=kind, **kw)[1]
+
+
+@pytest.fixture
+def admin(db) -> User:
+    return make_user("admin", roles=("IT Operator",), password="admin-password-1")
+
+
+@pytest.fixture
+def admin_key(admin: User) -> str:
+    return make_key(admin)
+
+
+@pytest.fixture
+def designer(db) -> User:
+    make_role("Designer", ["inference:all", "checkpoint:list", "train:all"])
+    return make_user("designer", roles=("Designer",), password="designer-password-1")
+
+
+@pytest.fixture
+def designer_key(designer: User) -> str:
+    return make_key(designer)
+
+
+@pytest.fixture
+def outsider(db) -> User:
+    return make_user("outsider", password="outsider-password-1")
+
+
+@pytest.fixture
+def outsider_key(outsider: User) -> str:
+    return make_key(outsider)
+
+
+@pytest.fixture
+def service_key(admin: User) -> str:
+    """A trusted front end's key (the WebUI extension), owned by an IT Operator as the contract advises."""
+    return make_key(admin, ApiKeyKind.SERVICE)
