@@ -12,6 +12,8 @@ from pathlib import Path
 
 import environ
 
+from esd.api.schemas import ERROR_COMPONENT
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -186,6 +188,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/" + ESD_API_PREFIX.rstrip("/"),
     "COMPONENT_SPLIT_REQUEST": False,
+    "APPEND_COMPONENTS": {"schemas": {"Error": ERROR_COMPONENT}},
 }
 
 # --- Background work (dramatiq) ---------------------------------------------------------------------------

@@ -24,8 +24,44 @@ admin.site.index_title = "Operations"
 admin.site.unregister(Group)
 
 
+def request_permissions(request: HttpRequest) -> frozenset[str]:
+    """The console user's ESD permissions, computed once per request."""
+    if not hasattr(request, "_esd_permissions"):
+        user = request.user
+        request._esd_permissions = permissions_of(user) if user.is_authenticated and user.is_active else frozenset()
+    return request._esd_permissions
+
+
+class EsdPermissionsAdmin(admin.ModelAdmin):
+    """Console access follows the same ESD permissions as the API (any one listed permission suffices)."""
+
+    view_permissions: tuple[str, ...] = ()
+    add_permissions: tuple[str, ...] = ()
+    change_permissions: tuple[str, ...] = ()
+
+    def _holds(self, request: HttpRequest, wanted: tuple[str, ...]) -> bool:
+        return not request_permissions(request).isdisjoint(wanted)
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return self._holds(request, self.view_permissions)
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._holds(request, self.view_permissions)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return self._holds(request, self.add_permissions)
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._holds(request, self.change_permissions)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._holds(request, self.change_permissions)
+
+
 @admin.register(User)
-class EsdUserAdmin(UserAdmin):
+class EsdUserAdmin(EsdPermissionsAdmin, UserAdmin):
+    view_permissions = ("user:all", "user:list")
+    add_permissions = change_permissions = ("user:all",)
     list_display = ("username", "role_names", "creator", "is_active", "is_superuser", "last_login")
     list_filter = ("is_active", "is_superuser", "groups")
     search_fields = ("username", "email", "creator")
@@ -102,8 +138,11 @@ class RoleForm(forms.ModelForm):
 
 
 @admin.register(Role)
-class RoleAdmin(admin.ModelAdmin):
+class RoleAdmin(EsdPermissionsAdmin):
     form = RoleForm
+    view_permissions = ("role:all", "role:list")
+    add_permissions = ("role:all", "role:create")
+    change_permissions = ("role:all",)
     list_display = ("name", "creator", "permission_list", "member_count")
     search_fields = ("name", "creator")
     ordering = ("name",)
@@ -128,7 +167,12 @@ class RoleAdmin(admin.ModelAdmin):
         return obj.members
 
     def has_change_permission(self, request: HttpRequest, obj: Role | None = None) -> bool:
-        return not (obj is not None and obj.is_protected) and super().has_change_permission(request, obj)
+        if obj is not None and obj.is_protected:
+            return False
+        if super().has_change_permission(request, obj):
+            return True
+        # As in the API: a role creator without role:all may edit the roles they created.
+        return obj is not None and obj.creator == request.user.get_username() and self._holds(request, ("role:create",))
 
     def has_delete_permission(self, request: HttpRequest, obj: Role | None = None) -> bool:
         return not (obj is not None and obj.is_protected) and super().has_delete_permission(request, obj)
@@ -164,8 +208,10 @@ class ApiKeyForm(forms.ModelForm):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(EsdPermissionsAdmin):
     form = ApiKeyForm
+    # Keys act with their owner's permissions: issuing them for others is user administration.
+    view_permissions = add_permissions = change_permissions = ("user:all",)
     list_display = ("prefix", "user", "name", "kind", "status", "created_at", "expires_at", "last_used_at")
     list_filter = ("kind", ("revoked_at", admin.EmptyFieldListFilter))
     search_fields = ("prefix", "name", "user__username")

@@ -6,22 +6,27 @@ Public by default; with ``ESD_API_DOCS_PUBLIC=false`` they need a key or a conso
 from django.conf import settings
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
+
+from esd.api.middleware import json_response
 
 
-def _docs_permissions() -> list:
-    return [AllowAny] if settings.ESD_API_DOCS_PUBLIC else [IsAuthenticated]
+class _DocsAccess:
+    """Access rule and error format shared by the two views: errors are ESD JSON, never YAML or HTML."""
 
-
-class SchemaView(SpectacularAPIView):
     content_negotiation_class = DefaultContentNegotiation  # YAML, or JSON with ?format=json
 
-    def get_permissions(self):
-        return [p() for p in _docs_permissions()]
+    def get_permissions(self) -> list[BasePermission]:
+        return [AllowAny() if settings.ESD_API_DOCS_PUBLIC else IsAuthenticated()]
+
+    def handle_exception(self, exc):
+        response = super().handle_exception(exc)
+        return json_response(response.data, response.status_code)
 
 
-class DocsView(SpectacularSwaggerView):
-    content_negotiation_class = DefaultContentNegotiation
+class SchemaView(_DocsAccess, SpectacularAPIView):
+    pass
 
-    def get_permissions(self):
-        return [p() for p in _docs_permissions()]
+
+class DocsView(_DocsAccess, SpectacularSwaggerView):
+    pass

@@ -13,6 +13,7 @@ from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 
 from esd.api.errors import DEFAULT_MESSAGES
+from esd.api.schemas import ERROR_SCHEMA
 from esd.api.validation import Query
 
 
@@ -43,6 +44,19 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
         }
 
 
+class SessionScheme(OpenApiAuthenticationExtension):
+    target_class = "apps.accounts.authentication.EsdSessionAuthentication"
+    name = "ConsoleSession"
+
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict:
+        return {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": "sessionid",
+            "description": "A console login; unsafe methods also need the CSRF token (X-CSRFToken).",
+        }
+
+
 def envelope_schema(status: int, data: dict | None = None, message: str | None = None) -> dict:
     """The response envelope around ``data`` (contract §2)."""
     properties: dict[str, Any] = {"statusCode": {"type": "integer", "enum": [status]}}
@@ -53,21 +67,6 @@ def envelope_schema(status: int, data: dict | None = None, message: str | None =
     properties["message"] = {"type": "string", "example": message or DEFAULT_MESSAGES.get(status, "")}
     return {"type": "object", "properties": properties, "required": required}
 
-
-ERROR_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "statusCode": {"type": "integer"},
-        "message": {"type": "string"},
-        "errors": {
-            "type": "object",
-            "additionalProperties": {"type": "array", "items": {"type": "string"}},
-            "description": "Validation errors by field path (400 only)",
-        },
-        "requestId": {"type": "string", "description": "500 only: the x-request-id of the failed request"},
-    },
-    "required": ["message"],
-}
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (ESD validator wording) or refused by the route's rules",
@@ -118,9 +117,10 @@ def document(
             documented[status] = data
         else:
             documented[status] = OpenApiResponse(response=envelope_schema(status, data))
-    for status in (400, 401, 403, 404):
-        if status in (401,) and not needs_user:
-            continue
+    errors = [400, 401, 403] if needs_user else [400, 403]
+    if path_params:
+        errors.append(404)
+    for status in errors:
         documented.setdefault(status, OpenApiResponse(response=ERROR_SCHEMA, description=_ERROR_DESCRIPTIONS[status]))
     parameters = [_parameter(q) for q in query]
     parameters += [OpenApiParameter(name, str, OpenApiParameter.PATH) for name in path_params]
@@ -129,7 +129,7 @@ def document(
     return extend_schema(
         operation_id=operation_id,
         summary=summary,
-        description=description,
+        description=description or summary,
         tags=tags,
         request={"application/json": body} if body is not None else None,
         responses=documented,

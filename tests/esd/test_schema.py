@@ -1,0 +1,75 @@
+"""Contract §9.9: the OpenAPI document is valid, complete and served offline with Swagger UI."""
+
+import json
+import re
+
+import pytest
+from django.core.management import call_command
+
+from tests.conftest import Api
+
+pytestmark = pytest.mark.django_db
+
+ROUTES = {
+    "/api/ping/": {"get": "TestConnection"},
+    "/api/roles/": {"get": "ListRoles", "post": "CreateRole", "delete": "DeleteRoles"},
+    "/api/users/": {"get": "ListUsers", "post": "CreateUser", "delete": "DeleteUsers"},
+}
+
+
+def test_spectacular_validates_without_warnings(tmp_path):
+    out = tmp_path / "schema.yaml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(out))
+    assert "openapi: 3" in out.read_text()
+
+
+def test_schema_documents_every_route_with_real_shapes(api: Api):
+    response = api.client.get("/api/schema/?format=json")
+    assert response.status_code == 200
+    schema = json.loads(response.content)
+    for path, operations in ROUTES.items():
+        for method, operation_id in operations.items():
+            assert schema["paths"][path][method]["operationId"] == operation_id
+    delete_roles = schema["paths"]["/api/roles/"]["delete"]["requestBody"]["content"]["application/json"]["schema"]
+    assert delete_roles["required"] == ["role_name_list"]
+    create_user = schema["paths"]["/api/users/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert create_user["properties"]["username"]["pattern"] == r"^[\w.@+-]+$"
+    users_200 = schema["paths"]["/api/users/"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(users_200["properties"]["data"]["properties"]["users"]["items"]["properties"]) == {
+        "username",
+        "roles",
+        "creator",
+        "permissions",
+        "password",
+    }
+    assert schema["components"]["securitySchemes"]["ApiKeyAuth"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "x-api-key",
+        "description": schema["components"]["securitySchemes"]["ApiKeyAuth"]["description"],
+    }
+
+
+def test_schema_is_yaml_by_default(api: Api):
+    response = api.client.get("/api/schema/")
+    assert response.status_code == 200
+    assert response.content.startswith(b"openapi: 3")
+
+
+def test_swagger_ui_is_served_from_our_own_static_files(api: Api):
+    response = api.client.get("/api/docs/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "swagger-ui" in html
+    external = [u for u in re.findall(r'(?:src|href)="([^"]+)"', html) if u.startswith(("http:", "https:", "//"))]
+    assert external == []
+    bundle = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', html).group(1)
+    assert api.client.get(bundle).status_code == 200
+
+
+def test_docs_can_require_a_key(api: Api, settings, admin_key):
+    settings.ESD_API_DOCS_PUBLIC = False
+    refused = api.client.get("/api/schema/")
+    assert (refused.status_code, refused.json()) == (403, {"message": "Forbidden"})
+    assert api.client.get("/api/docs/").status_code == 403
+    assert api.client.get("/api/schema/", headers={"x-api-key": admin_key}).status_code == 200
