@@ -106,10 +106,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": 20,
         }
     )
-else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Persistent connections: opening one (and, on SQLite, setting its pragmas) per request costs more than the request.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("CONN_HEALTH_CHECKS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache ----------------------------------------------------------------------------------------------------
+# In-process by default. With several web processes, a shared cache (redis://...) makes key revocation reach
+# every process at once instead of within ESD_KEY_CACHE_SECONDS.
+CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://esd")}
+# How long a verified API key is remembered (0 turns the cache off). Changes made through the app drop it at once.
+ESD_KEY_CACHE_SECONDS = env.int("ESD_KEY_CACHE_SECONDS", default=10)
 
 # --- Auth -------------------------------------------------------------------------------------------------
 AUTH_USER_MODEL = "accounts.User"

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 import pytest
 from django.contrib.contenttypes.models import ContentType
+from django.core.cache import cache
 from django.test import Client
 
 from apps.accounts.choices import ApiKeyKind
@@ -33,10 +34,12 @@ def pytest_report_header(config) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _clear_caches():
-    """ContentType ids are cached per process; transactional tests recreate them."""
+    """ContentType ids and API keys are cached per process; every test starts from what its database says."""
     ContentType.objects.clear_cache()
+    cache.clear()
     yield
     ContentType.objects.clear_cache()
+    cache.clear()
 
 
 @dataclass

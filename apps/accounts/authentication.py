@@ -11,7 +11,7 @@ from rest_framework.authentication import BaseAuthentication, SessionAuthenticat
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from apps.accounts.models import ApiKey, User, key_digest
+from apps.accounts.models import ApiKey, User
 
 
 class SessionCredential:
@@ -33,7 +33,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         raw = request.META.get("HTTP_X_API_KEY")
         if raw is None:
             return None
-        key = ApiKey.objects.select_related("user").filter(digest=key_digest(raw)).first()
+        key = ApiKey.objects.for_request(raw)
         now = timezone.now()
         if key is None or not key.is_usable(now) or not key.user.is_active:
             raise AuthenticationFailed("Forbidden")

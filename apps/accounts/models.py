@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import string
-from datetime import datetime, timedelta
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser, Group, Permission, UserManager
 from django.contrib.contenttypes.models import ContentType
-from django.db import models
-from django.db.models import Prefetch, Q, QuerySet
+from django.core.cache import cache
+from django.db import connection, connections, models
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from apps.accounts.choices import ApiKeyKind
@@ -88,9 +92,24 @@ def esd_permission_queryset() -> QuerySet[Permission]:
     return Permission.objects.filter(content_type=ContentType.objects.get_for_model(Role, for_concrete_model=True))
 
 
-def esd_permissions_prefetch() -> Prefetch:
-    """A role's ESD permissions only (an operator may have given a group other Django permissions)."""
-    return Prefetch("permissions", queryset=esd_permission_queryset())
+def role_permissions(role_ids: Iterable[int] | None = None) -> dict[int, set[str]]:
+    """ESD permissions per role id, in one flat query (no model instances: lists render hundreds of rows)."""
+    through = Group.permissions.through.objects.filter(permission__in=esd_permission_queryset())
+    if role_ids is not None:
+        through = through.filter(group_id__in=role_ids)
+    table: dict[int, set[str]] = {}
+    for group_id, codename in through.values_list("group_id", "permission__codename"):
+        table.setdefault(group_id, set()).add(codename)
+    return table
+
+
+def user_roles(user_ids: Iterable[int]) -> dict[int, list[tuple[int, str]]]:
+    """(role id, role name) per user id, in one flat query."""
+    table: dict[int, list[tuple[int, str]]] = {}
+    rows = User.groups.through.objects.filter(user_id__in=user_ids).values_list("user_id", "group_id", "group__name")
+    for user_id, group_id, name in rows:
+        table.setdefault(user_id, []).append((group_id, name))
+    return table
 
 
 def permissions_of(user: User) -> frozenset[str]:
@@ -113,6 +132,82 @@ class ApiKeyQuerySet(QuerySet):
     def active(self, now: datetime | None = None) -> ApiKeyQuerySet:
         now = now or timezone.now()
         return self.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+
+    def for_request(self, raw_key: str) -> ApiKey | None:
+        """The key and its owner for one request: from the key cache, else one precompiled query.
+
+        Every API request runs this, so it avoids the ORM: compiling the equivalent query costs ~0.35 ms, more
+        than the rest of a ping. The row is cached for ``ESD_KEY_CACHE_SECONDS`` and dropped from the cache
+        whenever the key or its owner is saved or deleted (``apps.accounts.signals``). The owner comes back with
+        only the fields authentication needs loaded; the others are deferred, exactly as ``.only()`` leaves them.
+        """
+        digest = key_digest(raw_key)
+        ttl = settings.ESD_KEY_CACHE_SECONDS
+        row = cache.get(key_cache_name(digest)) if ttl > 0 else None
+        if row is None:
+            row = self._fetch_row(digest)
+            if row is None:
+                return None  # misses are not cached: random keys must not fill the cache
+            if ttl > 0:
+                cache.set(key_cache_name(digest), row, ttl)
+        key = dict(zip(_KEY_COLUMNS, row[: len(_KEY_COLUMNS)], strict=True))
+        username, is_active, is_superuser = row[len(_KEY_COLUMNS) :]
+        api_key = _from_db(ApiKey, self.db, key)
+        api_key.user = _from_db(
+            User,
+            self.db,
+            {"id": key["user_id"], "username": username, "is_active": is_active, "is_superuser": is_superuser},
+        )
+        return api_key
+
+    def _fetch_row(self, digest: str) -> tuple | None:
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(_key_lookup_sql(), [digest])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        values = list(row)
+        for index, name in enumerate(_KEY_COLUMNS):
+            if name.endswith("_at"):
+                values[index] = _db_datetime(values[index])
+        values[-2:] = [bool(values[-2]), bool(values[-1])]  # SQLite answers 0/1
+        return tuple(values)
+
+
+def key_cache_name(digest: str) -> str:
+    return f"esd:apikey:{digest}"
+
+
+_KEY_COLUMNS = ("id", "user_id", "kind", "prefix", "digest", "created_at", "expires_at", "revoked_at", "last_used_at")
+
+
+@functools.cache
+def _key_lookup_sql() -> str:
+    q = connection.ops.quote_name
+    key, user = ApiKey._meta, User._meta
+    columns = ", ".join(f"k.{q(key.get_field(name).column)}" for name in _KEY_COLUMNS)
+    owner = ", ".join(f"u.{q(user.get_field(name).column)}" for name in ("username", "is_active", "is_superuser"))
+    # Only identifiers from the models' metadata are interpolated; the digest is a bound parameter.
+    return (
+        f"SELECT {columns}, {owner} FROM {q(key.db_table)} k "  # noqa: S608
+        f"JOIN {q(user.db_table)} u ON u.{q(user.pk.column)} = k.{q(key.get_field('user').column)} "
+        f"WHERE k.{q(key.get_field('digest').column)} = %s"
+    )
+
+
+def _db_datetime(value: Any) -> datetime | None:
+    """A datetime column as the ORM would return it: parsed (SQLite gives text) and aware in UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
+
+
+def _from_db(model: type[models.Model], db: str, loaded: dict[str, Any]) -> models.Model:
+    """An instance with ``loaded`` fields set and every other field deferred, as ``.only()`` leaves them."""
+    names = [f.attname for f in model._meta.concrete_fields if f.attname in loaded]
+    return model.from_db(db, names, [loaded[name] for name in names])
 
 
 class ApiKey(models.Model):
@@ -170,3 +265,4 @@ class ApiKey(models.Model):
         if self.last_used_at is None or now - self.last_used_at >= window:
             ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
             self.last_used_at = now
+            cache.delete(key_cache_name(self.digest))

@@ -3,6 +3,8 @@
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from apps.accounts.choices import ApiKeyKind
@@ -131,13 +133,52 @@ def test_caller_without_permission_gets_the_exact_message(api: Api, outsider_key
     )
 
 
-def test_last_used_is_recorded_without_a_write_per_request(api: Api, admin, admin_key, django_assert_num_queries):
+def test_last_used_is_recorded_without_a_write_per_request(api: Api, admin, admin_key):
     api.get("ping", key=admin_key)
     first = ApiKey.objects.get(user=admin).last_used_at
     assert first is not None
-    with django_assert_num_queries(1):  # the key lookup only: no UPDATE within the resolution window
-        api.get("ping", key=admin_key)
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(5):
+            assert api.get("ping", key=admin_key).status == 200
+    assert len(queries) <= 1  # at most the lookup that refills the key cache; no UPDATE within the window
+    assert not any(q["sql"].startswith("UPDATE") for q in queries)
     assert ApiKey.objects.get(user=admin).last_used_at == first
+
+
+class TestKeyCache:
+    """Keys are cached for speed; every change made through the app reaches the next request."""
+
+    def test_revocation_reaches_a_cached_key_at_once(self, api: Api, admin, admin_key):
+        assert api.get("ping", key=admin_key).status == 200
+        revoke_api_key(ApiKey.objects.get(user=admin))
+        assert api.get("ping", key=admin_key).status == 403
+
+    def test_deactivating_the_owner_reaches_a_cached_key_at_once(self, api: Api, admin, admin_key):
+        assert api.get("ping", key=admin_key).status == 200
+        admin.is_active = False
+        admin.save()
+        assert api.get("ping", key=admin_key).status == 403
+
+    def test_deleting_the_owner_reaches_a_cached_key_at_once(self, api: Api, designer, designer_key, admin_key):
+        assert api.get("ping", key=designer_key).status == 200
+        api.delete("users", {"user_name_list": ["designer"]}, key=admin_key)
+        assert api.get("ping", key=designer_key).status == 403
+
+    def test_expiry_is_checked_on_cached_keys(self, api: Api, admin, settings):
+        from apps.accounts.services import issue_api_key
+
+        stored, key = issue_api_key(admin, expires_days=1)
+        assert api.get("ping", key=key).status == 200
+        stored.expires_at = timezone.now() - timedelta(seconds=1)
+        stored.save()
+        assert api.get("ping", key=key).status == 403
+
+    def test_cache_can_be_turned_off(self, api: Api, admin_key, settings):
+        settings.ESD_KEY_CACHE_SECONDS = 0
+        api.get("ping", key=admin_key)
+        with CaptureQueriesContext(connection) as queries:
+            api.get("ping", key=admin_key)
+        assert len(queries) == 1
 
 
 def test_superuser_holds_every_permission(api: Api):
@@ -183,3 +224,15 @@ class TestSession:
         make_key(admin, ApiKeyKind.SERVICE)
         client.force_login(admin)
         assert client.get("/api/users", headers={"username": "nobody"}).status_code == 403
+
+
+def test_key_lookup_loads_the_owner_correctly(admin):
+    from apps.accounts.services import issue_api_key
+
+    root = make_user("root2", is_superuser=True, email="root@example.com")
+    _, raw = issue_api_key(root, kind=ApiKeyKind.SERVICE)
+    key = ApiKey.objects.for_request(raw)
+    assert (key.kind, key.prefix, key.revoked_at, key.expires_at) == ("service", raw[:8], None, None)
+    assert (key.user.pk, key.user.username, key.user.is_active, key.user.is_superuser) == (root.pk, "root2", True, True)
+    assert key.user.email == "root@example.com"  # deferred fields still load on access
+    assert ApiKey.objects.for_request(raw + "x") is None

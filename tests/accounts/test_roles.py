@@ -57,14 +57,15 @@ def test_query_count_does_not_grow_with_roles(api: Api, admin_key):
             assert api.get("roles", key=admin_key).status == 200
         return len(queries)
 
-    api.get("ping", key=admin_key)  # records the key's last use, outside the measurement
+    for _ in range(2):  # records the key's last use and caches the key, outside the measurement
+        api.get("ping", key=admin_key)
     for i in range(3):
         make_role(f"few{i}", ["train:all", "checkpoint:list"])
     few = count()
     for i in range(40):
         make_role(f"many{i}", ["train:all", "checkpoint:list"])
     assert count() == few
-    assert few == 4  # key, caller's permissions, roles, their permissions
+    assert few == 3  # caller's permissions, roles, their permissions (the key is cached)
 
 
 def test_create_answers_exactly(api: Api, admin_key):

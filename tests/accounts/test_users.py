@@ -80,14 +80,15 @@ def test_query_count_does_not_grow_with_users(api: Api, admin_key):
 
     make_role("A", ["train:all"])
     make_role("B", ["checkpoint:list"])
-    api.get("ping", key=admin_key)
+    for _ in range(2):  # records the key's last use and caches the key, outside the measurement
+        api.get("ping", key=admin_key)
     for i in range(3):
         make_user(f"few{i}", roles=("A", "B"))
     few = count()
     for i in range(50):
         make_user(f"many{i}", roles=("A", "B"))
     assert count() == few
-    assert few == 5  # key, caller's permissions, users, their roles, the roles' permissions
+    assert few == 4  # caller's permissions, users, their roles, the roles' permissions (the key is cached)
 
 
 class TestShowPassword:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import secrets
 
-from django.contrib.auth.models import Group
-from django.db.models import Prefetch
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -14,7 +12,7 @@ from apps.accounts import services
 from apps.accounts.api import schemas
 from apps.accounts.authentication import SESSION
 from apps.accounts.crypto import decrypt_password
-from apps.accounts.models import Role, User, esd_permissions_prefetch
+from apps.accounts.models import Role, User, role_permissions, user_roles
 from apps.accounts.permissions import ALL_PERMISSIONS
 from esd.api.openapi import envelope_schema
 from esd.api.validation import Query
@@ -45,18 +43,15 @@ class RolesView(EsdView):
         responses={200: schemas.ROLE_LIST},
     )
     def get(self, request: Request) -> Response:
-        roles = self.visible(Role).prefetch_related(esd_permissions_prefetch())
+        roles = self.visible(Role)
         if request.esd_query["role"] is not None:
             roles = roles.filter(name=request.esd_query["role"])
+        rows = list(roles.values_list("pk", "name", "creator"))
+        permissions = role_permissions([pk for pk, _, _ in rows])
         items = [
-            {
-                "role_name": role.name,
-                "creator": role.creator,
-                "permissions": sorted(p.codename for p in role.permissions.all()),
-            }
-            for role in roles
+            {"role_name": name, "creator": creator, "permissions": sorted(permissions.get(pk, ()))}
+            for pk, name, creator in sorted(rows, key=lambda row: row[1], reverse=True)
         ]
-        items.sort(key=lambda item: item["role_name"], reverse=True)
         return envelope(200, {"roles": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": None})
 
     @route(
@@ -121,28 +116,30 @@ class UsersView(EsdView):
         responses={200: schemas.USER_LIST},
     )
     def get(self, request: Request) -> Response:
-        users = self.visible(User).prefetch_related(
-            Prefetch("groups", queryset=Group.objects.prefetch_related(esd_permissions_prefetch()))
-        )
+        users = self.visible(User)
         if request.esd_query["username"] is not None:
             users = users.filter(username=request.esd_query["username"])
+        users = list(users.only("username", "creator", "password", "is_superuser", "encrypted_password"))
+        roles = user_roles([user.pk for user in users])
+        permissions = role_permissions({role_id for held in roles.values() for role_id, _ in held})
         reveal = self._password_reveal(request)
         items = []
-        for user in users:
-            roles = user.groups.all()
-            permissions = (
-                ALL_PERMISSIONS if user.is_superuser else {p.codename for role in roles for p in role.permissions.all()}
+        for user in sorted(users, key=lambda u: u.username, reverse=True):
+            held = roles.get(user.pk, [])
+            granted = (
+                ALL_PERMISSIONS
+                if user.is_superuser
+                else {p for role_id, _ in held for p in permissions.get(role_id, ())}
             )
             items.append(
                 {
                     "username": user.username,
-                    "roles": sorted(role.name for role in roles),
+                    "roles": sorted(name for _, name in held),
                     "creator": user.creator,
-                    "permissions": sorted(permissions),
+                    "permissions": sorted(granted),
                     "password": reveal(user),
                 }
             )
-        items.sort(key=lambda item: item["username"], reverse=True)
         return envelope(
             200, {"users": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": NOT_APPLICABLE}
         )
