@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.contrib.auth import password_validation
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.sessions.models import Session
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Model
 from django.utils import timezone
 
 from apps.accounts.choices import ApiKeyKind
@@ -34,6 +36,18 @@ def is_first_run() -> bool:
         .exclude(password__startswith=UNUSABLE_PASSWORD_PREFIX)
         .exists()
     )
+
+
+def _create_or_lock(model: type[Model], defaults: dict, **lookup: str) -> tuple[Any, bool]:
+    """Create a row, or lock the one a concurrent request created first (a unique name is the only key).
+
+    "Create or replace" routes must not answer 500 when two clients create the same name at once.
+    """
+    try:
+        with transaction.atomic():
+            return model.objects.create(**lookup, **defaults), True
+    except IntegrityError:
+        return model.objects.select_for_update().get(**lookup), False
 
 
 # --- roles --------------------------------------------------------------------------------------------------
@@ -72,7 +86,7 @@ def save_role(
             raise BadRequest("cannot update default role")
         created = role is None
         if created:
-            role = Role.objects.create(name=name, creator=actor)
+            role, created = _create_or_lock(Role, name=name, defaults={"creator": actor})
         role.permissions.set(esd_permission_queryset().filter(codename__in=set(permissions)))
     return role, created
 
@@ -136,10 +150,10 @@ def save_user(
             raise BadRequest(f'user roles "{missing}" not exist')
     with transaction.atomic():
         user = User.objects.select_for_update().filter(username=username).first()
+        check_password(password, user or User(username=username))
         created = user is None
         if created:
-            user = User(username=username, creator=creator)
-        check_password(password, user)
+            user, created = _create_or_lock(User, username=username, defaults={"creator": creator})
         user.set_password(password)
         user.save()
         user.groups.set(Role.objects.filter(name__in=roles))

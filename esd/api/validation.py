@@ -188,12 +188,14 @@ def _reject_non_finite(token: str) -> None:
     raise ValueError(token)
 
 
-def parse_body(raw: bytes) -> dict:
-    """The request body as a JSON object; empty means ``{}``; anything else is ``Invalid request body``."""
-    if not raw or not raw.strip():
+def parse_body(raw: bytes | None) -> dict:
+    """The request body as a JSON object; empty means ``{}``; anything else (or unreadable, None) is
+    ``Invalid request body``."""
+    body: Any = None
+    if raw is not None and not raw.strip():
         return {}
     try:
-        body = json.loads(raw, parse_constant=_reject_non_finite)
+        body = json.loads(raw, parse_constant=_reject_non_finite) if raw is not None else None
     except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict) or not _clean_text(body):

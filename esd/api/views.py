@@ -116,11 +116,11 @@ class EsdView(APIView):
         return model.objects.visible_to(self.request.user, self.request.esd_permissions)
 
 
-def _raw_body(request: Request) -> bytes:
+def _raw_body(request: Request) -> bytes | None:
     try:
         return request._request.body
     except RawPostDataException:  # a form body already consumed as a stream: not a JSON object anyway
-        return b"\x00"
+        return None
 
 
 def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
