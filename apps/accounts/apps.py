@@ -9,4 +9,4 @@ class AccountsConfig(AppConfig):
     verbose_name = "Accounts"
 
     def ready(self) -> None:
-        from apps.accounts import signals  # noqa: F401
+        from apps.accounts import checks, signals  # noqa: F401

@@ -80,3 +80,13 @@ def test_createsuperuser_and_changepassword_work_with_our_users(db, monkeypatch)
 def test_recover_work_runs(db):
     out, _ = run("recover_work")
     assert out.strip()
+
+
+def test_password_sync_without_a_valid_key_fails_the_system_check(settings):
+    from apps.accounts.checks import password_sync_needs_a_key
+
+    settings.ESD_WEBUI_PASSWORD_SYNC = True
+    settings.ESD_PASSWORD_ENCRYPTION_KEY = "not-a-key"
+    assert [e.id for e in password_sync_needs_a_key(None)] == ["accounts.E001"]
+    settings.ESD_PASSWORD_ENCRYPTION_KEY = "kR1nAhjXrP2P2yqJ7o9nU3HAIrKSpDS2Zc7tGb1rmyo="
+    assert password_sync_needs_a_key(None) == []

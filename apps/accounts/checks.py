@@ -1,0 +1,24 @@
+"""Startup checks: refuse a configuration that would fail on the first request."""
+
+from django.conf import settings
+from django.core.checks import Error, register
+
+
+@register()
+def password_sync_needs_a_key(app_configs, **kwargs) -> list[Error]:
+    if not settings.ESD_WEBUI_PASSWORD_SYNC:
+        return []
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(settings.ESD_PASSWORD_ENCRYPTION_KEY.encode())
+    except ValueError:
+        return [
+            Error(
+                "ESD_WEBUI_PASSWORD_SYNC is on but ESD_PASSWORD_ENCRYPTION_KEY is not a Fernet key",
+                hint='Generate one: python -c "from cryptography.fernet import Fernet; '
+                'print(Fernet.generate_key().decode())"',
+                id="accounts.E001",
+            )
+        ]
+    return []
