@@ -147,18 +147,54 @@ STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [d for d in [BASE_DIR / "static"] if d.is_dir()]
 # Serve straight from the app and package static dirs: `make run` needs no collectstatic step.
 WHITENOISE_USE_FINDERS = True
-STORAGES = {
-    "default": {
+
+# --- Blob storage (contract §1, §8) ---------------------------------------------------------------------------
+# `local`: objects under $ESD_VAR_DIR/storage/$ESD_BUCKET, presigned URLs served by this server under /blob/.
+# `s3`: the bucket $ESD_BUCKET on AWS, or on MinIO/moto at AWS_ENDPOINT_URL.
+ESD_STORAGE = env.str("ESD_STORAGE", default="local")
+if ESD_STORAGE not in ("local", "s3"):
+    raise environ.ImproperlyConfigured(f"ESD_STORAGE must be local or s3, got {ESD_STORAGE!r}")
+ESD_BUCKET = env.str("ESD_BUCKET", default="esd")
+AWS_ENDPOINT_URL = env.str("AWS_ENDPOINT_URL", default="")
+AWS_REGION = env.str("AWS_REGION", default=env.str("AWS_DEFAULT_REGION", default="us-east-1"))
+# The S3 host clients reach, when it differs from the one this server uses (SigV4 signs the host).
+S3_PUBLIC_ENDPOINT_URL = env.str("S3_PUBLIC_ENDPOINT_URL", default="")
+# Base of the local store's signed URLs: how clients reach this server. `runesd` fills it from --host/--port.
+ESD_PUBLIC_URL = env.str("ESD_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
+# The local store refuses multipart parts below this size except the last, as S3 does (5 MiB).
+ESD_MULTIPART_MIN_PART_BYTES = env.int("ESD_MULTIPART_MIN_PART_BYTES", default=5 * 1024 * 1024)
+ESD_PRESIGN_EXPIRES = env.int("ESD_PRESIGN_EXPIRES", default=3600)
+ESD_UPLOAD_PART_EXPIRES = env.int("ESD_UPLOAD_PART_EXPIRES", default=86400)
+ESD_DATASET_UPLOAD_EXPIRES = env.int("ESD_DATASET_UPLOAD_EXPIRES", default=7 * 86400)
+ESD_DATASET_PREVIEW_EXPIRES = env.int("ESD_DATASET_PREVIEW_EXPIRES", default=86400)
+
+# Django's own file storage (used by Django-level file fields) lives in the same place as the blob store.
+if ESD_STORAGE == "s3":
+    _default_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": ESD_BUCKET,
+            "endpoint_url": AWS_ENDPOINT_URL or None,
+            "region_name": AWS_REGION,
+            "addressing_style": "path",
+            "signature_version": "s3v4",
+            "file_overwrite": True,
+            "location": "django",
+        },
+    }
+else:
+    _default_storage = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": str(ESD_VAR_DIR / "storage")},
-    },
+        "OPTIONS": {"location": str(ESD_VAR_DIR / "storage" / ESD_BUCKET / "django")},
+    }
+STORAGES = {
+    "default": _default_storage,
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 
 # --- ESD API ------------------------------------------------------------------------------------------------
 ESD_API_PREFIX = env.str("ESD_API_PREFIX", default="api/").strip("/") + "/"
 ESD_API_DOCS_PUBLIC = env.bool("ESD_API_DOCS_PUBLIC", default=True)
-ESD_BUCKET = env.str("ESD_BUCKET", default="esd")
 ESD_MAX_BODY_BYTES = env.int("ESD_MAX_BODY_BYTES", default=10 * 1024 * 1024)
 ESD_PAGE_MAX = env.int("ESD_PAGE_MAX", default=1000)
 ESD_WEBUI_PASSWORD_SYNC = env.bool("ESD_WEBUI_PASSWORD_SYNC", default=False)

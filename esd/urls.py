@@ -7,6 +7,7 @@ from django.views.generic import RedirectView
 
 from esd.api.docs import DocsView, SchemaView
 from esd.api.views import not_found
+from esd.storage_views import blob
 
 api_patterns = [
     path("", include("apps.accounts.api.urls")),
@@ -18,6 +19,8 @@ api_patterns = [
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    # The local blob store's presigned URLs (outside the API prefix: no key, no envelope, no body limit).
+    path("blob/<path:key>", blob, name="blob"),
     path(settings.ESD_API_PREFIX, include(api_patterns)),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]

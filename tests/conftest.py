@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +22,7 @@ from apps.accounts.choices import ApiKeyKind
 from apps.accounts.models import Role, User
 from apps.accounts.permissions import ALL_PERMISSIONS
 from apps.accounts.services import issue_api_key, save_role
+from esd.storage import BlobStore, blob_store
 
 PREFIX = "/api/"
 
@@ -164,3 +166,63 @@ def outsider_key(outsider: User) -> str:
 def service_key(admin: User) -> str:
     """A trusted front end's key (the WebUI extension), owned by an IT Operator as the contract advises."""
     return make_key(admin, ApiKeyKind.SERVICE)
+
+
+# --- storage ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto server for the session: the S3 (and later SageMaker) API over real HTTP on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def use_store(settings, mode: str, *, tmp_path, live_server=None, moto_url: str | None = None) -> BlobStore:
+    """Point the blob store at a fresh local folder served by the live server, or at a fresh moto bucket."""
+    from esd.aws import client, reset_clients
+    from esd.storage import _store
+
+    _store.cache_clear()
+    reset_clients()
+    settings.ESD_VAR_DIR = tmp_path
+    settings.ESD_STORAGE = mode
+    settings.ESD_BUCKET = f"esd-{uuid.uuid4().hex[:12]}"
+    if mode == "s3":
+        settings.AWS_ENDPOINT_URL = moto_url
+        settings.S3_PUBLIC_ENDPOINT_URL = ""
+        client("s3").create_bucket(Bucket=settings.ESD_BUCKET)
+    else:
+        settings.ESD_PUBLIC_URL = live_server.url
+    return blob_store()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, settings, tmp_path) -> BlobStore:
+    """The blob store in each mode: local behind the live test server, S3 on moto."""
+    if request.param == "s3":
+        yielded = use_store(settings, "s3", tmp_path=tmp_path, moto_url=request.getfixturevalue("moto_server"))
+    else:
+        yielded = use_store(settings, "local", tmp_path=tmp_path, live_server=request.getfixturevalue("live_server"))
+    yield yielded
+    from esd.aws import reset_clients
+    from esd.storage import _store
+
+    _store.cache_clear()
+    reset_clients()
+
+
+@pytest.fixture
+def local_store(settings, tmp_path, live_server) -> BlobStore:
+    store = use_store(settings, "local", tmp_path=tmp_path, live_server=live_server)
+    yield store
+    from esd.storage import _store
+
+    _store.cache_clear()

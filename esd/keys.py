@@ -1,0 +1,81 @@
+"""Every storage key the product writes is built here, following the ESD layout (contract §8).
+
+Client-supplied names enter keys only through ``check_segment``: one path segment, so no name can escape its
+prefix on disk or in a bucket.
+"""
+
+from __future__ import annotations
+
+from esd.api.errors import BadRequest
+
+MODEL_DATA = "data/model.tar.gz"
+_FORBIDDEN = ("/", "\\")
+
+
+def is_segment(name: str) -> bool:
+    """One path segment: no separators, not ``.``/``..``, no control characters, at most 255 characters."""
+    return (
+        0 < len(name) <= 255
+        and name not in (".", "..")
+        and not any(sep in name for sep in _FORBIDDEN)
+        and not any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    )
+
+
+def check_segment(name: str) -> str:
+    if not is_segment(name):
+        raise BadRequest(f"filename {name} is not allowed")
+    return name
+
+
+def checkpoint_prefix(checkpoint_type: str, checkpoint_id: str) -> str:
+    return f"{checkpoint_type}/checkpoint/custom/{checkpoint_id}"
+
+
+def in_prefix(prefix: str, filename: str) -> str:
+    return f"{prefix}/{check_segment(filename)}"
+
+
+def inference_params(task_type: str, job_id: str) -> str:
+    return f"{task_type}/infer_v2/{job_id}/api_param.json"
+
+
+def async_input(endpoint_name: str, job_id: str) -> str:
+    return f"async-inputs/{endpoint_name}/{job_id}.json"
+
+
+def raw_output(job_id: str) -> str:
+    return f"sagemaker_output/{job_id}.out"
+
+
+def result_prefix(job_id: str) -> str:
+    return f"out/{job_id}/result"
+
+
+def result_image(job_id: str, index: int, extension: str = "png") -> str:
+    return f"{result_prefix(job_id)}/image_{index}.{extension}"
+
+
+def result_params(job_id: str) -> str:
+    return f"{result_prefix(job_id)}/{job_id}_param.json"
+
+
+def dataset_prefix(name: str, prefix: str = "") -> str:
+    base = f"dataset/{check_segment(name)}"
+    return f"{base}/{check_segment(prefix)}" if prefix else base
+
+
+def dataset_file(name: str, filename: str, prefix: str = "") -> str:
+    return f"{dataset_prefix(name, prefix)}/{check_segment(filename)}"
+
+
+def training_input(job_id: str) -> str:
+    return f"kohya/train/{job_id}/input"
+
+
+def training_output(job_id: str) -> str:
+    return f"kohya/train/{job_id}/output"
+
+
+def kohya_template(template: str) -> str:
+    return f"template/{template}"

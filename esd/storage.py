@@ -1,0 +1,491 @@
+"""The blob store: one interface over S3 (or MinIO) and the local disk, used by every app.
+
+Clients never send model files through the API: they get presigned URLs and talk to the store directly. In ``s3``
+mode those are SigV4 URLs of the bucket; in ``local`` mode (the embedded default) they point at our own signed
+view (``esd.storage_views``), which behaves like S3 for PUT, GET, multipart parts and ETags, so a client written
+for S3 cannot tell the difference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote, urlencode
+
+from botocore.exceptions import ClientError
+from django.conf import settings
+from django.core import signing
+
+CHUNK = 1024 * 1024
+
+
+class StorageError(Exception):
+    """The store refused an operation the client shaped (bad ETag, part too small, unknown upload)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class BlobStore(ABC):
+    """Operations on keys of the one bucket (``ESD_BUCKET``). Keys come from ``esd.keys`` only."""
+
+    def __init__(self, bucket: str):
+        self.bucket = bucket
+
+    def uri(self, key: str) -> str:
+        """``s3://bucket/key`` in every mode (contract §1)."""
+        return f"s3://{self.bucket}/{key}"
+
+    def key_of(self, uri: str) -> str | None:
+        """The key of one of our own ``s3://`` URIs, else None."""
+        prefix = f"s3://{self.bucket}/"
+        return uri[len(prefix) :] if uri.startswith(prefix) and len(uri) > len(prefix) else None
+
+    # presigned URLs -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def presign_get(self, key: str, expires: int) -> str: ...
+
+    @abstractmethod
+    def presign_put(self, key: str, expires: int) -> str: ...
+
+    # multipart -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def start_multipart(self, key: str) -> str:
+        """Begin a multipart upload and return its id."""
+
+    @abstractmethod
+    def presign_part(self, key: str, upload_id: str, part_number: int, expires: int) -> str: ...
+
+    @abstractmethod
+    def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes) -> str:
+        """Server-side part upload (streaming downloads into the store); returns the part's ETag."""
+
+    @abstractmethod
+    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        """Assemble ``[{"ETag", "PartNumber"}]`` in part order; ``StorageError`` with the store's reason."""
+
+    @abstractmethod
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload and its parts. Never call it after a completion."""
+
+    # objects ----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def write(self, key: str, stream: BinaryIO) -> int:
+        """Store everything ``stream`` yields under ``key`` (streamed, never held in memory); returns bytes."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object; ``FileNotFoundError`` when missing."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; missing is fine."""
+
+    @abstractmethod
+    def move(self, source: str, target: str) -> None:
+        """Rename an object (copy then delete where the store cannot rename)."""
+
+    def delete_folder(self, prefix: str) -> int:
+        """Delete every object under ``prefix/`` (a folder, never a bare string prefix); returns the count."""
+        count = 0
+        for info in list(self.list(prefix.rstrip("/") + "/")):
+            self.delete(info.key)
+            count += 1
+        return count
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.write(key, io.BytesIO(data))
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open(key) as stream:
+            return stream.read()
+
+
+# --- S3 ----------------------------------------------------------------------------------------------------------
+
+
+class S3BlobStore(BlobStore):
+    """S3 or MinIO through the boto3 client factory; URLs are signed for ``S3_PUBLIC_ENDPOINT_URL``."""
+
+    @property
+    def client(self):
+        from esd.aws import client
+
+        return client("s3")
+
+    @property
+    def signer(self):
+        from esd.aws import client
+
+        return client("s3", public=True)
+
+    def presign_get(self, key: str, expires: int) -> str:
+        return self.signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
+        )
+
+    def presign_put(self, key: str, expires: int) -> str:
+        return self.signer.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
+        )
+
+    def start_multipart(self, key: str) -> str:
+        return self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+
+    def presign_part(self, key: str, upload_id: str, part_number: int, expires: int) -> str:
+        return self.signer.generate_presigned_url(
+            "upload_part",
+            Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": part_number},
+            ExpiresIn=expires,
+        )
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes) -> str:
+        answer = self.client.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=data
+        )
+        return answer["ETag"]
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        ordered = sorted(
+            ({"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in parts), key=lambda p: p["PartNumber"]
+        )
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": ordered}
+            )
+        except ClientError as exc:
+            raise StorageError(exc.response.get("Error", {}).get("Message") or str(exc)) from exc
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
+                raise
+
+    def write(self, key: str, stream: BinaryIO) -> int:
+        counter = _CountingReader(stream)
+        self.client.upload_fileobj(counter, self.bucket, key)
+        return counter.count
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(key) from exc
+            raise
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            answer = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(key, answer["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", ()):
+                yield ObjectInfo(item["Key"], item["Size"])
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_folder(self, prefix: str) -> int:
+        keys = [info.key for info in self.list(prefix.rstrip("/") + "/")]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def move(self, source: str, target: str) -> None:
+        # The managed copy switches to multipart copy above 5 GB, where CopyObject alone would fail.
+        self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, target)
+        self.delete(source)
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes a stream yields while boto3 reads it."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+
+# --- local disk --------------------------------------------------------------------------------------------------
+
+SIGNED_PARAMS = ("X-Esd-Method", "X-Esd-Expires", "uploadId", "partNumber")
+
+
+def _signature(method: str, key: str, expires: int, upload_id: str, part: str) -> str:
+    message = "\n".join([method, key, str(expires), upload_id, part])
+    return signing.Signer(salt="esd.storage.blob").signature(message)
+
+
+class LocalBlobStore(BlobStore):
+    """Objects under ``{ESD_VAR_DIR}/storage/{bucket}/{key}``; presigned URLs served by ``esd.storage_views``.
+
+    Writes go to a temporary file in the target folder and are renamed into place, so a reader never sees half an
+    object and a retried PUT simply replaces the earlier one. Multipart parts wait under ``.multipart/{id}/``.
+    """
+
+    def __init__(self, bucket: str, root: Path, public_url: str, min_part: int):
+        super().__init__(bucket)
+        self.root = root / bucket
+        self.uploads = root / ".multipart"
+        self.public_url = public_url.rstrip("/")
+        self.min_part = min_part
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    # paths --------------------------------------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
+            raise FileNotFoundError(key)
+        return self.root.joinpath(*parts)
+
+    def upload_dir(self, upload_id: str) -> Path:
+        if not upload_id or not all(c in "0123456789abcdef" for c in upload_id):
+            raise StorageError("The specified upload does not exist.")
+        return self.uploads / upload_id
+
+    def upload_key(self, upload_id: str) -> str:
+        try:
+            meta = json.loads((self.upload_dir(upload_id) / "upload.json").read_text())
+        except FileNotFoundError:
+            raise StorageError("The specified upload does not exist.") from None
+        return meta["key"]
+
+    # signed URLs --------------------------------------------------------------------------------------------
+    def _signed_url(self, method: str, key: str, expires: int, upload_id: str = "", part: int | None = None) -> str:
+        until = int(time.time()) + expires
+        part_text = str(part) if part is not None else ""
+        query = {"X-Esd-Method": method, "X-Esd-Expires": until}
+        if upload_id:
+            query.update({"uploadId": upload_id, "partNumber": part_text})
+        query["X-Esd-Signature"] = _signature(method, key, until, upload_id, part_text)
+        return f"{self.public_url}/blob/{quote(key)}?{urlencode(query)}"
+
+    @staticmethod
+    def verify(method: str, key: str, query: dict[str, str]) -> bool:
+        """Whether a request carries a valid, unexpired signature for exactly this method, key and part."""
+        try:
+            expires = int(query.get("X-Esd-Expires", ""))
+        except ValueError:
+            return False
+        if query.get("X-Esd-Method") != method or expires < time.time():
+            return False
+        expected = _signature(method, key, expires, query.get("uploadId", ""), query.get("partNumber", ""))
+        return hmac.compare_digest(expected, query.get("X-Esd-Signature", ""))
+
+    def presign_get(self, key: str, expires: int) -> str:
+        return self._signed_url("GET", key, expires)
+
+    def presign_put(self, key: str, expires: int) -> str:
+        return self._signed_url("PUT", key, expires)
+
+    def presign_part(self, key: str, upload_id: str, part_number: int, expires: int) -> str:
+        return self._signed_url("PUT", key, expires, upload_id, part_number)
+
+    # multipart ----------------------------------------------------------------------------------------------
+    def start_multipart(self, key: str) -> str:
+        self.path(key)
+        upload_id = uuid.uuid4().hex
+        folder = self.upload_dir(upload_id)
+        folder.mkdir()
+        (folder / "upload.json").write_text(json.dumps({"key": key}))
+        return upload_id
+
+    def receive_part(self, upload_id: str, part_number: int, stream: BinaryIO, length: int | None) -> str:
+        """Store one part from a request body; returns its ETag (quoted hex MD5, as S3)."""
+        folder = self.upload_dir(upload_id)
+        if not (folder / "upload.json").exists():
+            raise StorageError("The specified upload does not exist.")
+        etag = _write_atomically(folder / f"{part_number:05d}.part", stream, length)
+        (folder / f"{part_number:05d}.etag").write_text(etag)
+        return etag
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes) -> str:
+        return self.receive_part(upload_id, part_number, io.BytesIO(data), len(data))
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        folder = self.upload_dir(upload_id)
+        if self.upload_key(upload_id) != key:
+            raise StorageError("The specified upload does not exist.")
+        ordered = sorted(parts, key=lambda p: p["PartNumber"])
+        if not ordered:
+            raise StorageError("You must specify at least one part.")
+        files = []
+        for index, part in enumerate(ordered):
+            number = part["PartNumber"]
+            data, etag_file = folder / f"{number:05d}.part", folder / f"{number:05d}.etag"
+            if not data.exists() or etag_file.read_text() != _quoted(part["ETag"]):
+                raise StorageError(
+                    "One or more of the specified parts could not be found. The part may not have been uploaded, "
+                    "or the specified entity tag may not match the part's entity tag."
+                )
+            if index < len(ordered) - 1 and data.stat().st_size < self.min_part:
+                raise StorageError("Your proposed upload is smaller than the minimum allowed object size.")
+            files.append(data)
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                for data in files:
+                    with data.open("rb") as part_file:
+                        shutil.copyfileobj(part_file, out, 8 * CHUNK)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        shutil.rmtree(self.upload_dir(upload_id), ignore_errors=True)
+
+    # objects ------------------------------------------------------------------------------------------------
+    def write(self, key: str, stream: BinaryIO) -> int:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(target, stream, None)
+        return target.stat().st_size
+
+    def receive_object(self, key: str, stream: BinaryIO, length: int | None) -> str:
+        """A presigned PUT of a whole object; returns its ETag."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _write_atomically(target, stream, length)
+
+    def open(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            path = self.path(key)
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, path.stat().st_size) if path.is_file() else None
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        try:
+            base = self.path(folder) if folder else self.root
+        except FileNotFoundError:
+            return
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".upload-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key, full.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except (FileNotFoundError, IsADirectoryError):
+            return
+
+    def delete_folder(self, prefix: str) -> int:
+        try:
+            folder = self.path(prefix.rstrip("/"))
+        except FileNotFoundError:
+            return 0
+        if not folder.is_dir():
+            return 0
+        count = sum(len(files) for _, _, files in os.walk(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+        return count
+
+    def move(self, source: str, target: str) -> None:
+        destination = self.path(target)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(source), destination)
+
+
+def _quoted(etag: str) -> str:
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def _write_atomically(target: Path, stream: BinaryIO, length: int | None) -> str:
+    """Copy ``stream`` (``length`` bytes, or to its end) beside ``target``, then rename; returns the ETag."""
+    digest = hashlib.md5(usedforsecurity=False)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+    remaining = length
+    try:
+        with os.fdopen(handle, "wb") as out:
+            while remaining is None or remaining > 0:
+                chunk = stream.read(CHUNK if remaining is None else min(CHUNK, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+                if remaining is not None:
+                    remaining -= len(chunk)
+        if remaining:
+            raise StorageError("The request body ended before Content-Length bytes were received.")
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return f'"{digest.hexdigest()}"'
+
+
+@functools.cache
+def _store(mode: str, bucket: str, var_dir: str, public_url: str, min_part: int) -> BlobStore:
+    if mode == "s3":
+        return S3BlobStore(bucket)
+    return LocalBlobStore(bucket, Path(var_dir) / "storage", public_url, min_part)
+
+
+def blob_store() -> BlobStore:
+    """The store configured by ``ESD_STORAGE`` (``local`` or ``s3``)."""
+    return _store(
+        settings.ESD_STORAGE,
+        settings.ESD_BUCKET,
+        str(settings.ESD_VAR_DIR),
+        settings.ESD_PUBLIC_URL,
+        settings.ESD_MULTIPART_MIN_PART_BYTES,
+    )
