@@ -156,7 +156,7 @@ if ESD_STORAGE not in ("local", "s3"):
     raise environ.ImproperlyConfigured(f"ESD_STORAGE must be local or s3, got {ESD_STORAGE!r}")
 ESD_BUCKET = env.str("ESD_BUCKET", default="esd")
 AWS_ENDPOINT_URL = env.str("AWS_ENDPOINT_URL", default="")
-AWS_REGION = env.str("AWS_REGION", default=env.str("AWS_DEFAULT_REGION", default="us-east-1"))
+AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 # The S3 host clients reach, when it differs from the one this server uses (SigV4 signs the host).
 S3_PUBLIC_ENDPOINT_URL = env.str("S3_PUBLIC_ENDPOINT_URL", default="")
 # Base of the local store's signed URLs: how clients reach this server. `runesd` fills it from --host/--port.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -31,6 +32,10 @@ class Command(BaseCommand):
 
         from esd.wsgi import application
 
+        if not os.environ.get("ESD_PUBLIC_URL"):
+            # Signed local-storage URLs must point at this very server.
+            host = "127.0.0.1" if options["host"] in ("0.0.0.0", "::", "") else options["host"]  # noqa: S104
+            settings.ESD_PUBLIC_URL = f"http://{host}:{options['port']}"
         load_actor_modules()
         broker = dramatiq.get_broker()
         worker = None
