@@ -168,6 +168,12 @@ ESD_UPLOAD_PART_EXPIRES = env.int("ESD_UPLOAD_PART_EXPIRES", default=86400)
 ESD_DATASET_UPLOAD_EXPIRES = env.int("ESD_DATASET_UPLOAD_EXPIRES", default=7 * 86400)
 ESD_DATASET_PREVIEW_EXPIRES = env.int("ESD_DATASET_PREVIEW_EXPIRES", default=86400)
 
+# Checkpoints by URL (contract §9.4): private, loopback and link-local addresses are refused unless allowed;
+# ESD_CHECKPOINT_URL_ALLOWED_NETWORKS admits named internal networks (a model mirror) while the guard stays on.
+ESD_CHECKPOINT_URL_ALLOW_PRIVATE = env.bool("ESD_CHECKPOINT_URL_ALLOW_PRIVATE", default=False)
+ESD_CHECKPOINT_URL_ALLOWED_NETWORKS = env.list("ESD_CHECKPOINT_URL_ALLOWED_NETWORKS", default=[])
+ESD_CHECKPOINT_URL_MAX_BYTES = env.int("ESD_CHECKPOINT_URL_MAX_BYTES", default=20 * 1024**3)
+
 # Django's own file storage (used by Django-level file fields) lives in the same place as the blob store.
 if ESD_STORAGE == "s3":
     _default_storage = {
