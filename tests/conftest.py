@@ -44,6 +44,19 @@ def _clear_caches():
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _seed_after_flush(request):
+    """Transactional tests (live server, worker threads) start from flushed tables: put the seed data back."""
+    if not {"transactional_db", "live_server"} & set(request.fixturenames):
+        return
+    request.getfixturevalue("transactional_db")
+    from django.apps import apps
+
+    from apps.accounts.seed import seed
+
+    seed(apps)
+
+
 @dataclass
 class Answer:
     """A response, with the body parsed when there is one."""
@@ -199,7 +212,7 @@ def use_store(settings, mode: str, *, tmp_path, live_server=None, moto_url: str 
         settings.AWS_ENDPOINT_URL = moto_url
         settings.S3_PUBLIC_ENDPOINT_URL = ""
         client("s3").create_bucket(Bucket=settings.ESD_BUCKET)
-    else:
+    elif live_server is not None:
         settings.ESD_PUBLIC_URL = live_server.url
     return blob_store()
 
@@ -220,9 +233,53 @@ def store(request, settings, tmp_path) -> BlobStore:
 
 
 @pytest.fixture
+def disk_store(settings, tmp_path) -> BlobStore:
+    """The local store without a server: for tests that never fetch its URLs (and keep a rolled-back db)."""
+    store = use_store(settings, "local", tmp_path=tmp_path, live_server=None)
+    yield store
+    from esd.storage import _store
+
+    _store.cache_clear()
+
+
+@pytest.fixture
 def local_store(settings, tmp_path, live_server) -> BlobStore:
     store = use_store(settings, "local", tmp_path=tmp_path, live_server=live_server)
     yield store
     from esd.storage import _store
 
     _store.cache_clear()
+
+
+# --- background work ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker(transactional_db):
+    """A dramatiq worker on the configured broker (in-process, or Redis in CI), consuming every queue."""
+    import dramatiq
+    from dramatiq import Worker
+
+    from esd.tasks import load_actor_modules
+
+    load_actor_modules()
+    broker = dramatiq.get_broker()
+    broker.flush_all()
+    running = Worker(broker, worker_threads=2, worker_timeout=100)
+    running.start()
+    yield running
+    running.stop()
+    broker.flush_all()
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -66,7 +66,14 @@ class RoleQuerySet(QuerySet):
         """Contract §4.2: ``role:all`` sees every role; others the roles they created or hold."""
         if "role:all" in permissions:
             return self.all()
-        return self.filter(Q(creator=user.username) | Q(user=user)).distinct()
+        return self.held_or_created_by(user).distinct()
+
+    def held_by(self, user: User) -> RoleQuerySet:
+        return self.filter(user=user)
+
+    def held_or_created_by(self, user: User) -> RoleQuerySet:
+        """The caller's roles and the roles they created: what shared resources are matched against."""
+        return self.filter(Q(creator=user.username) | Q(user=user))
 
 
 class Role(Group):
@@ -86,6 +93,11 @@ class Role(Group):
     @property
     def is_protected(self) -> bool:
         return self.name == ADMIN_ROLE
+
+
+def held_role_names(user: User) -> list[str]:
+    """The names of the roles a user holds; new shared resources are owned by their creator's roles."""
+    return sorted(Role.objects.held_by(user).values_list("name", flat=True))
 
 
 def esd_permission_queryset() -> QuerySet[Permission]:

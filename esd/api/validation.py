@@ -159,12 +159,17 @@ def _check_object(schema: dict, value: dict, path: str, problems: Problems) -> N
     for name, subschema in properties.items():
         if name in value:
             check(subschema, value[name], _join(path, name), problems)
-    if schema.get("additionalProperties") is False:
+    additional = schema.get("additionalProperties")
+    if additional is False:
         extra = sorted(set(value) - set(properties))
         if extra:
             problems.messages.append(f"unexpected properties: {dumps(extra)}")
             for name in extra:
                 problems.add(_join(path, name), "unexpected property", listed=False)
+    elif isinstance(additional, dict):
+        for name in value:
+            if name not in properties:
+                check(additional, value[name], _join(path, name), problems)
 
 
 def _clean_text(value: Any) -> bool:

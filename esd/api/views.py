@@ -9,11 +9,13 @@ permission by hand, so none can forget to.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.request import RawPostDataException
@@ -114,6 +116,25 @@ class EsdView(APIView):
     def visible(self, model: type[Model]) -> QuerySet:
         """The only way a handler reads objects: the caller's visibility rule of contract §4.2."""
         return model.objects.visible_to(self.request.user, self.request.esd_permissions)
+
+
+def find(queryset: QuerySet, **lookup: Any) -> Any:
+    """One row or None. Path ids are never format-checked: a malformed id is simply not found (contract §1)."""
+    try:
+        return queryset.filter(**lookup).first()
+    except (ValidationError, ValueError, TypeError):
+        return None
+
+
+def uuid_list(values: list[str]) -> list[uuid.UUID]:
+    """The well-formed UUIDs of a bulk request, de-duplicated; others cannot name anything and are skipped."""
+    found: dict[uuid.UUID, None] = {}
+    for value in values:
+        try:
+            found[uuid.UUID(value)] = None
+        except ValueError:
+            continue
+    return list(found)
 
 
 def _raw_body(request: Request) -> bytes | None:

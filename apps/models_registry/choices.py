@@ -1,0 +1,22 @@
+from django.db import models
+
+
+class CheckpointType(models.TextChoices):
+    """The model kinds of A1111/ESD; the value is also the first segment of the storage key."""
+
+    STABLE_DIFFUSION = "Stable-diffusion"
+    EMBEDDINGS = "embeddings"
+    LORA = "Lora"
+    HYPERNETWORKS = "hypernetworks"
+    CONTROLNET = "ControlNet"
+    VAE = "VAE"
+
+
+class CheckpointStatus(models.TextChoices):
+    INITIAL = "Initial"
+    ACTIVE = "Active"
+    DISABLED = "Disabled"
+
+
+# Files a checkpoint URL may deliver (contract §9.4, by URL, step 3).
+URL_EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".yaml", ".bin")

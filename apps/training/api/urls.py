@@ -1,0 +1,8 @@
+from django.urls import re_path
+
+from apps.training.api.views import DatasetsView, DatasetView
+
+urlpatterns = [
+    re_path(r"^datasets/?$", DatasetsView.as_view(), name="datasets"),
+    re_path(r"^datasets/(?P<name>[^/]+)/?$", DatasetView.as_view(), name="dataset"),
+]

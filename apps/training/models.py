@@ -1,0 +1,81 @@
+"""Training data: datasets of images and captions in the blob store (training jobs join them later)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from apps.accounts.models import Role, User
+from apps.training.choices import DatasetStatus
+from esd import keys
+from esd.owners import owned_by
+
+
+class DatasetQuerySet(QuerySet):
+    def visible_to(self, user: User, permissions: frozenset[str]) -> DatasetQuerySet:
+        """Contract §4.2: owners share a role with the caller or name them; unowned rows only for ``user:all``."""
+        if "user:all" in permissions:
+            return self.all()
+        roles = Role.objects.held_by(user).values("name")
+        return self.filter(owned_by(DatasetOwner, roles, [user.username], unowned=False))
+
+
+class Dataset(models.Model):
+    """A named folder of training files, ``dataset/{name}[/{prefix}]/`` (kohya's ``<repeats>_<name>`` prefix)."""
+
+    name = models.CharField(max_length=20, unique=True)
+    status = models.CharField(max_length=16, choices=DatasetStatus.choices, default=DatasetStatus.INITIALED)
+    prefix = models.CharField(max_length=255, blank=True, default="")
+    params = models.JSONField(default=dict, blank=True)
+    creator = models.CharField(max_length=150)
+    created = models.DateTimeField(default=timezone.now)
+
+    objects = DatasetQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["-created", "-id"], name="dataset_newest")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def folder(self) -> str:
+        """Where the files are: ``dataset/{name}`` or ``dataset/{name}/{prefix}``."""
+        return keys.dataset_prefix(self.name, self.prefix)
+
+    def file_key(self, filename: str) -> str:
+        return keys.dataset_file(self.name, filename, self.prefix)
+
+
+class DatasetItem(models.Model):
+    """One uploaded file of a dataset (an image or its caption)."""
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="items")
+    key = models.CharField(max_length=300, help_text="ESD's sort key: {timestamp}_{name}")
+    name = models.CharField(max_length=255)
+    filename = models.CharField(max_length=255, help_text="The uploaded file's name (original_file_name)")
+    type = models.CharField(max_length=100)
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=DatasetStatus.choices, default=DatasetStatus.INITIALED)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["dataset", "filename"], name="dataset_item_file")]
+
+    def __str__(self) -> str:
+        return self.filename
+
+
+class DatasetOwner(models.Model):
+    """One entry of a dataset's ``allowed_roles_or_users`` (see ``esd.owners``)."""
+
+    resource = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="owners")
+    position = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=150, db_index=True)
+
+    class Meta:
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        return self.name
