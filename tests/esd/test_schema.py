@@ -14,6 +14,10 @@ ROUTES = {
     "/api/ping/": {"get": "TestConnection"},
     "/api/roles/": {"get": "ListRoles", "post": "CreateRole", "delete": "DeleteRoles"},
     "/api/users/": {"get": "ListUsers", "post": "CreateUser", "delete": "DeleteUsers"},
+    "/api/checkpoints/": {"get": "ListCheckpoints", "post": "CreateCheckpoint", "delete": "DeleteCheckpoints"},
+    "/api/checkpoints/{id}/": {"put": "UpdateCheckpoint"},
+    "/api/datasets/": {"get": "ListDatasets", "post": "CreateDataset", "delete": "DeleteDatasets"},
+    "/api/datasets/{name}/": {"get": "GetDataset", "put": "UpdateDataset"},
 }
 
 

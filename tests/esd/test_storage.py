@@ -169,3 +169,25 @@ class TestLocalSignatures:
             local_store.path("../outside")
         with pytest.raises(FileNotFoundError):
             local_store.path("a//b")
+
+
+def test_setup_storage_creates_the_bucket_with_cors(settings, tmp_path, moto_server):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from esd.aws import client
+    from tests.conftest import use_store
+
+    store = use_store(settings, "s3", tmp_path=tmp_path, moto_url=moto_server)
+    settings.ESD_BUCKET = store.bucket + "-new"
+    from esd.storage import _store
+
+    _store.cache_clear()
+    out = StringIO()
+    call_command("setup_storage", stdout=out)
+    call_command("setup_storage", stdout=out)  # twice is fine
+    assert f"created bucket {settings.ESD_BUCKET}" in out.getvalue()
+    rules = client("s3").get_bucket_cors(Bucket=settings.ESD_BUCKET)["CORSRules"]
+    assert rules[0]["ExposeHeaders"] == ["ETag"]
+    _store.cache_clear()
