@@ -73,7 +73,8 @@ def _get(request: HttpRequest, store: LocalBlobStore, key: str) -> HttpResponse:
         raise FileNotFoundError(key)
     size = path.stat().st_size
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    headers = {**CORS, "Accept-Ranges": "bytes"}
+    # Stored files come from clients: opened in a browser they must not run as our origin (no console access).
+    headers = {**CORS, "Accept-Ranges": "bytes", "Content-Security-Policy": "sandbox"}
     match = RANGE.match(request.headers.get("Range", ""))
     status, start, end = 200, 0, size - 1
     if match and (match.group(1) or match.group(2)):

@@ -160,6 +160,7 @@ class TestLocalSignatures:
         url = local_store.presign_get("a/b.bin", 60)
         head = requests.head(url, timeout=10)
         assert head.status_code == 200 and head.headers["Content-Length"] == "10" and head.content == b""
+        assert head.headers["Content-Security-Policy"] == "sandbox"  # uploaded HTML cannot act as our origin
         tail = requests.get(url, headers={"Range": "bytes=-3"}, timeout=10)
         assert (tail.status_code, tail.content, tail.headers["Content-Range"]) == (206, b"789", "bytes 7-9/10")
         assert requests.get(url, headers={"Range": "bytes=50-"}, timeout=10).status_code == 416
