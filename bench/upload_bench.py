@@ -3,7 +3,7 @@
 Writes a --size-mib test file (a 64 MiB random block repeated) to a fresh temporary folder in the system temp dir,
 then times, on that same filesystem and with the page cache warm for all three (nothing dropped, no fsync):
 
-* plain copy: ``shutil.copyfile`` of the test file to another file beside it (the baseline);
+* plain copy: ``shutil.copyfile`` of the test file to another file beside it (the baseline; median of 3);
 * local: ``manage.py migrate`` then ``manage.py runesd --no-worker`` (waitress) on a free port with
   ``ESD_STORAGE=local`` and a fresh ``ESD_VAR_DIR`` in the temporary folder. This process sets the same environment
   and calls ``django.setup()``, so ``blob_store()`` signs URLs the server accepts: ``start_multipart``, one
@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import logging
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,14 +149,20 @@ def wait_until_listening(port: int, proc: subprocess.Popen, log: Path, timeout: 
 
 
 def bench_copy(source: Path, work: Path, size: int) -> dict:
+    """Median of three ``shutil.copyfile`` runs (one is only a fraction of a second, and noisy)."""
     target = work / "copy.bin"
-    began = time.perf_counter()
-    shutil.copyfile(source, target)
-    seconds = time.perf_counter() - began
-    if target.stat().st_size != size:
-        raise SystemExit("plain copy: wrong size")
-    target.unlink()
-    return {"seconds": seconds, "note": "shutil.copyfile"}
+    runs = []
+    for _ in range(3):
+        began = time.perf_counter()
+        shutil.copyfile(source, target)
+        runs.append(time.perf_counter() - began)
+        if target.stat().st_size != size:
+            raise SystemExit("plain copy: wrong size")
+        target.unlink()
+    return {
+        "seconds": statistics.median(runs),
+        "note": "shutil.copyfile, median of 3: " + ", ".join(f"{r:.2f}" for r in runs) + " s",
+    }
 
 
 def bench_local(args: argparse.Namespace, source: Path, work: Path, size: int, digest: str) -> dict:
@@ -232,6 +240,7 @@ def bench_s3(args: argparse.Namespace, source: Path, size: int, digest: str) -> 
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     os.environ.pop("AWS_SESSION_TOKEN", None)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:
@@ -303,7 +312,7 @@ def main() -> None:
         f"{args.size_mib} MiB file ({size / 1e6:.0f} MB; a 64 MiB random block repeated) in {parts} parts of "
         f"{args.part_mib} MiB, {args.parallel} concurrent PUTs; MB = 10^6 bytes"
     )
-    print(f"disk: {work} on {filesystem_of(work.parent)}; every run reads and writes this filesystem")
+    print(f"disk: {work} (system temp dir) on {filesystem_of(work.parent)}; all runs read and write this filesystem")
     print("page cache warm for all runs (source written just before, nothing dropped, no fsync anywhere)")
     print(
         "local: runesd (waitress, 8 threads) on ESD_VAR_DIR in that folder; waitress spools request bodies to "
@@ -311,8 +320,10 @@ def main() -> None:
     )
     if not args.skip_s3:
         print(
-            "s3: moto ThreadedMotoServer in this process (werkzeug; bodies read into memory, objects kept in "
-            "SpooledTemporaryFiles that spill to the system temp dir): the number measures moto, not a disk"
+            "s3: moto ThreadedMotoServer in this process (werkzeug dev server sharing this GIL; each part body is "
+            "read into memory, completion joins all parts in memory; moto keeps parts and objects in "
+            "SpooledTemporaryFiles that spill to the system temp dir above ~5 MiB): the number measures moto, "
+            "not a disk"
         )
     base = size / 1e6 / results["plain copy"]["seconds"]
     print(f"{'mode':<12}{'MB/s':>9}{'seconds':>10}{'ratio':>8}  note")

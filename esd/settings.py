@@ -174,6 +174,28 @@ ESD_CHECKPOINT_URL_ALLOW_PRIVATE = env.bool("ESD_CHECKPOINT_URL_ALLOW_PRIVATE", 
 ESD_CHECKPOINT_URL_ALLOWED_NETWORKS = env.list("ESD_CHECKPOINT_URL_ALLOWED_NETWORKS", default=[])
 ESD_CHECKPOINT_URL_MAX_BYTES = env.int("ESD_CHECKPOINT_URL_MAX_BYTES", default=20 * 1024**3)
 
+# --- Endpoints, inference and training (contract §14) --------------------------------------------------------
+ESD_ONE_ENDPOINT_PER_ROLE = env.bool("ESD_ONE_ENDPOINT_PER_ROLE", default=True)
+# Instances allowed per instance type across live endpoints: "ml.g4dn.16xlarge=0,*=16".
+ESD_INSTANCE_QUOTAS = env.str("ESD_INSTANCE_QUOTAS", default="*=16")
+ESD_DEFAULT_ENDPOINT_BACKEND = env.str("ESD_DEFAULT_ENDPOINT_BACKEND", default="self-hosted")
+ESD_TRAINING_BACKEND = env.str("ESD_TRAINING_BACKEND", default=ESD_DEFAULT_ENDPOINT_BACKEND)
+ESD_REALTIME_TIMEOUT = env.int("ESD_REALTIME_TIMEOUT", default=60)
+ESD_ASYNC_TIMEOUT = env.int("ESD_ASYNC_TIMEOUT", default=3600)
+ESD_SELF_HOSTED_STARTUP_TIMEOUT = env.int("ESD_SELF_HOSTED_STARTUP_TIMEOUT", default=3600)
+ESD_WORKER_HEARTBEAT_TTL = env.int("ESD_WORKER_HEARTBEAT_TTL", default=45)
+ESD_TRAINING_QUEUE = env.str("ESD_TRAINING_QUEUE", default="esd-training")
+ESD_EVENTS_QUEUE = env.str("ESD_EVENTS_QUEUE", default="esd-events")
+# How often the periodic sweep re-checks every endpoint (seconds).
+ESD_ENDPOINT_SWEEP_SECONDS = env.int("ESD_ENDPOINT_SWEEP_SECONDS", default=180)
+# SageMaker is configured when the role and both images are set.
+ESD_SAGEMAKER_ROLE_ARN = env.str("ESD_SAGEMAKER_ROLE_ARN", default="")
+ESD_SAGEMAKER_INFERENCE_IMAGE = env.str("ESD_SAGEMAKER_INFERENCE_IMAGE", default="")
+ESD_SAGEMAKER_TRAINING_IMAGE = env.str("ESD_SAGEMAKER_TRAINING_IMAGE", default="")
+ESD_SAGEMAKER_SUCCESS_TOPIC = env.str("ESD_SAGEMAKER_SUCCESS_TOPIC", default="")
+ESD_SAGEMAKER_ERROR_TOPIC = env.str("ESD_SAGEMAKER_ERROR_TOPIC", default="")
+ESD_SAGEMAKER_NOTIFICATION_QUEUE = env.str("ESD_SAGEMAKER_NOTIFICATION_QUEUE", default="")
+
 # Django's own file storage (used by Django-level file fields) lives in the same place as the blob store.
 if ESD_STORAGE == "s3":
     _default_storage = {

@@ -268,8 +268,16 @@ def worker(transactional_db):
     running = Worker(broker, worker_threads=2, worker_timeout=100)
     running.start()
     yield running
-    running.stop()
+    stop_worker(running)
     broker.flush_all()
+
+
+def stop_worker(running) -> None:
+    """Stop a test worker for good: dramatiq leaves a stopped worker's middleware on the broker, which would
+    keep subscribing it to queues declared later (and strand their messages)."""
+    running.stop()
+    broker = running.broker
+    broker.middleware[:] = [m for m in broker.middleware if getattr(m, "worker", None) is not running]
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.05):

@@ -12,6 +12,7 @@ from dramatiq import Worker
 
 from apps.accounts.models import User
 from esd import tasks
+from tests.conftest import stop_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)  # worker threads must see committed rows
 
@@ -28,7 +29,7 @@ def worker_and_actor():
     worker = Worker(broker, queues={queue}, worker_threads=1, worker_timeout=100)
     worker.start()
     yield mark
-    worker.stop()
+    stop_worker(worker)
     broker.flush(queue)
 
 

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from dramatiq import Worker
 
-from esd.tasks import load_actor_modules, recover_unfinished_work
+from esd.tasks import control_queues, load_actor_modules, recover_unfinished_work, start_periodic
 
 
 class Command(BaseCommand):
@@ -40,9 +40,11 @@ class Command(BaseCommand):
         broker = dramatiq.get_broker()
         worker = None
         if not options["no_worker"]:
-            worker = Worker(broker, worker_threads=settings.ESD_EMBEDDED_WORKER_THREADS)
+            # Only the control plane's queues: endpoint and training queues belong to GPU workers.
+            worker = Worker(broker, queues=control_queues(), worker_threads=settings.ESD_EMBEDDED_WORKER_THREADS)
             worker.start()
         counts = recover_unfinished_work()
+        start_periodic()
         total = sum(c for c in counts.values() if c > 0)
         self.stdout.write(f"re-enqueued {total} unfinished job(s) {counts or ''}".rstrip())
         self._banner(options["host"], options["port"], broker, worker is not None)

@@ -1,0 +1,84 @@
+"""Body and response schemas of the endpoint routes (contract §9.6)."""
+
+from apps.endpoints.choices import REQUEST_TYPES, Backend, EndpointStatus, EndpointType
+
+NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
+
+CREATE = {
+    "type": "object",
+    "required": [
+        "endpoint_type",
+        "instance_type",
+        "initial_instance_count",
+        "autoscaling_enabled",
+        "assign_to_roles",
+        "creator",
+    ],
+    "properties": {
+        "endpoint_type": {"type": "string", "enum": REQUEST_TYPES},
+        "instance_type": {"type": "string", "minLength": 1, "description": "A label for self-hosted endpoints"},
+        "initial_instance_count": {"type": "number", "minimum": 1, "description": "A whole number"},
+        "autoscaling_enabled": {"type": "boolean"},
+        "assign_to_roles": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10,
+            "items": {"type": "string", "minLength": 1},
+            "description": "Owner roles (they need not exist)",
+        },
+        "creator": {"type": "string", "description": "Ignored; the acting user is recorded"},
+        "endpoint_name": {
+            "type": "string",
+            "maxLength": 20,
+            "description": f'Short name, "" = generated; else pattern {NAME_PATTERN}',
+        },
+        "min_instance_number": {"type": "number", "minimum": 0, "description": "A whole number, default 0"},
+        "max_instance_number": {"type": "number", "minimum": 1, "description": "A whole number, default 1"},
+        "custom_docker_image_uri": {"type": "string", "description": '"" = the default inference image'},
+        "custom_extensions": {"type": "string", "description": "Up to 3 repositories, separated by spaces/commas"},
+        "backend": {"type": "string", "enum": [b.value for b in Backend]},
+    },
+}
+
+DELETE = {
+    "type": "object",
+    "required": ["endpoint_name_list"],
+    "properties": {
+        "endpoint_name_list": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10,
+            "items": {"type": "string", "minLength": 1},
+        },
+        "username": {"type": "string", "description": "Ignored"},
+    },
+}
+
+ENDPOINT = {
+    "type": "object",
+    "properties": {
+        "EndpointDeploymentJobId": {"type": "string"},
+        "autoscaling": {"type": "boolean"},
+        "max_instance_number": {"type": "string"},
+        "min_instance_number": {"type": "string"},
+        "startTime": {"type": "string"},
+        "endTime": {"type": "string", "nullable": True},
+        "status": {"type": "string", "nullable": True, "description": "Always null (legacy)"},
+        "instance_type": {"type": "string"},
+        "current_instance_count": {"type": "string"},
+        "endpoint_status": {"type": "string", "enum": [s.value for s in EndpointStatus]},
+        "endpoint_name": {"type": "string"},
+        "error": {"type": "string", "nullable": True},
+        "endpoint_type": {"type": "string", "enum": [t.value for t in EndpointType]},
+        "owner_group_or_role": {"type": "array", "items": {"type": "string"}},
+        "custom_extensions": {"type": "string"},
+        "backend": {"type": "string", "enum": [b.value for b in Backend]},
+    },
+}
+LIST = {
+    "type": "object",
+    "properties": {
+        "endpoints": {"type": "array", "items": ENDPOINT},
+        "last_evaluated_key": {"type": "string", "nullable": True},
+    },
+}

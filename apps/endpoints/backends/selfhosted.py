@@ -1,0 +1,58 @@
+"""Self-hosted endpoints: a dramatiq queue named after the endpoint, consumed by ``gpu_runtime`` workers.
+
+Nothing is provisioned remotely: operators (or an orchestrator following the scaling hint) start workers with
+``python -m gpu_runtime worker --endpoint NAME``. Liveness comes from the workers' heartbeats on the events queue.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import dramatiq
+from django.conf import settings
+from django.utils import timezone
+
+from apps.endpoints.backends.base import NO_WORKERS, STARTUP_TIMEOUT, RemoteStatus
+from apps.endpoints.choices import EndpointStatus
+from apps.endpoints.models import Endpoint, Worker
+
+
+def live_workers(endpoint_name: str) -> int:
+    """Workers heard from within ``ESD_WORKER_HEARTBEAT_TTL``."""
+    since = timezone.now() - timedelta(seconds=settings.ESD_WORKER_HEARTBEAT_TTL)
+    return Worker.objects.filter(endpoint_name=endpoint_name, last_seen__gte=since).count()
+
+
+class SelfHostedBackend:
+    """Queues and heartbeats instead of cloud resources."""
+
+    name = "self-hosted"
+
+    def configured(self) -> bool:
+        return True
+
+    def provision(self, endpoint: Endpoint) -> None:
+        dramatiq.get_broker().declare_queue(endpoint.queue_name)
+
+    def describe(self, endpoint: Endpoint) -> RemoteStatus:
+        count = live_workers(endpoint.name)
+        if count:
+            return RemoteStatus("InService", count)
+        timeout = settings.ESD_SELF_HOSTED_STARTUP_TIMEOUT
+        if endpoint.status == EndpointStatus.CREATING and timezone.now() - endpoint.start_time > timedelta(
+            seconds=timeout
+        ):
+            return RemoteStatus(STARTUP_TIMEOUT, 0, f"no worker sent a heartbeat within {timeout} s of creation")
+        return RemoteStatus(NO_WORKERS)
+
+    def enable_autoscaling(self, endpoint: Endpoint) -> None:
+        """Nothing to configure: the console and ``endpoint_status`` show the scaling hint to act on."""
+
+    def teardown(self, endpoint: Endpoint) -> None:
+        broker = dramatiq.get_broker()
+        broker.declare_queue(endpoint.queue_name)
+        broker.flush(endpoint.queue_name)
+        Worker.objects.filter(endpoint_name=endpoint.name).delete()
+
+
+backend = SelfHostedBackend()

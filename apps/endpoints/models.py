@@ -1,0 +1,123 @@
+"""Inference endpoints: SageMaker endpoints or queues served by our own GPU workers."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from apps.accounts.models import Role, User
+from apps.endpoints.choices import Backend, EndpointStatus, EndpointType
+from esd.owners import owned_by
+
+
+class EndpointQuerySet(QuerySet):
+    def visible_to(self, user: User, permissions: frozenset[str]) -> EndpointQuerySet:
+        """Contract §4.2: ``sagemaker_endpoint:all`` sees all; others endpoints owned by a role they hold or
+        created, or by their name."""
+        if "sagemaker_endpoint:all" in permissions:
+            return self.all()
+        roles = Role.objects.held_or_created_by(user).values("name")
+        return self.filter(owned_by(EndpointOwner, roles, [user.username], unowned=False))
+
+    def usable_by(self, user: User) -> EndpointQuerySet:
+        """Endpoints whose owners share a role with ``user`` or name them (the inference scheduling rule)."""
+        roles = Role.objects.held_by(user).values("name")
+        return self.filter(owned_by(EndpointOwner, roles, [user.username], unowned=False))
+
+    def changeable_by(self, user: User, permissions: frozenset[str]) -> EndpointQuerySet:
+        visible = self.visible_to(user, permissions)
+        return visible if "sagemaker_endpoint:all" in permissions else visible.filter(creator=user.username)
+
+    def live(self) -> EndpointQuerySet:
+        """Every endpoint that still exists somewhere (a Failed one counts: its name and quota are taken)."""
+        return self.exclude(status=EndpointStatus.DELETED)
+
+
+class Endpoint(models.Model):
+    """An inference endpoint. ``name`` is the deployed name (``esd-{type}-{short}``): the SageMaker endpoint, or
+    the dramatiq queue self-hosted workers consume.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=63)
+    endpoint_type = models.CharField(max_length=16, choices=EndpointType.choices)
+    backend = models.CharField(max_length=16, choices=Backend.choices)
+    status = models.CharField(max_length=16, choices=EndpointStatus.choices, default=EndpointStatus.CREATING)
+    instance_type = models.CharField(max_length=100)
+    initial_instance_count = models.PositiveIntegerField(default=1)
+    min_instance_number = models.PositiveIntegerField(default=0)
+    max_instance_number = models.PositiveIntegerField(default=1)
+    autoscaling = models.BooleanField(default=False)
+    autoscaling_applied = models.BooleanField(default=False)
+    current_instance_count = models.PositiveIntegerField(default=0)
+    custom_extensions = models.TextField(blank=True, default="")
+    custom_docker_image_uri = models.CharField(max_length=512, blank=True, default="")
+    creator = models.CharField(max_length=150)
+    start_time = models.DateTimeField(default=timezone.now)
+    end_time = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    checked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = EndpointQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["-start_time", "-id"], name="endpoint_newest")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name"], condition=~Q(status=EndpointStatus.DELETED), name="endpoint_live_name"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue_name(self) -> str:
+        """Self-hosted: the dramatiq queue of this endpoint's jobs, named as the endpoint (contract §12.2)."""
+        return self.name
+
+    @property
+    def sagemaker_model_name(self) -> str:
+        """``esd-model-{t}-{short}`` for endpoint ``esd-{t}-{short}`` (contract §9.6 step 4)."""
+        return "esd-model-" + self.name.removeprefix("esd-")
+
+    @property
+    def sagemaker_config_name(self) -> str:
+        return "esd-config-" + self.name.removeprefix("esd-")
+
+    @property
+    def capacity(self) -> int:
+        """Instances this endpoint may use at most (the instance quota counts this)."""
+        return max(self.initial_instance_count, self.max_instance_number)
+
+
+class EndpointOwner(models.Model):
+    """One entry of an endpoint's ``owner_group_or_role`` (see ``esd.owners``)."""
+
+    resource = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="owners")
+    position = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=150, db_index=True)
+
+    class Meta:
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Worker(models.Model):
+    """A self-hosted GPU worker as last heard from (its heartbeat on the events queue, every 15 s)."""
+
+    endpoint_name = models.CharField(max_length=63, db_index=True)
+    worker = models.CharField(max_length=200)
+    instance_type = models.CharField(max_length=100, blank=True, default="")
+    last_seen = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["endpoint_name", "worker"], name="worker_per_endpoint")]
+
+    def __str__(self) -> str:
+        return f"{self.worker} @ {self.endpoint_name}"
