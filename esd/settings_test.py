@@ -14,3 +14,8 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 from esd.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # A file, not Django's shared-cache in-memory database: worker threads and the live server then get SQLite's
+    # real locking (WAL, busy timeout) instead of "database table is locked" errors.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(os.environ["ESD_VAR_DIR"], "test.sqlite3")}  # noqa: F405
