@@ -192,3 +192,14 @@ def test_setup_storage_creates_the_bucket_with_cors(settings, tmp_path, moto_ser
     rules = client("s3").get_bucket_cors(Bucket=settings.ESD_BUCKET)["CORSRules"]
     assert rules[0]["ExposeHeaders"] == ["ETag"]
     _store.cache_clear()
+
+
+def test_a_part_left_short_by_a_crash_is_not_assembled(local_store: LocalBlobStore):
+    key = "Lora/checkpoint/custom/abc/crash.safetensors"
+    upload_id = local_store.start_multipart(key)
+    etag = local_store.upload_part(key, upload_id, 1, b"complete part data")
+    part = local_store.upload_dir(upload_id) / "00001.part"
+    part.write_bytes(b"")  # what delayed allocation can leave after a power cut
+    with pytest.raises(StorageError):
+        local_store.complete_multipart(key, upload_id, [{"ETag": etag, "PartNumber": 1}])
+    assert not local_store.exists(key)

@@ -62,6 +62,8 @@ class Command(BaseCommand):
                 ident="ESD Server",
                 # Signed local storage URLs take ESD's 1000 MiB parts; the API itself is capped by the app.
                 max_request_body_size=64 * 1024**3,
+                # Read sockets in 1 MiB chunks: the 8 KiB default costs ~2 s of CPU per GiB uploaded.
+                recv_bytes=1024 * 1024,
                 channel_timeout=300,
             )
         except KeyboardInterrupt:
