@@ -325,8 +325,8 @@ def main() -> None:
         "store flush the result to disk, the cached copy does not"
     )
     print(
-        "local: runesd (waitress, 8 threads, 1 MiB socket reads) on ESD_VAR_DIR in that folder; waitress spools request bodies to "
-        f"{tempfile.gettempdir()}; completion (part assembly) runs in this process"
+        "local: runesd (waitress, 8 threads, 1 MiB socket reads) on ESD_VAR_DIR in that folder; waitress spools "
+        f"request bodies to {tempfile.gettempdir()}; completion (part assembly) runs in this process"
     )
     if not args.skip_s3:
         print(
