@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 import uuid
 from dataclasses import dataclass
 from typing import Any

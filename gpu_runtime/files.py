@@ -1,0 +1,111 @@
+"""The worker's disk cache of model files, keyed by checkpoint id and file name.
+
+A GPU host has no storage credentials: it downloads each file once from the presigned URL in the job message
+(streamed to a temporary file, size checked, then renamed into place) and evicts the least recently used files
+when the cache grows past its budget. SageMaker containers read ``s3://`` URIs with their own IAM role instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from gpu_runtime.errors import JobError
+
+log = logging.getLogger(__name__)
+CHUNK = 8 * 1024 * 1024
+
+
+class ModelFiles:
+    """``root/<checkpoint id>/<file name>``, at most ``max_bytes`` in total (files in use are never evicted)."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pinned: set[Path] = set()
+
+    def path(self, checkpoint_id: str, filename: str) -> Path:
+        for part in (checkpoint_id, filename):
+            if not part or "/" in part or "\\" in part or part in (".", ".."):
+                raise JobError(f"model file name {checkpoint_id}/{filename} is not allowed")
+        return self.root / checkpoint_id / filename
+
+    def fetch(self, checkpoint_id: str, filename: str, source: str) -> Path:
+        """The local copy of a model file, downloading it from ``source`` (https URL or s3:// URI) if needed."""
+        target = self.path(checkpoint_id, filename)
+        with self._lock:
+            self._pinned.add(target)
+        if target.exists():
+            os.utime(target)  # least recently used = oldest mtime
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+        started = time.monotonic()
+        try:
+            with os.fdopen(handle, "wb") as out:
+                size = _download(source, out)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        log.info(
+            "downloaded %s/%s (%.1f MB) in %.1f s", checkpoint_id, filename, size / 1e6, time.monotonic() - started
+        )
+        self.evict()
+        return target
+
+    def release(self, paths: list[Path]) -> None:
+        """Files a job no longer needs may be evicted again."""
+        with self._lock:
+            self._pinned.difference_update(paths)
+
+    def evict(self) -> None:
+        with self._lock:
+            files = sorted(
+                (p for p in self.root.glob("*/*") if p.is_file() and not p.name.startswith(".")),
+                key=lambda p: p.stat().st_mtime,
+            )
+            total = sum(p.stat().st_size for p in files)
+            for path in files:
+                if total <= self.max_bytes:
+                    break
+                if path in self._pinned:
+                    continue
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+                log.info("evicted %s from the model cache", path)
+
+
+def _download(source: str, out) -> int:
+    if source.startswith("s3://"):
+        return _download_s3(source, out)
+    if not source.startswith(("http://", "https://")):
+        raise JobError(f"cannot download model from {source[:40]}")
+    try:
+        with urllib.request.urlopen(source, timeout=60) as response:  # noqa: S310 - scheme checked above
+            expected = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, out, CHUNK)
+            written = out.tell()
+    except OSError as exc:
+        raise JobError(f"model download failed: {exc}") from exc
+    if expected is not None and written != int(expected):
+        raise JobError(f"model download was cut short ({written} of {expected} bytes)")
+    return written
+
+
+def _download_s3(uri: str, out) -> int:
+    try:
+        import boto3
+    except ImportError:
+        raise JobError("s3:// model locations need boto3 in the runtime") from None
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    boto3.client("s3").download_fileobj(bucket, key, out)
+    return out.tell()

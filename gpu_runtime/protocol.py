@@ -1,0 +1,142 @@
+"""The wire protocol between the control plane and GPU workers (contract §12.2-12.3).
+
+Both sides import this module and validate with it: the server before it sends a job, the worker before it runs
+one, and the server again when events come back. It depends on the standard library only, so the control plane
+can import it without the runtime's heavy dependencies, and a worker never needs anything of the server's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Dramatiq actor names, shared by sender and receiver.
+RUN_INFERENCE = "run_inference"
+RUN_TRAINING = "run_training"
+CANCEL_TRAINING = "cancel_training"
+RUNTIME_EVENT = "runtime_event"
+
+TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
+MODEL_TYPES = ("Stable-diffusion", "embeddings", "Lora", "hypernetworks", "ControlNet", "VAE")
+EVENT_KINDS = ("heartbeat", "inference", "progress", "training")
+INVOCATION_STATUSES = ("Completed", "Failed")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says which field and why."""
+
+
+def _require(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ProtocolError(f"{where} must be a number")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ProtocolError(f"{where} must be a {names}")
+    return value
+
+
+def _string(value: Any, where: str, *, empty: bool = False) -> str:
+    _require(value, str, where)
+    if not empty and not value:
+        raise ProtocolError(f"{where} must not be empty")
+    return value
+
+
+def model_entry(entry: Any, where: str) -> dict:
+    """``{"s3", "id", "model_name", "type"}``: one model a job uses (the server's ``used_models`` entries)."""
+    _require(entry, dict, where)
+    for field in ("id", "model_name", "type"):
+        _string(entry.get(field), f"{where}.{field}")
+    _string(entry.get("s3", ""), f"{where}.s3", empty=True)
+    return entry
+
+
+def validate_request(request: Any) -> dict:
+    """The inference request of contract §12.3; returns it unchanged when valid."""
+    _require(request, dict, "request")
+    task = _string(request.get("task"), "request.task")
+    if task not in TASKS:
+        raise ProtocolError(f"request.task {task!r} is not one of {', '.join(TASKS)}")
+    _string(request.get("username", ""), "request.username", empty=True)
+    models = _require(request.get("models", {}), dict, "request.models")
+    for model_type, entries in models.items():
+        if model_type == "space_free_size":
+            _require(entries, (int, float), "request.models.space_free_size")
+            continue
+        if model_type not in MODEL_TYPES:
+            raise ProtocolError(f"request.models has an unknown model type {model_type!r}")
+        for index, entry in enumerate(_require(entries, list, f"request.models.{model_type}")):
+            model_entry(entry, f"request.models.{model_type}.{index}")
+    payload = request.get("payload_string")
+    if payload is not None:
+        _string(payload, "request.payload_string")
+        try:
+            parsed = json.loads(payload)
+        except ValueError:
+            raise ProtocolError("request.payload_string must be valid json string") from None
+        _require(parsed, dict, "request.payload_string")
+    param_s3 = request.get("param_s3")
+    urls = request.get("urls")
+    if urls is not None:
+        _require(urls, dict, "request.urls")
+        if urls.get("params") is not None:
+            _string(urls["params"], "request.urls.params")
+        for key, url in _require(urls.get("models", {}), dict, "request.urls.models").items():
+            if key.count("/") != 1:
+                raise ProtocolError(f"request.urls.models key {key!r} must be <checkpoint id>/<file>")
+            _string(url, f"request.urls.models.{key}")
+        _string(urls.get("output"), "request.urls.output")
+    if payload is None and not param_s3 and not (urls and urls.get("params")):
+        raise ProtocolError("request has neither payload_string nor param_s3 (or urls.params)")
+    return request
+
+
+def validate_event(event: Any) -> dict:
+    """One worker -> server event (contract §12.2); returns it unchanged when valid."""
+    _require(event, dict, "event")
+    kind = _string(event.get("kind"), "event.kind")
+    if kind == "heartbeat":
+        _string(event.get("endpoint"), "event.endpoint")
+        _string(event.get("worker"), "event.worker")
+        _string(event.get("instance_type", ""), "event.instance_type", empty=True)
+    elif kind == "inference":
+        _string(event.get("inferenceId"), "event.inferenceId")
+        status = _string(event.get("invocationStatus"), "event.invocationStatus")
+        if status not in INVOCATION_STATUSES:
+            raise ProtocolError(f"event.invocationStatus must be one of {', '.join(INVOCATION_STATUSES)}")
+        _string(event.get("outputLocation") or "", "event.outputLocation", empty=True)
+        _string(event.get("failureReason") or "", "event.failureReason", empty=True)
+    elif kind == "progress":
+        _string(event.get("inferenceId"), "event.inferenceId")
+        step, steps = _require(event.get("step"), int, "event.step"), _require(event.get("steps"), int, "event.steps")
+        if not 0 <= step <= steps:
+            raise ProtocolError("event.step must be between 0 and event.steps")
+    elif kind == "training":
+        _string(event.get("id"), "event.id")
+        _string(event.get("status"), "event.status")
+        _string(event.get("reason") or "", "event.reason", empty=True)
+    else:
+        raise ProtocolError(f"event.kind {kind!r} is not one of {', '.join(EVENT_KINDS)}")
+    return event
+
+
+def heartbeat(endpoint: str, worker: str, instance_type: str = "") -> dict:
+    return {"kind": "heartbeat", "endpoint": endpoint, "worker": worker, "instance_type": instance_type}
+
+
+def inference_result(job_id: str, *, ok: bool, output_location: str = "", reason: str = "") -> dict:
+    return {
+        "kind": "inference",
+        "inferenceId": job_id,
+        "invocationStatus": "Completed" if ok else "Failed",
+        "outputLocation": output_location,
+        "failureReason": reason,
+    }
+
+
+def progress(job_id: str, step: int, steps: int) -> dict:
+    return {"kind": "progress", "inferenceId": job_id, "step": step, "steps": steps}
+
+
+def training_status(job_id: str, status: str, reason: str = "", **extra: Any) -> dict:
+    return {"kind": "training", "id": job_id, "status": status, "reason": reason, **extra}

@@ -1,0 +1,219 @@
+"""The GPU worker: consumes an endpoint's queue, runs jobs, reports on the events queue (contract §12.2).
+
+It reads the queue through dramatiq's consumer API rather than running a dramatiq ``Worker`` so that it can take
+several queued messages at once and run compatible txt2img jobs as one batched pipeline call. It needs no database
+and no storage credentials: everything a job needs arrives as presigned URLs in its message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections import OrderedDict
+from typing import Any
+
+import dramatiq
+
+from gpu_runtime import protocol
+from gpu_runtime.errors import JobError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 15
+PROGRESS_EVERY_SECONDS = 0.5
+
+
+def make_broker(url: str) -> dramatiq.Broker:
+    """The broker of a ``redis://`` or ``amqp://`` URL (the control plane's ``DRAMATIQ_BROKER_URL``)."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from dramatiq.brokers.redis import RedisBroker
+
+        return RedisBroker(url=url, middleware=[])
+    if url.startswith(("amqp://", "amqps://")):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        return RabbitmqBroker(url=url, middleware=[])
+    raise SystemExit(f"--broker must be a redis:// or amqp:// URL, got {url!r}")
+
+
+class GpuWorker:
+    """Serves one endpoint's queue with one engine, one batch at a time."""
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        engine: Any,
+        endpoint: str,
+        *,
+        events_queue: str = "esd-events",
+        instance_type: str = "",
+        worker_id: str | None = None,
+        max_batch: int = 8,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        poll_ms: int = 200,
+    ):
+        self.broker = broker
+        self.engine = engine
+        self.endpoint = endpoint
+        self.events_queue = events_queue
+        self.instance_type = instance_type
+        self.worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}"
+        self.max_batch = max_batch
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_ms = poll_ms
+        self.stopping = threading.Event()
+        self.done: OrderedDict[str, None] = OrderedDict()  # recently finished job ids: redelivery is a no-op
+        self.threads: list[threading.Thread] = []
+        broker.declare_queue(endpoint)
+        broker.declare_queue(events_queue)
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for target, name in ((self._heartbeats, "heartbeat"), (self._consume, "consume")):
+            thread = threading.Thread(target=target, name=f"gpu-worker-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the batch in hand, then stop (SIGTERM does this)."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def run_forever(self) -> None:
+        def graceful(signum, frame):
+            log.info("signal %s: finishing the current job, then stopping", signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGINT, graceful)
+        self.start()
+        while not self.stopping.is_set():
+            self.stopping.wait(1)
+        self.stop()
+
+    # --- events ----------------------------------------------------------------------------------------------------
+    def send(self, event: dict) -> None:
+        protocol.validate_event(event)
+        message = dramatiq.Message(
+            queue_name=self.events_queue, actor_name=protocol.RUNTIME_EVENT, args=(event,), kwargs={}, options={}
+        )
+        self.broker.enqueue(message)
+
+    def _heartbeats(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.send(protocol.heartbeat(self.endpoint, self.worker_id, self.instance_type))
+            except Exception:
+                log.exception("heartbeat failed")
+            self.stopping.wait(self.heartbeat_seconds)
+
+    # --- jobs ------------------------------------------------------------------------------------------------------
+    def _consume(self) -> None:
+        consumer = self.broker.consume(self.endpoint, prefetch=self.max_batch, timeout=self.poll_ms)
+        try:
+            while not self.stopping.is_set():
+                first = next(consumer)
+                if first is None:
+                    continue
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    more = next(consumer)
+                    if more is None:
+                        break
+                    batch.append(more)
+                try:
+                    self.handle(batch)
+                except Exception:
+                    log.exception("a batch failed outside any job")
+                finally:
+                    for message in batch:
+                        consumer.ack(message)
+        finally:
+            consumer.close()
+
+    def handle(self, messages: list[Any]) -> None:
+        """Prepare every job, run compatible ones together, report each. Nothing here may kill the worker."""
+        groups: OrderedDict[Any, list] = OrderedDict()
+        for message in messages:
+            job_id, request = self._unpack(message)
+            if job_id is None or job_id in self.done:
+                continue
+            try:
+                protocol.validate_request(request)
+                prepared = self.engine.prepare(job_id, request)
+            except (JobError, protocol.ProtocolError, ValueError) as exc:
+                self._finish(job_id, request, {"error": str(exc)}, ok=False)
+                continue
+            except Exception as exc:
+                log.exception("job %s could not be prepared", job_id)
+                self._finish(job_id, request, {"error": f"internal error: {type(exc).__name__}: {exc}"}, ok=False)
+                continue
+            key = prepared.batch_key() or ("solo", job_id)
+            groups.setdefault(key, []).append((prepared, request))
+        for group in groups.values():
+            self._run(group)
+
+    def _run(self, group: list[tuple[Any, dict]]) -> None:
+        jobs = [prepared for prepared, _ in group]
+        last = [0.0]
+
+        def progress(step: int, steps: int) -> None:
+            now = time.monotonic()
+            if step == steps or now - last[0] >= PROGRESS_EVERY_SECONDS:
+                last[0] = now
+                for job in jobs:
+                    self._quietly(protocol.progress(job.job_id, step, steps))
+
+        try:
+            outputs = self.engine.run(jobs, progress)
+        except JobError as exc:
+            outputs = [{"error": str(exc)}] * len(jobs)
+        except Exception as exc:
+            log.exception("jobs %s failed", [job.job_id for job in jobs])
+            outputs = [{"error": f"internal error: {type(exc).__name__}: {exc}"}] * len(jobs)
+        for (prepared, request), output in zip(group, outputs, strict=True):
+            self._finish(prepared.job_id, request, output, ok="error" not in output)
+
+    def _unpack(self, message: Any) -> tuple[str | None, Any]:
+        if message.actor_name != protocol.RUN_INFERENCE or len(message.args) != 2:
+            log.warning("ignoring message %s for actor %s", message.message_id, message.actor_name)
+            return None, None
+        job_id, request = message.args
+        return (job_id if isinstance(job_id, str) and job_id else None), request
+
+    def _finish(self, job_id: str, request: Any, output: dict, *, ok: bool) -> None:
+        """PUT the raw output where the server reads it, then say so on the events queue."""
+        url = (request.get("urls") or {}).get("output") if isinstance(request, dict) else None
+        reason = output.get("error", "") if not ok else ""
+        location = url.split("?", 1)[0] if url else ""
+        if url:
+            try:
+                _put(url, json.dumps(output).encode())
+            except Exception as exc:
+                log.exception("could not upload the output of job %s", job_id)
+                ok, reason, location = False, f"output upload failed: {exc}", ""
+        self._quietly(protocol.inference_result(job_id, ok=ok, output_location=location, reason=reason))
+        self.done[job_id] = None
+        while len(self.done) > 1000:
+            self.done.popitem(last=False)
+
+    def _quietly(self, event: dict) -> None:
+        try:
+            self.send(event)
+        except Exception:
+            log.exception("could not send event %s", event.get("kind"))
+
+
+def _put(url: str, body: bytes) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("the output URL must be http(s)")
+    request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/json"})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - scheme checked above
+        response.read()

@@ -1,0 +1,1 @@
+"""Tests of the GPU worker package (``gpu_runtime``); they need torch and diffusers and skip without them."""

@@ -1,0 +1,135 @@
+"""The job and event schemas both sides validate with, and the pure pieces of the engine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpu_runtime import protocol
+from gpu_runtime.errors import JobError
+from gpu_runtime.prompts import extract_loras
+
+
+def request(**changes):
+    base = {
+        "task": "txt2img",
+        "username": "alice",
+        "models": {
+            "space_free_size": 4e10,
+            "Stable-diffusion": [
+                {
+                    "s3": "s3://esd/Stable-diffusion/checkpoint/custom/c1",
+                    "id": "c1",
+                    "model_name": "v1.safetensors",
+                    "type": "Stable-diffusion",
+                }
+            ],
+        },
+        "payload_string": json.dumps({"prompt": "a cat"}),
+        "urls": {"models": {"c1/v1.safetensors": "http://x/get"}, "output": "http://x/put"},
+    }
+    base.update(changes)
+    return base
+
+
+def test_runtime_imports_no_django():
+    code = (
+        "import sys, gpu_runtime.protocol, gpu_runtime.worker, gpu_runtime.server, gpu_runtime.prompts, "
+        "gpu_runtime.samplers, gpu_runtime.files; "
+        "bad = [m for m in sys.modules if m == 'django' or m.startswith(('django.', 'apps.', 'esd.'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_valid_request_passes():
+    assert protocol.validate_request(request()) == request()
+    assert protocol.validate_request(
+        request(payload_string=None, param_s3="s3://esd/txt2img/infer_v2/j/api_param.json")
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"task": "paint"}, "request.task 'paint' is not one of"),
+        ({"models": {"Checkpoints": []}}, "unknown model type 'Checkpoints'"),
+        ({"models": {"Lora": [{"id": "x"}]}}, "request.models.Lora.0.model_name must be a str"),
+        ({"payload_string": "{not json"}, "payload_string must be valid json string"),
+        ({"payload_string": "[1]"}, "request.payload_string must be a dict"),
+        ({"payload_string": None}, "neither payload_string nor param_s3"),
+        ({"urls": {"models": {"no-slash": "u"}, "output": "o"}}, "must be <checkpoint id>/<file>"),
+        ({"urls": {"models": {}}}, "request.urls.output must be a str"),
+    ],
+)
+def test_invalid_requests_say_why(changes, message):
+    with pytest.raises(protocol.ProtocolError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        protocol.validate_request(request(**changes))
+
+
+def test_event_builders_produce_valid_events():
+    for event in (
+        protocol.heartbeat("esd-async-x", "host/1", "rtx"),
+        protocol.inference_result("j", ok=True, output_location="http://x"),
+        protocol.inference_result("j", ok=False, reason="boom"),
+        protocol.progress("j", 3, 20),
+        protocol.training_status("t", "Training", epoch=1),
+    ):
+        assert protocol.validate_event(event) is event
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"kind": "nope"},
+        {"kind": "heartbeat", "endpoint": ""},
+        {"kind": "progress", "inferenceId": "j", "step": 5, "steps": 3},
+        {"kind": "inference", "inferenceId": "j", "invocationStatus": "Done"},
+        [],
+    ],
+)
+def test_invalid_events(event):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.validate_event(event)
+
+
+def test_lora_tags_are_extracted():
+    assert extract_loras("a cat <lora:style:0.8>, <lora:Other>") == ("a cat", [("style", 0.8), ("Other", 1.0)])
+    assert extract_loras("<LORA:x:0.5:0.3> dog") == ("dog", [("x", 0.5)])
+    assert extract_loras("no tags") == ("no tags", [])
+    with pytest.raises(ValueError, match="not a number"):
+        extract_loras("<lora:x:abc>")
+
+
+def test_samplers_map_and_refuse_unknown_names():
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    from gpu_runtime.samplers import SAMPLERS, scheduler_for
+
+    config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    assert isinstance(scheduler_for(None, config), EulerAncestralDiscreteScheduler)
+    karras = scheduler_for("DPM++ 2M Karras", config)
+    assert isinstance(karras, DPMSolverMultistepScheduler) and karras.config.use_karras_sigmas
+    for name in SAMPLERS:
+        scheduler_for(name, config)  # every advertised sampler can be built here
+    with pytest.raises(JobError, match="sampler Foo is not supported"):
+        scheduler_for("Foo", config)
+
+
+def test_make_tiny_model_command(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "tiny.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "gpu_runtime", "make-tiny-model", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    from gpu_runtime.families import family_of_file
+
+    assert out.exists() and family_of_file(out) == "tiny-sd15"
