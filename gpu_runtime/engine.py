@@ -487,7 +487,7 @@ def decode_image(data: str) -> Any:
 
 def encode_image(image: Any) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)  # fast: encoding is on every job's critical path
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
