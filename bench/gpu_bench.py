@@ -123,7 +123,6 @@ def bench_stock(path: Path, family: str, args: argparse.Namespace, size: int) ->
     latency = statistics.median(timed(args.device, lambda i=i: one(i)) for i in range(args.runs))
     total = timed(args.device, lambda: [one(i) for i in range(args.jobs)])
     shutil.rmtree(configs, ignore_errors=True)
-    del holder, pipe
     return {"cold": cold, "latency": latency, "throughput": args.jobs / total}
 
 
