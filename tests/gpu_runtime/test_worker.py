@@ -91,7 +91,6 @@ def test_worker_runs_jobs_reports_and_survives_bad_ones(broker, queues, engine, 
         send(broker, endpoint, "bad", make_request(files, "bad", {**BASE, "sampler_name": "Foo"}))
         send(broker, endpoint, "broken", {"task": "txt2img"})  # not even a valid request
         send(broker, endpoint, "good", make_request(files, "good", BASE))
-        img2img = make_request(files, "i2i", {**BASE, "init_images": [], "denoising_strength": 0.5}, task="img2img")
         results = events.results(["bad", "good"])
         assert results["bad"]["invocationStatus"] == "Failed"
         assert "sampler Foo is not supported" in results["bad"]["failureReason"]
@@ -100,11 +99,14 @@ def test_worker_runs_jobs_reports_and_survives_bad_ones(broker, queues, engine, 
         assert png_size(files.output("good")["images"][0]) == (64, 64)
         progress = [e for e in events.seen if e["kind"] == "progress" and e["inferenceId"] == "good"]
         assert progress and progress[-1]["step"] == progress[-1]["steps"] == 3
-        # a redelivered job is not run twice
+        # a redelivered job is not run twice; img2img from the image just made
         send(broker, endpoint, "good", make_request(files, "good", BASE))
+        img2img = make_request(files, "i2i", {**BASE, "init_images": [files.output("good")["images"][0]],
+                                              "denoising_strength": 0.5}, task="img2img")
         send(broker, endpoint, "i2i", img2img)
         results = events.results(["i2i"])
-        assert results["i2i"]["invocationStatus"] == "Failed"
+        assert results["i2i"]["invocationStatus"] == "Completed"
+        assert png_size(files.output("i2i")["images"][0]) == (64, 64)
         assert len([e for e in events.seen if e["kind"] == "inference" and e["inferenceId"] == "good"]) == 1
     finally:
         worker.stop(timeout=60)
