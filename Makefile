@@ -9,8 +9,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The runtime extra (torch, diffusers) lets the embedded server generate images itself.
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[runtime]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

@@ -48,8 +48,12 @@ def raw_output(job_id: str) -> str:
     return f"sagemaker_output/{job_id}.out"
 
 
+def job_folder(job_id: str) -> str:
+    return f"out/{job_id}"
+
+
 def result_prefix(job_id: str) -> str:
-    return f"out/{job_id}/result"
+    return f"{job_folder(job_id)}/result"
 
 
 def result_image(job_id: str, index: int, extension: str = "png") -> str:

@@ -298,6 +298,9 @@ def dramatiq_broker_settings(url: str) -> dict:
 DRAMATIQ_BROKER = dramatiq_broker_settings(DRAMATIQ_BROKER_URL)
 # Actors run inside `runesd` (embedded) with this many threads; `rundramatiq` takes --threads.
 ESD_EMBEDDED_WORKER_THREADS = env.int("ESD_EMBEDDED_WORKER_THREADS", default=4)
+# `runesd` also runs a gpu_runtime worker for every self-hosted endpoint when the runtime extra is installed.
+ESD_EMBEDDED_GPU_WORKER = env.bool("ESD_EMBEDDED_GPU_WORKER", default=True)
+ESD_EMBEDDED_GPU_DEVICE = env.str("ESD_EMBEDDED_GPU_DEVICE", default="auto")
 
 # --- Logging ------------------------------------------------------------------------------------------------
 LOGGING = {

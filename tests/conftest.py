@@ -262,12 +262,12 @@ def worker(transactional_db):
     import dramatiq
     from dramatiq import Worker
 
-    from esd.tasks import load_actor_modules
+    from esd.tasks import control_queues, load_actor_modules
 
     load_actor_modules()
     broker = dramatiq.get_broker()
     broker.flush_all()
-    running = Worker(broker, worker_threads=2, worker_timeout=100)
+    running = Worker(broker, queues=control_queues(), worker_threads=2, worker_timeout=100)
     running.start()
     yield running
     stop_worker(running)

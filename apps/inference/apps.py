@@ -7,3 +7,7 @@ class InferenceConfig(AppConfig):
     name = "apps.inference"
     label = "inference"
     verbose_name = "Inference"
+
+    def ready(self) -> None:
+        # Connects the receiver that fails the jobs of a deleted endpoint, in every process that deletes one.
+        from apps.inference import tasks  # noqa: F401

@@ -101,8 +101,12 @@ def test_worker_runs_jobs_reports_and_survives_bad_ones(broker, queues, engine, 
         assert progress and progress[-1]["step"] == progress[-1]["steps"] == 3
         # a redelivered job is not run twice; img2img from the image just made
         send(broker, endpoint, "good", make_request(files, "good", BASE))
-        img2img = make_request(files, "i2i", {**BASE, "init_images": [files.output("good")["images"][0]],
-                                              "denoising_strength": 0.5}, task="img2img")
+        img2img = make_request(
+            files,
+            "i2i",
+            {**BASE, "init_images": [files.output("good")["images"][0]], "denoising_strength": 0.5},
+            task="img2img",
+        )
         send(broker, endpoint, "i2i", img2img)
         results = events.results(["i2i"])
         assert results["i2i"]["invocationStatus"] == "Completed"

@@ -41,13 +41,27 @@ class Command(BaseCommand):
         worker = None
         if not options["no_worker"]:
             # Only the control plane's queues: endpoint and training queues belong to GPU workers.
-            worker = Worker(broker, queues=control_queues(), worker_threads=settings.ESD_EMBEDDED_WORKER_THREADS)
+            worker = Worker(
+                broker,
+                queues=control_queues(),
+                worker_threads=settings.ESD_EMBEDDED_WORKER_THREADS,
+                worker_timeout=100,  # idle queues are polled every 0.1 s: results are picked up at once
+            )
             worker.start()
         counts = recover_unfinished_work()
         start_periodic()
+        runtime = None
+        if not options["no_worker"] and settings.ESD_EMBEDDED_GPU_WORKER:
+            from esd.embedded_runtime import EmbeddedRuntime, runtime_available
+
+            if runtime_available():
+                runtime = EmbeddedRuntime(settings.ESD_EMBEDDED_GPU_DEVICE)
+                runtime.start()
+            else:
+                self.stdout.write("gpu_runtime is not installed: self-hosted endpoints need external workers")
         total = sum(c for c in counts.values() if c > 0)
         self.stdout.write(f"re-enqueued {total} unfinished job(s) {counts or ''}".rstrip())
-        self._banner(options["host"], options["port"], broker, worker is not None)
+        self._banner(options["host"], options["port"], broker, worker is not None, runtime)
 
         def stop(signum, frame):  # SIGTERM (systemd, docker) stops as cleanly as Ctrl-C
             raise KeyboardInterrupt
@@ -69,13 +83,16 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         finally:
+            if runtime is not None:
+                runtime.stop()
             if worker is not None:
                 worker.stop(timeout=10_000)
             self.stdout.write("stopped")
 
-    def _banner(self, host: str, port: int, broker: dramatiq.Broker, worker: bool) -> None:
+    def _banner(self, host: str, port: int, broker: dramatiq.Broker, worker: bool, runtime) -> None:
         base = f"http://{host}:{port}"
         python = sys.executable
+        gpu = f"self-hosted endpoints served here on {runtime.engine.device}" if runtime else "external workers"
         prefix = settings.ESD_API_PREFIX
         self.stdout.write(
             "\n".join(
@@ -86,6 +103,7 @@ class Command(BaseCommand):
                     f"  actors    {'in this process' if worker else 'not here (--no-worker)'}"
                     f" on {type(broker).__name__}",
                     f"  data      {settings.ESD_VAR_DIR}",
+                    f"  GPU work  {gpu}",
                     "First steps (in another terminal):",
                     f"  log in:   {python} manage.py createsuperuser   then open {base}/admin/",
                     f"  API key:  {python} manage.py create_api_key <username>",

@@ -1,0 +1,66 @@
+"""Inference jobs: one request to an endpoint, from parameters to result images in the blob store."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from apps.accounts.models import User
+from apps.inference.choices import InferenceStatus, InferenceType
+
+
+class InferenceJobQuerySet(QuerySet):
+    def visible_to(self, user: User, permissions: frozenset[str]) -> InferenceJobQuerySet:
+        """Contract §4.2: the owner, or anyone holding ``inference:all``."""
+        if "inference:all" in permissions:
+            return self.all()
+        return self.filter(owner=user.username)
+
+
+class InferenceJob(models.Model):
+    """A job's row is its state machine (contract §10.3): ``created`` -> ``inprogress`` -> ``succeed``/``failed``.
+
+    The endpoint's name, id and instance type are copied at creation: the job keeps describing where it ran after
+    the endpoint is gone. ``output_location`` and ``failure_location`` are where a SageMaker async invocation
+    writes; ``progress_*`` is the last step a self-hosted worker reported.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task_type = models.CharField(max_length=32)
+    inference_type = models.CharField(max_length=16, choices=InferenceType.choices)
+    status = models.CharField(max_length=16, choices=InferenceStatus.choices, default=InferenceStatus.CREATED)
+    owner = models.CharField(max_length=150, db_index=True)
+    endpoint = models.ForeignKey(
+        "endpoints.Endpoint", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    endpoint_id_copy = models.CharField(max_length=64, blank=True, default="")
+    endpoint_name = models.CharField(max_length=63, blank=True, default="")
+    instance_type = models.CharField(max_length=100, blank=True, default="")
+    backend = models.CharField(max_length=16, blank=True, default="")
+    create_time = models.DateTimeField(default=timezone.now)
+    start_time = models.DateTimeField(null=True, blank=True)
+    complete_time = models.DateTimeField(null=True, blank=True)
+    payload_string = models.TextField(null=True, blank=True)
+    used_models = models.JSONField(default=dict, blank=True)
+    image_names = models.JSONField(default=list, blank=True)
+    inference_info_name = models.CharField(max_length=200, null=True, blank=True)
+    sagemaker_raw = models.JSONField(null=True, blank=True, help_text="The runtime's failure report")
+    output_location = models.CharField(max_length=1024, null=True, blank=True)
+    failure_location = models.CharField(max_length=1024, null=True, blank=True)
+    progress_step = models.PositiveIntegerField(default=0)
+    progress_steps = models.PositiveIntegerField(default=0)
+    runtime_seconds = models.FloatField(null=True, blank=True, help_text="Generation time the runtime reported")
+
+    objects = InferenceJobQuerySet.as_manager()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["task_type", "-create_time", "-id"], name="inference_by_task"),
+            models.Index(fields=["status", "start_time"], name="inference_running"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_type} {self.id} ({self.status})"

@@ -1,0 +1,387 @@
+"""Inference job operations (contract §9.7, §10.3, §12): create, start, dispatch, ingest, fail, delete.
+
+Every way a result can arrive (a worker's event, a real-time invocation, an async output found by the sweeper or
+announced by a notification) ends in ``ingest_output``, which is idempotent: the first result wins, later ones
+and results for deleted jobs are dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from apps.accounts.models import User
+from apps.endpoints.choices import USABLE, EndpointStatus
+from apps.endpoints.models import Endpoint
+from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
+from apps.inference.models import InferenceJob
+from apps.models_registry.choices import CheckpointStatus
+from apps.models_registry.models import Checkpoint, CheckpointFile
+from esd import keys
+from esd.api.errors import BadRequest
+from esd.storage import blob_store
+
+log = logging.getLogger(__name__)
+
+BUILTIN_VAES = ("None", "Automatic")
+
+
+# --- create --------------------------------------------------------------------------------------------------------
+
+
+def resolve_endpoint(user: User, permissions: frozenset[str], name: str | None, inference_type: str) -> Endpoint:
+    """Contract §9.7 step 2: the named endpoint, or a uniform random pick among the usable ones of the type."""
+    usable = Endpoint.objects.live()
+    if "sagemaker_endpoint:all" not in permissions:
+        usable = usable & Endpoint.objects.usable_by(user)
+    if name:
+        endpoint = usable.filter(name=name).first()
+        if endpoint is None:
+            raise BadRequest(f"sagemaker endpoint {name} not found")
+        if endpoint.status not in USABLE:
+            raise BadRequest(f"sagemaker endpoint is not ready with status: {endpoint.status}")
+        if endpoint.endpoint_type != inference_type:
+            raise BadRequest(f"sagemaker endpoint {name} is {endpoint.endpoint_type}, not {inference_type}")
+        return endpoint
+    candidates = list(usable.filter(endpoint_type=inference_type, status__in=USABLE))
+    if not candidates:
+        raise BadRequest(f'no available {inference_type} endpoints for user "{user.username}"')
+    return random.choice(candidates)
+
+
+def resolve_models(user: User, permissions: frozenset[str], models: dict[str, Any]) -> dict[str, list[dict]]:
+    """Contract §9.7 step 3: each name an Active checkpoint of exactly that type visible to the caller."""
+    visible = Checkpoint.objects.visible_to(user, permissions).filter(status=CheckpointStatus.ACTIVE)
+    used: dict[str, list[dict]] = {}
+    missing: list[str] = []
+    wanted = [(model_type, name) for model_type, names in models.items() for name in (names or [])]
+    files = {
+        (f.checkpoint.checkpoint_type, f.name): f.checkpoint
+        for f in CheckpointFile.objects.select_related("checkpoint").filter(
+            name__in=[name for _, name in wanted if isinstance(name, str)], checkpoint__in=visible
+        )
+    }
+    store = blob_store()
+    for model_type, name in wanted:
+        if model_type == "VAE" and name in BUILTIN_VAES:
+            used.setdefault("VAE", []).append({"s3": "None", "id": "VAE", "model_name": name, "type": "VAE"})
+            continue
+        checkpoint = files.get((model_type, name)) if isinstance(name, str) else None
+        if checkpoint is None:
+            missing.append(f"checkpoint with name {name}, type {model_type} is not found")
+            continue
+        used.setdefault(model_type, []).append(
+            {"s3": store.uri(checkpoint.prefix), "id": str(checkpoint.id), "model_name": name, "type": model_type}
+        )
+    if missing:
+        raise BadRequest(" ".join(missing))
+    return used
+
+
+def create_job(
+    *,
+    user: User,
+    permissions: frozenset[str],
+    task_type: str,
+    inference_type: str,
+    models: dict[str, Any],
+    endpoint_name: str | None,
+    payload_string: str | None,
+) -> InferenceJob:
+    if task_type not in DIFFUSION_TASKS and task_type not in EXTRA_TASKS:
+        raise BadRequest(f"task type {task_type} should be in {list(EXTRA_TASKS)!r} or {list(DIFFUSION_TASKS)!r}")
+    endpoint = resolve_endpoint(user, permissions, endpoint_name, inference_type)
+    used = resolve_models(user, permissions, models) if task_type in DIFFUSION_TASKS else {}
+    return InferenceJob.objects.create(
+        task_type=task_type,
+        inference_type=inference_type,
+        owner=user.username,
+        endpoint=endpoint,
+        endpoint_id_copy=str(endpoint.id),
+        endpoint_name=endpoint.name,
+        instance_type=endpoint.instance_type,
+        backend=endpoint.backend,
+        payload_string=payload_string,
+        used_models=used,
+    )
+
+
+def params_key(job: InferenceJob) -> str:
+    return keys.inference_params(job.task_type, str(job.id))
+
+
+def upload_url(job: InferenceJob) -> str:
+    return blob_store().presign_put(params_key(job), settings.ESD_PRESIGN_EXPIRES)
+
+
+# --- start and dispatch ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    job: InferenceJob
+    realtime: bool
+
+
+def start_job(job_id: str) -> Started:
+    """Contract §9.7 start: the guards in order, then ``inprogress`` and the request to the backend."""
+    with transaction.atomic():
+        job = InferenceJob.objects.select_for_update(of=("self",)).select_related("endpoint").get(pk=job_id)
+        if job.status != InferenceStatus.CREATED:
+            raise BadRequest(f"inference job {job.id} has already been started")
+        if job.payload_string is None and not blob_store().exists(params_key(job)):
+            raise BadRequest(f"api params of inference job {job.id} are not uploaded")
+        endpoint = job.endpoint
+        status = endpoint.status if endpoint is not None else EndpointStatus.DELETED
+        if status not in USABLE:
+            raise BadRequest(f"sagemaker endpoint is not ready with status: {status}")
+        job.status = InferenceStatus.IN_PROGRESS
+        job.start_time = timezone.now()
+        if endpoint.backend == "self-hosted":
+            job.output_location = blob_store().uri(keys.raw_output(str(job.id)))
+        job.save(update_fields=["status", "start_time", "output_location"])
+        realtime = endpoint.endpoint_type == "Real-time"
+        if endpoint.backend == "self-hosted":
+            request = build_request(job, self_hosted=True)
+            transaction.on_commit(lambda: send_to_worker(endpoint.queue_name, str(job.id), request))
+        elif realtime:
+            from apps.inference.tasks import invoke_realtime
+            from esd.tasks import enqueue
+
+            enqueue(invoke_realtime, str(job.id))
+    if endpoint.backend == "sagemaker" and not realtime:
+        _invoke_async(job, endpoint)
+    return Started(job, realtime)
+
+
+def build_request(job: InferenceJob, *, self_hosted: bool) -> dict:
+    """The runtime request of contract §12.3 (validated with the runtime's own protocol module)."""
+    from gpu_runtime import protocol
+
+    store = blob_store()
+    request: dict[str, Any] = {
+        "task": job.task_type,
+        "username": job.owner,
+        "models": {"space_free_size": 4e10, **job.used_models},
+        "param_s3": store.uri(params_key(job)),
+        "payload_string": job.payload_string,
+    }
+    if self_hosted:
+        # Queued work may wait: the URLs live as long as the job may.
+        expires = max(settings.ESD_PRESIGN_EXPIRES, settings.ESD_ASYNC_TIMEOUT)
+        models = {}
+        for entries in job.used_models.values():
+            for entry in entries:
+                key = store.key_of(entry["s3"]) if entry["s3"] != "None" else None
+                if key is not None:
+                    models[f"{entry['id']}/{entry['model_name']}"] = store.presign_get(
+                        f"{key}/{entry['model_name']}", expires
+                    )
+        request["urls"] = {
+            "params": None if job.payload_string is not None else store.presign_get(params_key(job), expires),
+            "models": models,
+            "output": store.presign_put(keys.raw_output(str(job.id)), expires),
+        }
+    if request["payload_string"] is None:
+        del request["payload_string"]
+    return protocol.validate_request(request)
+
+
+def send_to_worker(queue_name: str, job_id: str, request: dict) -> None:
+    """The job message on the endpoint's queue, consumed by ``gpu_runtime`` workers (contract §12.2)."""
+    import dramatiq
+
+    from gpu_runtime import protocol
+
+    broker = dramatiq.get_broker()
+    broker.declare_queue(queue_name)
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name=queue_name, actor_name=protocol.RUN_INFERENCE, args=(job_id, request), kwargs={}, options={}
+        )
+    )
+
+
+def _invoke_async(job: InferenceJob, endpoint: Endpoint) -> None:
+    """SageMaker async: the request goes to S3, the invocation names it; both output locations are kept."""
+    from botocore.exceptions import ClientError
+
+    from esd.aws import client
+
+    store = blob_store()
+    input_key = keys.async_input(endpoint.name, str(job.id))
+    store.put_bytes(input_key, json.dumps(build_request(job, self_hosted=False)).encode())
+    try:
+        answer = client("sagemaker-runtime").invoke_endpoint_async(
+            EndpointName=endpoint.name,
+            InputLocation=store.uri(input_key),
+            InferenceId=str(job.id),
+            ContentType="application/json",
+            InvocationTimeoutSeconds=3600,
+        )
+    except ClientError as exc:
+        fail_job(str(job.id), {"error": str(exc)})
+        raise BadRequest(str(exc)) from exc
+    InferenceJob.objects.filter(pk=job.pk).update(
+        output_location=answer.get("OutputLocation"), failure_location=answer.get("FailureLocation")
+    )
+    job.output_location = answer.get("OutputLocation")
+    job.failure_location = answer.get("FailureLocation")
+
+
+# --- results ---------------------------------------------------------------------------------------------------------
+
+
+def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
+    """Record a runtime's raw output (contract §12.3): images and the param file to storage, then ``succeed``;
+    an error report or anything unreadable makes the job ``failed``. Safe to call any number of times."""
+    job = InferenceJob.objects.filter(pk=job_id).first()
+    if job is None or job.status in TERMINAL:
+        return job  # deleted meanwhile, or already recorded
+    try:
+        output = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        output = None
+    if not isinstance(output, dict):
+        return fail_job(
+            job_id,
+            {"error": "the runtime's output is not readable", "output": (raw or b"")[:1000].decode("utf-8", "replace")},
+        )
+    if "error" in output:
+        return fail_job(job_id, output)
+    images = output.get("images")
+    if images is None and "image" in output:
+        images = [output["image"]]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        return fail_job(job_id, {"error": "the runtime's output has no images", "output_keys": sorted(output)})
+    store = blob_store()
+    names = []
+    try:
+        for index, data in enumerate(images):
+            store.put_bytes(keys.result_image(job_id, index), base64.b64decode(data, validate=True))
+            names.append(f"image_{index}.png")
+    except (binascii.Error, ValueError):
+        return fail_job(job_id, {"error": "the runtime's output has an image that is not base64"})
+    info = output.get("info")
+    store.put_bytes(
+        keys.result_params(job_id),
+        json.dumps(
+            {
+                "parameters": output.get("parameters"),
+                "info": info,
+                "html_info": output.get("html_info"),
+                "endpoint_name": job.endpoint_name,
+                "inference_id": job_id,
+            }
+        ).encode(),
+    )
+    runtime_seconds = _runtime_seconds(info)
+    with transaction.atomic():
+        updated = InferenceJob.objects.filter(pk=job_id, status=InferenceStatus.IN_PROGRESS).update(
+            status=InferenceStatus.SUCCEED,
+            complete_time=timezone.now(),
+            image_names=names,
+            inference_info_name=f"{job_id}_param.json",
+            runtime_seconds=runtime_seconds,
+        )
+    if not updated:
+        log.info("result for job %s arrived after it ended; dropped", job_id)
+    return InferenceJob.objects.filter(pk=job_id).first()
+
+
+def fail_job(job_id: str, report: Any) -> InferenceJob | None:
+    """``failed`` with the runtime's report in ``sagemakerRaw`` (only from ``inprogress``; created jobs fail
+    too when their dispatch is refused)."""
+    InferenceJob.objects.filter(pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS)).update(
+        status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report
+    )
+    return InferenceJob.objects.filter(pk=job_id).first()
+
+
+def record_progress(job_id: str, step: int, steps: int) -> None:
+    InferenceJob.objects.filter(pk=job_id, status=InferenceStatus.IN_PROGRESS).update(
+        progress_step=step, progress_steps=steps
+    )
+
+
+def read_location(uri: str) -> bytes | None:
+    """The object at an ``s3://`` URI (our bucket through the blob store, another through boto3), or None."""
+    store = blob_store()
+    key = store.key_of(uri)
+    if key is not None:
+        try:
+            return store.read_bytes(key)
+        except FileNotFoundError:
+            return None
+    from botocore.exceptions import ClientError
+
+    from esd.aws import client
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        return client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError:
+        return None
+
+
+def check_async(job: InferenceJob) -> None:
+    """The sweeper's look at one SageMaker async job: an output or a failure file means it is done."""
+    if job.output_location and (raw := read_location(job.output_location)) is not None:
+        ingest_output(str(job.id), raw)
+    elif job.failure_location and (raw := read_location(job.failure_location)) is not None:
+        fail_job(str(job.id), {"error": raw[:4000].decode("utf-8", "replace")})
+
+
+def fail_timed_out() -> int:
+    """Jobs in progress longer than ``ESD_ASYNC_TIMEOUT`` will not finish (contract §10.3)."""
+    limit = timezone.now() - timedelta(seconds=settings.ESD_ASYNC_TIMEOUT)
+    late = list(
+        InferenceJob.objects.filter(status=InferenceStatus.IN_PROGRESS, start_time__lt=limit).values_list(
+            "pk", flat=True
+        )
+    )
+    for job_id in late:
+        fail_job(str(job_id), {"error": f"no result within {settings.ESD_ASYNC_TIMEOUT} s"})
+    return len(late)
+
+
+def fail_jobs_of_endpoint(endpoint: Endpoint) -> int:
+    """The endpoint is gone: its in-progress jobs cannot finish."""
+    return InferenceJob.objects.filter(endpoint_id_copy=str(endpoint.id), status=InferenceStatus.IN_PROGRESS).update(
+        status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw="endpoint deleted"
+    )
+
+
+def _runtime_seconds(info: Any) -> float | None:
+    try:
+        value = json.loads(info).get("generation_seconds") if isinstance(info, str) else None
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+# --- delete ----------------------------------------------------------------------------------------------------------
+
+
+def delete_jobs(jobs: list[InferenceJob]) -> int:
+    """Parameters, raw output, results and the row; a result arriving later finds no row and is dropped."""
+    store = blob_store()
+    for job in jobs:
+        job_id = str(job.id)
+        store.delete(params_key(job))
+        store.delete(keys.raw_output(job_id))
+        if job.output_location and (key := store.key_of(job.output_location)):
+            store.delete(key)
+        store.delete_folder(keys.job_folder(job_id))
+        job.delete()
+    return len(jobs)

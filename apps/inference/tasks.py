@@ -1,0 +1,145 @@
+"""Inference actors and event handlers: real-time invocations, worker events, the async sweeper."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import dramatiq
+from django.conf import settings
+from django.dispatch import receiver
+
+from apps.endpoints.services import endpoint_removed
+from apps.inference import services
+from apps.inference.choices import InferenceStatus
+from apps.inference.models import InferenceJob
+from esd import keys
+from esd.storage import blob_store
+from esd.tasks import handles, periodic, recoverer
+
+log = logging.getLogger(__name__)
+
+
+@dramatiq.actor(max_retries=0, time_limit=10 * 60 * 1000)
+def invoke_realtime(job_id: str) -> None:
+    """SageMaker real-time: the invocation runs here, not in the web request, so a 504 never loses the result."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from esd.aws import client
+
+    job = InferenceJob.objects.filter(pk=job_id, status=InferenceStatus.IN_PROGRESS).first()
+    if job is None:
+        return
+    request = services.build_request(job, self_hosted=False)
+    try:
+        answer = client("sagemaker-runtime").invoke_endpoint(
+            EndpointName=job.endpoint_name,
+            Body=json.dumps(request).encode(),
+            ContentType="application/json",
+            Accept="application/json",
+            InferenceId=job_id,
+        )
+        raw = answer["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        services.fail_job(job_id, {"error": str(exc)})
+        return
+    services.ingest_output(job_id, raw)
+
+
+@handles("inference")
+def worker_result(event: dict) -> None:
+    """A self-hosted worker finished a job: its raw output is at the job's output key either way."""
+    job_id = event.get("inferenceId")
+    if not isinstance(job_id, str):
+        return
+    try:
+        raw = blob_store().read_bytes(keys.raw_output(job_id))
+    except FileNotFoundError:
+        raw = None
+    if raw is None and event.get("invocationStatus") == "Failed":
+        services.fail_job(job_id, {"error": event.get("failureReason") or "the worker reported a failure"})
+        return
+    services.ingest_output(job_id, raw)
+
+
+@handles("progress")
+def worker_progress(event: dict) -> None:
+    job_id, step, steps = event.get("inferenceId"), event.get("step"), event.get("steps")
+    if isinstance(job_id, str) and isinstance(step, int) and isinstance(steps, int):
+        services.record_progress(job_id, step, steps)
+
+
+def sweep_interval() -> int:
+    return 30
+
+
+@periodic(sweep_interval)
+def sweep_inferences() -> None:
+    """Async SageMaker jobs whose output (or failure) has appeared, notifications, and jobs that timed out."""
+    if settings.ESD_SAGEMAKER_NOTIFICATION_QUEUE:
+        drain_notifications()
+    running = InferenceJob.objects.filter(
+        status=InferenceStatus.IN_PROGRESS, backend="sagemaker", inference_type="Async"
+    ).exclude(output_location=None)
+    for job in running.only("id", "output_location", "failure_location"):
+        try:
+            services.check_async(job)
+        except Exception:
+            log.exception("could not check async job %s", job.id)
+    services.fail_timed_out()
+
+
+def drain_notifications() -> int:
+    """Completion notices SageMaker sent to SNS, delivered to our SQS queue (contract §12.1)."""
+    from esd.aws import client
+
+    sqs = client("sqs")
+    answer = sqs.receive_message(
+        QueueUrl=settings.ESD_SAGEMAKER_NOTIFICATION_QUEUE, MaxNumberOfMessages=10, WaitTimeSeconds=0
+    )
+    count = 0
+    for message in answer.get("Messages", []):
+        try:
+            notice = json.loads(message["Body"])
+            if "Message" in notice and "inferenceId" not in notice:  # SNS envelope without raw delivery
+                notice = json.loads(notice["Message"])
+            job_id = notice["inferenceId"]
+            if notice.get("invocationStatus") == "Completed":
+                location = (notice.get("responseParameters") or {}).get("outputLocation")
+                services.ingest_output(job_id, services.read_location(location) if location else None)
+            else:
+                services.fail_job(
+                    job_id,
+                    {"error": notice.get("failureReason") or "SageMaker reported a failure", "notification": notice},
+                )
+            count += 1
+        except (KeyError, ValueError, TypeError):
+            log.warning("ignoring unreadable notification %r", message.get("Body", "")[:200])
+        sqs.delete_message(QueueUrl=settings.ESD_SAGEMAKER_NOTIFICATION_QUEUE, ReceiptHandle=message["ReceiptHandle"])
+    return count
+
+
+@receiver(endpoint_removed)
+def fail_jobs_of_removed_endpoint(sender, endpoint, **kwargs) -> None:
+    services.fail_jobs_of_endpoint(endpoint)
+
+
+@recoverer("self-hosted inference jobs")
+def recover_jobs() -> int:
+    """In-progress self-hosted jobs whose messages an in-process broker lost on restart: send them again (a
+    worker runs a job id once, and results are recorded once)."""
+    import dramatiq as _dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    if not isinstance(_dramatiq.get_broker(), StubBroker):
+        return 0  # a real broker kept them
+    pending = InferenceJob.objects.filter(status=InferenceStatus.IN_PROGRESS, backend="self-hosted").select_related(
+        "endpoint"
+    )
+    count = 0
+    for job in pending:
+        if job.endpoint is None:
+            continue
+        services.send_to_worker(job.endpoint.queue_name, str(job.id), services.build_request(job, self_hosted=True))
+        count += 1
+    return count
