@@ -374,14 +374,18 @@ def _runtime_seconds(info: Any) -> float | None:
 
 
 def delete_jobs(jobs: list[InferenceJob]) -> int:
-    """Parameters, raw output, results and the row; a result arriving later finds no row and is dropped."""
+    """Parameters, the async request, raw output (and failure file), results and the row; a result arriving later
+    finds no row and is dropped."""
     store = blob_store()
     for job in jobs:
         job_id = str(job.id)
         store.delete(params_key(job))
         store.delete(keys.raw_output(job_id))
-        if job.output_location and (key := store.key_of(job.output_location)):
-            store.delete(key)
+        if job.backend == "sagemaker" and job.inference_type == "Async":
+            store.delete(keys.async_input(job.endpoint_name, job_id))
+        for location in (job.output_location, job.failure_location):
+            if location and (key := store.key_of(location)):
+                store.delete(key)
         store.delete_folder(keys.job_folder(job_id))
         job.delete()
     return len(jobs)

@@ -7,6 +7,7 @@ import logging
 
 import dramatiq
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.dispatch import receiver
 
 from apps.endpoints.services import endpoint_removed
@@ -77,7 +78,10 @@ def sweep_interval() -> int:
 def sweep_inferences() -> None:
     """Async SageMaker jobs whose output (or failure) has appeared, notifications, and jobs that timed out."""
     if settings.ESD_SAGEMAKER_NOTIFICATION_QUEUE:
-        drain_notifications()
+        try:
+            drain_notifications()
+        except Exception:  # the queue is a shortcut: the output locations below are always checked
+            log.exception("could not drain the SageMaker notification queue")
     running = InferenceJob.objects.filter(
         status=InferenceStatus.IN_PROGRESS, backend="sagemaker", inference_type="Async"
     ).exclude(output_location=None)
@@ -113,7 +117,7 @@ def drain_notifications() -> int:
                     {"error": notice.get("failureReason") or "SageMaker reported a failure", "notification": notice},
                 )
             count += 1
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, ValidationError):  # ValidationError: an inferenceId not a UUID
             log.warning("ignoring unreadable notification %r", message.get("Body", "")[:200])
         sqs.delete_message(QueueUrl=settings.ESD_SAGEMAKER_NOTIFICATION_QUEUE, ReceiptHandle=message["ReceiptHandle"])
     return count

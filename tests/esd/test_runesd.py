@@ -77,3 +77,80 @@ def test_runesd_serves_the_api_with_a_key_from_create_api_key(tmp_path):
     assert "actors    in this process on StubBroker" in output
     assert "create_api_key" in output  # tells a newcomer how to get a key
     assert (tmp_path / "db.sqlite3").exists() and (tmp_path / "secret_key").exists()
+
+
+def test_embedded_server_generates_an_image_end_to_end(tmp_path):
+    """The README walkthrough: make run's server, the tiny model, a self-hosted endpoint, one API call."""
+    import io
+    import json
+
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    env = {**os.environ, "ESD_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "esd.settings", "HF_HUB_OFFLINE": "1"}
+    for name in ("DATABASE_URL", "DRAMATIQ_BROKER_URL", "SECRET_KEY", "ESD_API_PREFIX", "ESD_PUBLIC_URL"):
+        env.pop(name, None)
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    run = lambda *args: subprocess.run(args, env=env, check=True, capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+    run(*manage, "migrate", "--noinput")
+    key = run(*manage, "create_api_key", "api").stdout.strip().splitlines()[-1]
+    model = tmp_path / "tiny.safetensors"
+    run(sys.executable, "-m", "gpu_runtime", "make-tiny-model", str(model))
+    run(*manage, "import_checkpoint", str(model), "--type", "Stable-diffusion")
+    port = free_port()
+    proc = subprocess.Popen(
+        [*manage, "runesd", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base, headers = f"http://127.0.0.1:{port}/api", {"x-api-key": key}
+    try:
+        wait_for(port, proc)
+        created = requests.post(
+            f"{base}/endpoints",
+            headers=headers,
+            timeout=30,
+            json={
+                "endpoint_type": "Real-time",
+                "instance_type": "cpu",
+                "initial_instance_count": 1,
+                "autoscaling_enabled": False,
+                "assign_to_roles": ["IT Operator"],
+                "creator": "api",
+                "endpoint_name": "demo",
+            },
+        )
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = requests.get(f"{base}/endpoints", headers=headers, timeout=30).json()["data"]["endpoints"]
+            if listed[0]["endpoint_status"] == "InService":
+                break
+            time.sleep(0.5)
+        assert listed[0]["endpoint_status"] == "InService"
+        params = {"prompt": "a photo of a cat", "steps": 4, "width": 64, "height": 64, "seed": 1}
+        answer = requests.post(
+            f"{base}/inferences",
+            headers=headers,
+            timeout=120,
+            json={
+                "task_type": "txt2img",
+                "inference_type": "Real-time",
+                "models": {"Stable-diffusion": ["tiny.safetensors"]},
+                "payload_string": json.dumps(params),
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        image_url = answer.json()["data"]["img_presigned_urls"][0]
+        image = Image.open(io.BytesIO(requests.get(image_url, timeout=30).content))
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "self-hosted endpoints served here on cpu" in output
