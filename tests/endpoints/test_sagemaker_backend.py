@@ -484,13 +484,15 @@ def test_teardown_keeps_other_endpoints(aws):
 
 
 @pytest.mark.parametrize(
-    "cleared", [None, "ESD_SAGEMAKER_ROLE_ARN", "ESD_SAGEMAKER_INFERENCE_IMAGE", "ESD_SAGEMAKER_TRAINING_IMAGE"]
+    "cleared",
+    [None, "ESD_SAGEMAKER_ROLE_ARN", "ESD_SAGEMAKER_INFERENCE_IMAGE", "ESD_SAGEMAKER_TRAINING_IMAGE", "ESD_STORAGE"],
 )
-def test_configured_needs_role_and_both_images(settings, cleared):
+def test_configured_needs_role_both_images_and_s3(settings, cleared):
     settings.ESD_SAGEMAKER_ROLE_ARN = ROLE
     settings.ESD_SAGEMAKER_INFERENCE_IMAGE = IMAGE
     settings.ESD_SAGEMAKER_TRAINING_IMAGE = TRAINING_IMAGE
+    settings.ESD_STORAGE = "s3"
     if cleared:
-        setattr(settings, cleared, "")
+        setattr(settings, cleared, "local" if cleared == "ESD_STORAGE" else "")
     assert SageMakerBackend().configured() is (cleared is None)
     assert backend.name == "sagemaker"

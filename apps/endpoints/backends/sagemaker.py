@@ -125,11 +125,12 @@ class SageMakerBackend:
     name = "sagemaker"
 
     def configured(self) -> bool:
-        """SageMaker needs a role to run as and the two images; without any of them it cannot be offered."""
+        """SageMaker needs a role to run as, the two images, and S3 storage (its containers read s3:// URIs)."""
         return bool(
             settings.ESD_SAGEMAKER_ROLE_ARN
             and settings.ESD_SAGEMAKER_INFERENCE_IMAGE
             and settings.ESD_SAGEMAKER_TRAINING_IMAGE
+            and settings.ESD_STORAGE == "s3"
         )
 
     # provision ---------------------------------------------------------------------------------------------------
