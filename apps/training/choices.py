@@ -7,3 +7,20 @@ class DatasetStatus(models.TextChoices):
     INITIALED = "Initialed"
     ENABLED = "Enabled"
     DISABLED = "Disabled"
+
+
+class TrainingStatus(models.TextChoices):
+    """Self-hosted statuses; SageMaker jobs may also show its secondary statuses verbatim (contract §7)."""
+
+    INITIAL = "Initial"
+    STARTING = "Starting"
+    DOWNLOADING = "Downloading"
+    TRAINING = "Training"
+    UPLOADING = "Uploading"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+
+TERMINAL_TRAINING = ("Completed", "Failed", "Stopped", "MaxRuntimeExceeded")
+FM_TYPES = {"sd_1_5": "kohya_config_cloud.toml", "sd_xl": "kohya_config_cloud_xl.toml"}

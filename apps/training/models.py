@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
-from apps.training.choices import DatasetStatus
+from apps.training.choices import DatasetStatus, TrainingStatus
 from esd import keys
 from esd.owners import owned_by
 
@@ -79,3 +79,47 @@ class DatasetOwner(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class TrainingJobQuerySet(QuerySet):
+    def visible_to(self, user: User, permissions: frozenset[str]) -> TrainingJobQuerySet:
+        """Contract §4.2: owners ([creator]) share a role with the caller or name them; ``user:all`` sees all."""
+        if "user:all" in permissions:
+            return self.all()
+        roles = Role.objects.held_by(user).values("name")
+        return self.filter(models.Q(owner=user.username) | models.Q(owner__in=roles))
+
+
+class TrainingJob(models.Model):
+    """A LoRA training (contract §9.8, §10.5). Its output checkpoint has the same id.
+
+    ``params`` is what the API returns (training_type, training_params, config_params); ``progress`` the last
+    epoch/step/loss a worker reported, ``losses`` a bounded history of (step, loss) for the console's chart, and
+    ``log`` the notes a run produced (ignored kohya keys, warnings).
+    """
+
+    id = models.UUIDField(primary_key=True, editable=False)
+    status = models.CharField(max_length=32, default=TrainingStatus.INITIAL)
+    owner = models.CharField(max_length=150, db_index=True)
+    backend = models.CharField(max_length=16)
+    params = models.JSONField(default=dict)
+    created = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+    sagemaker_name = models.CharField(max_length=63, null=True, blank=True)
+    reason = models.TextField(blank=True, default="", help_text="Why it failed (params.resp)")
+    progress = models.JSONField(default=dict, blank=True)
+    losses = models.JSONField(default=list, blank=True)
+    log = models.JSONField(default=list, blank=True)
+    output_files = models.JSONField(default=list, blank=True)
+
+    objects = TrainingJobQuerySet.as_manager()
+
+    class Meta:
+        indexes = [models.Index(fields=["-created", "-id"], name="training_newest")]
+
+    def __str__(self) -> str:
+        return f"training {self.id} ({self.status})"
+
+    @property
+    def output_name(self) -> str:
+        return self.params["config_params"]["saving_arguments"]["output_name"]

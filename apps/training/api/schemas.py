@@ -95,3 +95,137 @@ DETAIL = {
         },
     },
 }
+
+# --- trainings (contract §9.8) ----------------------------------------------------------------------------------
+
+_TEXT = {"type": "string", "minLength": 1}
+CREATE_TRAINING = {
+    "type": "object",
+    "required": ["lora_train_type", "params"],
+    "properties": {
+        "lora_train_type": {"type": "string", "description": "kohya"},
+        "params": {"type": "object", "description": "training_params and config_params (two forms, see §9.8)"},
+    },
+}
+# params of the native form (what ESD's implementation and the WebUI send)
+NATIVE_PARAMS = {
+    "type": "object",
+    "required": ["training_params", "config_params"],
+    "properties": {
+        "training_params": {
+            "type": "object",
+            "required": ["training_instance_type", "model", "dataset", "fm_type"],
+            "properties": {
+                "training_instance_type": _TEXT,
+                "model": _TEXT,
+                "dataset": _TEXT,
+                "fm_type": _TEXT,
+                "model_name": {"type": "string"},
+            },
+        },
+        "config_params": {
+            "type": "object",
+            "required": ["saving_arguments", "training_arguments"],
+            "properties": {
+                "saving_arguments": {
+                    "type": "object",
+                    "required": ["output_name", "save_every_n_epochs"],
+                    "properties": {"output_name": _TEXT, "save_every_n_epochs": {"type": "integer", "minimum": 1}},
+                },
+                "training_arguments": {
+                    "type": "object",
+                    "required": ["max_train_epochs"],
+                    "properties": {"max_train_epochs": {"type": "integer", "minimum": 1}},
+                },
+            },
+        },
+    },
+}
+# params of the 1.5.0 document's form
+DOCUMENT_PARAMS = {
+    "type": "object",
+    "required": ["training_params"],
+    "properties": {
+        "training_params": {
+            "type": "object",
+            "required": ["training_instance_type", "s3_model_path", "s3_data_path", "fm_type"],
+            "properties": {
+                "training_instance_type": _TEXT,
+                "s3_model_path": _TEXT,
+                "s3_data_path": _TEXT,
+                "fm_type": _TEXT,
+                "model_name": {"type": "string"},
+            },
+        },
+        "config_params": {
+            "type": "object",
+            "properties": {
+                "training": {
+                    "type": "object",
+                    "properties": {
+                        "output_name": _TEXT,
+                        "save_every_n_epochs": {"type": "integer", "minimum": 1},
+                        "max_train_epochs": {"type": "integer", "minimum": 1},
+                    },
+                }
+            },
+        },
+    },
+}
+DELETE_TRAININGS = {
+    "type": "object",
+    "required": ["training_id_list"],
+    "properties": {
+        "training_id_list": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 100,
+            "items": {"type": "string", "minLength": 1},
+        }
+    },
+}
+TRAINING_PARAMS = {"type": "object", "additionalProperties": True}
+TRAINING_CREATED = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string"},
+        "created": {"type": "string"},
+        "params": TRAINING_PARAMS,
+        "input_location": {"type": "string"},
+        "output_location": {"type": "string"},
+    },
+}
+TRAINING_DETAIL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "checkpoint_id": {"type": "string"},
+        "job_status": {"type": "string"},
+        "model_id": {"type": "string"},
+        "params": TRAINING_PARAMS,
+        "timestamp": {"type": "string"},
+        "train_type": {"type": "string"},
+    },
+}
+TRAINING_LIST = {
+    "type": "object",
+    "properties": {
+        "trainings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "modelName": {"type": "string"},
+                    "status": {"type": "string"},
+                    "trainType": {"type": "string"},
+                    "created": {"type": "string"},
+                    "sagemakerTrainName": {"type": "string", "nullable": True},
+                    "params": TRAINING_PARAMS,
+                },
+            },
+        },
+        "last_evaluated_key": {"type": "string", "nullable": True},
+    },
+}

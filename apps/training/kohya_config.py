@@ -1,0 +1,107 @@
+"""kohya configurations: the shipped templates, merging a job's ``config_params`` into them, writing TOML.
+
+kohya flattens all tables of its config file into one namespace, so where a key sits only matters to people
+reading the file; we keep ESD's sections so files look like ESD's.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from apps.training.choices import FM_TYPES
+from esd import keys
+from esd.storage import blob_store
+
+TEMPLATES = Path(__file__).resolve().parent / "kohya"
+
+
+def load_template(fm_type: str) -> dict[str, dict[str, Any]]:
+    """The template of a model family: an operator's override at ``template/{name}`` in storage, else ours."""
+    name = FM_TYPES[fm_type]
+    store = blob_store()
+    override = keys.kohya_template(name)
+    if store.exists(override):
+        return tomllib.loads(store.read_bytes(override).decode("utf-8"))
+    return tomllib.loads((TEMPLATES / name).read_text())
+
+
+def merge_native(template: dict[str, dict], config_params: dict[str, Any]) -> dict[str, dict]:
+    """The WebUI's form: ``config_params`` is sections of kohya keys, merged over the template's sections."""
+    merged = {section: dict(values) for section, values in template.items()}
+    for section, values in config_params.items():
+        if isinstance(values, dict):
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def merge_document(template: dict[str, dict], training: dict[str, Any], default_name: str) -> dict[str, dict]:
+    """The 1.5.0 document's form: a flat ``training`` table; each key lands where the template holds it."""
+    merged = {section: dict(values) for section, values in template.items()}
+    merged.setdefault("saving_arguments", {})["output_name"] = default_name
+    homes = {
+        "output_name": "saving_arguments",
+        "save_every_n_epochs": "saving_arguments",
+        "max_train_epochs": "training_arguments",
+    }
+    for key, value in training.items():
+        section = homes.get(key) or next((s for s, v in merged.items() if key in v), "training_arguments")
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def config_params_of(merged: dict[str, dict], given: dict[str, Any]) -> dict[str, Any]:
+    """What the API shows as ``config_params``: the given sections, always with saving_arguments.output_name."""
+    shown = {section: dict(values) for section, values in given.items() if isinstance(values, dict)}
+    saving = shown.setdefault("saving_arguments", {})
+    saving.setdefault("output_name", merged["saving_arguments"]["output_name"])
+    return shown
+
+
+def flatten(config: dict[str, dict]) -> dict[str, Any]:
+    return {key: value for values in config.values() for key, value in values.items()}
+
+
+def expected_outputs(config: dict[str, dict]) -> list[str]:
+    """Every file a run may write: epoch files when ``epoch % save_every_n_epochs == 0`` before the last epoch,
+    and the final file (kohya's naming, contract §9.8)."""
+    flat = flatten(config)
+    name = flat["output_name"]
+    epochs = int(flat.get("max_train_epochs") or 0) or 1
+    every = max(1, int(flat.get("save_every_n_epochs") or 1))
+    return [f"{name}.safetensors"] + [
+        f"{name}-{epoch:06d}.safetensors" for epoch in range(1, epochs) if epoch % every == 0
+    ]
+
+
+def dumps(config: dict[str, dict]) -> str:
+    """TOML for tables of scalars and lists (all kohya configs need)."""
+    lines: list[str] = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return (
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if value is None:
+        return '""'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }"
+    return _value(str(value))

@@ -1,0 +1,99 @@
+"""Training actors and event handlers: self-hosted worker events and the SageMaker training monitor."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+
+from apps.training import training
+from apps.training.choices import TERMINAL_TRAINING, TrainingStatus
+from apps.training.models import TrainingJob
+from esd.tasks import handles, recoverer
+
+log = logging.getLogger(__name__)
+
+PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "loss")
+ENDINGS = {"Completed": TrainingStatus.COMPLETED, "Failed": TrainingStatus.FAILED, "Stopped": TrainingStatus.STOPPED}
+
+
+@handles("training")
+def worker_training_event(event: dict) -> None:
+    """``{"kind":"training","id","status","reason", ...progress}`` from a self-hosted trainer."""
+    job_id, status = event.get("id"), event.get("status")
+    if not isinstance(job_id, str) or not isinstance(status, str):
+        return
+    reason = str(event.get("reason") or "")
+    notes = [str(w) for w in event.get("warnings") or []] if isinstance(event.get("warnings"), list) else []
+    if status in ENDINGS:
+        training.finish(job_id, ENDINGS[status], reason, notes=notes)
+        return
+    progress = {k: event[k] for k in PROGRESS_KEYS if isinstance(event.get(k), int | float)}
+    training.update_status(job_id, status, reason, progress=progress, notes=notes)
+
+
+@dramatiq.actor(max_retries=5, min_backoff=10_000, max_backoff=120_000, time_limit=120_000)
+def monitor_sagemaker_training(job_id: str, delay_ms: int = 30_000) -> None:
+    """Poll ``DescribeTrainingJob``: its SecondaryStatus becomes ours verbatim; the end is recorded by ``finish``."""
+    from botocore.exceptions import ClientError
+
+    from esd.aws import client
+
+    job = TrainingJob.objects.filter(pk=job_id).first()
+    if job is None or job.status in TERMINAL_TRAINING or not job.sagemaker_name:
+        return
+    try:
+        described = client("sagemaker").describe_training_job(TrainingJobName=job.sagemaker_name)
+    except ClientError as exc:
+        if "not found" in str(exc).lower() or "could not find" in str(exc).lower():
+            training.finish(job_id, TrainingStatus.STOPPED, "the SageMaker training job no longer exists")
+            return
+        raise
+    primary = described.get("TrainingJobStatus")
+    secondary = described.get("SecondaryStatus") or primary or job.status
+    reason = described.get("FailureReason", "")
+    if primary == "Completed":
+        training.finish(job_id, TrainingStatus.COMPLETED)
+    elif primary == "Failed":
+        training.finish(job_id, TrainingStatus.FAILED, reason or "SageMaker reported a failure")
+    elif primary == "Stopped":
+        training.finish(job_id, TrainingStatus.STOPPED, reason)
+    else:
+        training.update_status(job_id, secondary, reason)
+        monitor_sagemaker_training.send_with_options(args=(job_id, min(delay_ms * 2, 300_000)), delay=delay_ms)
+
+
+@recoverer("trainings")
+def recover_trainings() -> int:
+    """Monitors of SageMaker trainings; self-hosted trainings an in-process broker lost on restart: queued ones are
+    sent again, interrupted ones failed (a run cannot resume)."""
+    import tomllib
+
+    import dramatiq as _dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    from apps.training.models import Dataset
+    from esd.storage import blob_store
+
+    count = 0
+    running = TrainingJob.objects.exclude(status__in=TERMINAL_TRAINING)
+    for job in running.filter(backend="sagemaker").exclude(sagemaker_name=None):
+        monitor_sagemaker_training.send(str(job.id))
+        count += 1
+    if not isinstance(_dramatiq.get_broker(), StubBroker):
+        return count
+    for job in running.exclude(backend="sagemaker"):
+        if job.status != TrainingStatus.STARTING:
+            training.finish(str(job.id), TrainingStatus.FAILED, "interrupted by a restart of the server")
+            continue
+        params = job.params["training_params"]
+        store = blob_store()
+        config = tomllib.loads(store.read_bytes(store.key_of(params["s3_toml_path"])).decode())
+        dataset = Dataset.objects.filter(name=params["dataset"]).first()
+        if dataset is None:
+            training.finish(str(job.id), TrainingStatus.FAILED, "its dataset was deleted")
+            continue
+        spec = training.training_spec(job, config, store.key_of(params["s3_model_path"]), dataset)
+        training.send_training(str(job.id), spec)
+        count += 1
+    return count

@@ -1,0 +1,376 @@
+"""Training job operations (contract §9.8, §10.5, §12): create, submit, follow, complete, delete.
+
+A job and its output ``Lora`` checkpoint are created together with the same id. Whatever the backend, progress
+arrives through ``update_status`` and the end through ``finish``, which lists the output folder: the files that
+are actually there decide between ``Completed`` (checkpoint Active with those names) and ``Failed``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from apps.accounts.models import User, held_role_names
+from apps.models_registry.choices import CheckpointStatus, CheckpointType
+from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
+from apps.models_registry.services import set_status as set_checkpoint_status
+from apps.training import kohya_config
+from apps.training.choices import FM_TYPES, TERMINAL_TRAINING, TrainingStatus
+from apps.training.models import Dataset, TrainingJob
+from esd import keys
+from esd.api.errors import BadRequest
+from esd.owners import save_owners
+from esd.storage import blob_store
+
+log = logging.getLogger(__name__)
+MAX_LOSSES = 2000
+
+
+# --- create ----------------------------------------------------------------------------------------------------------
+
+
+def translate_document_form(user: User, permissions: frozenset[str], training_params: dict) -> tuple[str, str]:
+    """The 1.5.0 document's ``s3_model_path`` / ``s3_data_path`` -> the model file and dataset names."""
+    store = blob_store()
+    model_path = training_params.get("s3_model_path", "")
+    prefix, _, file_name = model_path.rpartition("/")
+    key = store.key_of(prefix)
+    checkpoint = (
+        Checkpoint.objects.visible_to(user, permissions).filter(prefix=key, files__name=file_name).first()
+        if key and file_name
+        else None
+    )
+    if checkpoint is None:
+        raise BadRequest("Model not found")
+    data_key = store.key_of(training_params.get("s3_data_path", "").rstrip("/")) or ""
+    parts = data_key.split("/")
+    if len(parts) != 2 or parts[0] != "dataset" or not parts[1]:
+        raise BadRequest("Dataset not found")
+    return file_name, parts[1]
+
+
+def create_training(*, user: User, permissions: frozenset[str], lora_train_type: str, params: dict) -> TrainingJob:
+    """Contract §9.8 POST, steps 1-8."""
+    if lora_train_type != "kohya":
+        raise BadRequest(f"Invalid lora train type: {lora_train_type}, the valid value is kohya.")
+    training_params = dict(params["training_params"])
+    given_config = params.get("config_params") or {}
+    job_id = uuid.uuid4()
+    document = "s3_model_path" in training_params or "s3_data_path" in training_params
+    if document:
+        training_params["model"], training_params["dataset"] = translate_document_form(
+            user, permissions, training_params
+        )
+    model = (
+        Checkpoint.objects.visible_to(user, permissions)
+        .filter(
+            status=CheckpointStatus.ACTIVE,
+            checkpoint_type=CheckpointType.STABLE_DIFFUSION,
+            files__position=0,
+            files__name=training_params["model"],
+        )
+        .first()
+    )
+    if model is None:
+        raise BadRequest("Model not found")
+    dataset = Dataset.objects.visible_to(user, permissions).filter(name=training_params["dataset"]).first()
+    if dataset is None:
+        raise BadRequest("Dataset not found")
+    fm_type = training_params["fm_type"]
+    if fm_type not in FM_TYPES:
+        raise BadRequest(f"Invalid fm_type {fm_type}, the valid values are sd_1_5 and sd_xl")
+    template = kohya_config.load_template(fm_type)
+    if document:
+        merged = kohya_config.merge_document(template, given_config.get("training") or {}, f"lora_{str(job_id)[:8]}")
+        shown_config = kohya_config.config_params_of(
+            merged,
+            {
+                "saving_arguments": {
+                    k: v for k, v in merged["saving_arguments"].items() if k in ("output_name", "save_every_n_epochs")
+                },
+                "training_arguments": {"max_train_epochs": merged["training_arguments"].get("max_train_epochs")},
+            },
+        )
+    else:
+        merged = kohya_config.merge_native(template, given_config)
+        shown_config = kohya_config.config_params_of(merged, given_config)
+    output_name = merged["saving_arguments"]["output_name"]
+    if not isinstance(output_name, str) or not keys.is_segment(f"{output_name}.safetensors"):
+        raise BadRequest(f"filename {output_name} is not allowed")
+    if CheckpointFile.objects.filter(name=f"{output_name}.safetensors").exists():
+        raise BadRequest(f"{output_name}.safetensors already exists, please use another or rename/delete exists")
+
+    store = blob_store()
+    template_name = FM_TYPES[fm_type]
+    input_prefix, output_prefix = keys.training_input(str(job_id)), keys.training_output(str(job_id))
+    model_key = f"{model.prefix}/{training_params['model']}"
+    toml_key = f"{input_prefix}/{template_name}"
+    training_params.update(
+        s3_model_path=store.uri(model_key),
+        s3_data_path=store.uri(dataset.folder),
+        s3_toml_path=store.uri(toml_key),
+    )
+    store.put_bytes(toml_key, kohya_config.dumps(merged).encode())
+    job = TrainingJob(
+        id=job_id,
+        owner=user.username,
+        backend=settings.ESD_TRAINING_BACKEND,
+        params={"training_type": "kohya", "training_params": training_params, "config_params": shown_config},
+    )
+    try:
+        with transaction.atomic():
+            checkpoint = Checkpoint.objects.create(
+                id=job_id,
+                checkpoint_type=CheckpointType.LORA,
+                status=CheckpointStatus.INITIAL,
+                prefix=output_prefix,
+                creator=user.username,
+                params={"training_job_id": str(job_id)},
+            )
+            CheckpointFile.objects.create(checkpoint=checkpoint, position=0, name=output_name)
+            save_owners(CheckpointOwner, checkpoint, held_role_names(user))
+            job.save()
+    except IntegrityError:
+        store.delete_folder(input_prefix)
+        raise BadRequest(
+            f"{output_name}.safetensors already exists, please use another or rename/delete exists"
+        ) from None
+    try:
+        submit(job, merged, model_key, dataset)
+    except BaseException:
+        store.delete_folder(input_prefix)
+        Checkpoint.objects.filter(pk=job_id).delete()
+        job.delete()
+        raise
+    update_status(str(job.id), TrainingStatus.STARTING)
+    job.status = TrainingStatus.STARTING
+    return job
+
+
+# --- backends --------------------------------------------------------------------------------------------------------
+
+
+def submit(job: TrainingJob, config: dict, model_key: str, dataset: Dataset) -> None:
+    if job.backend == "sagemaker":
+        _submit_sagemaker(job)
+    else:
+        spec = training_spec(job, config, model_key, dataset)
+        transaction.on_commit(lambda: send_training(str(job.id), spec))
+
+
+def training_spec(job: TrainingJob, config: dict, model_key: str, dataset: Dataset) -> dict:
+    """The self-hosted ``run_training`` spec (contract §12.2) with presigned URLs for everything a GPU host needs:
+    the merged config, the base model, each dataset file, a PUT per possible output file, and the cancel flag."""
+    from gpu_runtime import protocol
+
+    store = blob_store()
+    job_id = str(job.id)
+    expires = settings.ESD_DATASET_UPLOAD_EXPIRES  # queued trainings may wait: the longest S3 allows (7 days)
+    base = keys.dataset_prefix(dataset.name)
+    files = [info.key for info in store.list(base + "/")]
+    toml_key = f"{keys.training_input(job_id)}/{FM_TYPES[job.params['training_params']['fm_type']]}"
+    output_prefix = keys.training_output(job_id)
+    spec = {
+        "fm_type": job.params["training_params"]["fm_type"],
+        "config_key": toml_key,
+        "model_key": model_key,
+        "dataset_prefix": base,
+        "output_prefix": output_prefix,
+        "urls": {
+            "config": store.presign_get(toml_key, expires),
+            "model": store.presign_get(model_key, expires),
+            "dataset": {key[len(base) + 1 :]: store.presign_get(key, expires) for key in files},
+            "outputs": {
+                name: store.presign_put(f"{output_prefix}/{name}", expires)
+                for name in kohya_config.expected_outputs(config)
+            },
+            "cancel": store.presign_get(cancel_key(job_id), expires),
+        },
+    }
+    validate = getattr(protocol, "validate_training_spec", None)
+    return validate(spec) if validate else spec
+
+
+def cancel_key(job_id: str) -> str:
+    """Beside (not in) the input folder, which a delete removes while the worker may still be polling."""
+    return f"kohya/train/{job_id}/cancel"
+
+
+def send_training(job_id: str, spec: dict) -> None:
+    import dramatiq
+
+    from gpu_runtime import protocol
+
+    broker = dramatiq.get_broker()
+    broker.declare_queue(settings.ESD_TRAINING_QUEUE)
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name=settings.ESD_TRAINING_QUEUE,
+            actor_name=protocol.RUN_TRAINING,
+            args=(job_id, spec),
+            kwargs={},
+            options={},
+        )
+    )
+
+
+def _b64(value: Any) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+def _submit_sagemaker(job: TrainingJob) -> None:
+    """``CreateTrainingJob`` named ``kohya-{timestamp}`` with the contract's base64 JSON hyperparameters."""
+    from botocore.exceptions import ClientError
+
+    from esd.aws import client
+
+    store = blob_store()
+    job_id = str(job.id)
+    name = f"kohya-{timezone.now():%Y%m%d%H%M%S%f}"[:63]
+    training_params = job.params["training_params"]
+    try:
+        client("sagemaker").create_training_job(
+            TrainingJobName=name,
+            RoleArn=settings.ESD_SAGEMAKER_ROLE_ARN,
+            AlgorithmSpecification={
+                "TrainingImage": settings.ESD_SAGEMAKER_TRAINING_IMAGE,
+                "TrainingInputMode": "File",
+            },
+            HyperParameters={
+                "sagemaker_program": _b64("extensions/sd-webui-sagemaker/sagemaker_entrypoint_json.py"),
+                "params": _b64({"training_params": training_params, "training_id": job_id}),
+                "s3-input-path": _b64(store.uri(keys.training_input(job_id))),
+                "s3-output-path": _b64(store.uri(keys.training_output(job_id))),
+                "training-type": _b64("kohya"),
+            },
+            OutputDataConfig={"S3OutputPath": store.uri(keys.training_output(job_id))},
+            ResourceConfig={
+                "InstanceType": training_params["training_instance_type"],
+                "InstanceCount": 1,
+                "VolumeSizeInGB": 125,
+            },
+            StoppingCondition={"MaxRuntimeInSeconds": 86400},
+            Environment={"BUCKET_NAME": settings.ESD_BUCKET, "TRAINING_JOB_ID": job_id},
+        )
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in ("ValidationException", "ResourceLimitExceeded", "ResourceInUse"):
+            raise BadRequest(str(exc)) from exc
+        raise
+    TrainingJob.objects.filter(pk=job.pk).update(sagemaker_name=name)
+    job.sagemaker_name = name
+    from apps.training.tasks import monitor_sagemaker_training
+    from esd.tasks import enqueue
+
+    enqueue(monitor_sagemaker_training, job_id)
+
+
+def stop(job: TrainingJob) -> None:
+    """Stop a running job; errors are ignored (contract §9.8 DELETE)."""
+    store = blob_store()
+    try:
+        if job.backend == "sagemaker" and job.sagemaker_name:
+            from esd.aws import client
+
+            client("sagemaker").stop_training_job(TrainingJobName=job.sagemaker_name)
+        else:
+            store.put_bytes(cancel_key(str(job.id)), b"cancelled")
+            import dramatiq
+
+            from gpu_runtime import protocol
+
+            broker = dramatiq.get_broker()
+            broker.declare_queue(settings.ESD_TRAINING_QUEUE)
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name=settings.ESD_TRAINING_QUEUE,
+                    actor_name=protocol.CANCEL_TRAINING,
+                    args=(str(job.id),),
+                    kwargs={},
+                    options={},
+                )
+            )
+    except Exception:
+        log.warning("could not stop training %s", job.id, exc_info=True)
+
+
+# --- progress and the end --------------------------------------------------------------------------------------------
+
+
+def update_status(
+    job_id: str, status: str, reason: str = "", progress: dict | None = None, notes: list[str] | None = None
+) -> TrainingJob | None:
+    """The one place a training's status changes; terminal jobs stay as they are."""
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.status in TERMINAL_TRAINING:
+            return job
+        job.status = status
+        if reason:
+            job.reason = reason
+        if progress:
+            job.progress = {**job.progress, **progress}
+            if isinstance(progress.get("loss"), int | float) and isinstance(progress.get("step"), int):
+                job.losses = [*job.losses, [progress["step"], progress["loss"]]][-MAX_LOSSES:]
+        if notes:
+            job.log = job.log + [n for n in notes if n not in job.log]
+        if status in TERMINAL_TRAINING:
+            job.finished = timezone.now()
+        job.save()
+    return job
+
+
+def finish(job_id: str, status: str, reason: str = "", notes: list[str] | None = None) -> TrainingJob | None:
+    """The end of a run: ``Completed`` needs output files; the checkpoint follows the job (contract §10.5)."""
+    job = TrainingJob.objects.filter(pk=job_id).first()
+    if job is None or job.status in TERMINAL_TRAINING:
+        return job
+    if status == TrainingStatus.COMPLETED:
+        store = blob_store()
+        prefix = keys.training_output(job_id) + "/"
+        files = sorted(
+            info.key[len(prefix) :]
+            for info in store.list(prefix)
+            if info.key.endswith(".safetensors") and "/" not in info.key[len(prefix) :]
+        )
+        if not files:
+            status, reason = TrainingStatus.FAILED, reason or "training ended without output files"
+        else:
+            final = f"{job.output_name}.safetensors"
+            files.sort(key=lambda name: (name != final, name))
+            with transaction.atomic():
+                checkpoint = Checkpoint.objects.filter(pk=job_id).first()
+                if checkpoint is not None:
+                    CheckpointFile.objects.filter(checkpoint=checkpoint).delete()
+                    CheckpointFile.objects.bulk_create(
+                        CheckpointFile(checkpoint=checkpoint, position=i, name=name) for i, name in enumerate(files)
+                    )
+                    set_checkpoint_status(checkpoint, CheckpointStatus.ACTIVE)
+                TrainingJob.objects.filter(pk=job_id).update(output_files=files)
+    if status != TrainingStatus.COMPLETED:
+        checkpoint = Checkpoint.objects.filter(pk=job_id).first()
+        if checkpoint is not None:
+            set_checkpoint_status(checkpoint, CheckpointStatus.DISABLED, error=reason or status)
+    return update_status(job_id, status, reason, notes=notes)
+
+
+def delete_trainings(jobs: list[TrainingJob]) -> int:
+    """Stop, delete the input folder; unless completed also the output folder and checkpoint; delete the row."""
+    store = blob_store()
+    for job in jobs:
+        job_id = str(job.id)
+        if job.status not in TERMINAL_TRAINING:
+            stop(job)
+        store.delete_folder(keys.training_input(job_id))
+        if job.status != TrainingStatus.COMPLETED:
+            store.delete_folder(keys.training_output(job_id))
+            Checkpoint.objects.filter(pk=job_id).delete()
+        job.delete()
+    return len(jobs)
