@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--events-queue", default=os.environ.get("ESD_EVENTS_QUEUE", "esd-events"))
     worker.add_argument("--instance-type", default=os.environ.get("ESD_INSTANCE_TYPE", ""))
     worker.add_argument("--max-batch", type=int, default=8, help="images per batched pipeline call")
+    worker.add_argument(
+        "--poll-ms",
+        type=int,
+        default=20,
+        help="how often an idle queue is read (ms): the pickup delay of a job on an idle worker",
+    )
 
     serve = commands.add_parser("serve", help="SageMaker container mode: GET /ping, POST /invocations")
     serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a container listens on all interfaces

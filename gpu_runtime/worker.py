@@ -56,7 +56,7 @@ class GpuWorker:
         worker_id: str | None = None,
         max_batch: int = 8,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
-        poll_ms: int = 200,
+        poll_ms: int = 20,
     ):
         self.broker = broker
         self.engine = engine

@@ -45,7 +45,7 @@ class Command(BaseCommand):
                 broker,
                 queues=control_queues(),
                 worker_threads=settings.ESD_EMBEDDED_WORKER_THREADS,
-                worker_timeout=100,  # idle queues are polled every 0.1 s: results are picked up at once
+                worker_timeout=50,  # idle queues are polled every 50 ms: results are picked up at once
             )
             worker.start()
         counts = recover_unfinished_work()
