@@ -10,7 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from django.db import models
 from django.db.models import Exists, Model, OuterRef, Q, QuerySet
+
+
+class OwnerEntry(models.Model):
+    """One name of a resource's owner list, kept in order. Subclasses add ``resource``, the foreign key."""
+
+    position = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=150, db_index=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def owned_by(owner_model: type[Model], *names: Iterable[str] | QuerySet, unowned: bool) -> Q:

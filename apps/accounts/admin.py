@@ -38,6 +38,14 @@ class EsdPermissionsAdmin(admin.ModelAdmin):
     view_permissions: tuple[str, ...] = ()
     add_permissions: tuple[str, ...] = ()
     change_permissions: tuple[str, ...] = ()
+    # Rows whose deletion must also remove objects elsewhere (storage, remote resources) offer their own action.
+    bulk_delete: bool = True
+
+    def get_actions(self, request: HttpRequest):
+        actions = super().get_actions(request)
+        if not self.bulk_delete:
+            actions.pop("delete_selected", None)
+        return actions
 
     def _holds(self, request: HttpRequest, wanted: tuple[str, ...]) -> bool:
         return not request_permissions(request).isdisjoint(wanted)

@@ -13,6 +13,7 @@ from apps.endpoints.models import Endpoint, Worker
 
 @admin.register(Endpoint)
 class EndpointAdmin(EsdPermissionsAdmin):
+    bulk_delete = False
     view_permissions = ("sagemaker_endpoint:all", "sagemaker_endpoint:list")
     add_permissions = ()  # deployed through the API (and the console's deploy page)
     change_permissions = ("sagemaker_endpoint:all", "sagemaker_endpoint:create")
@@ -59,11 +60,6 @@ class EndpointAdmin(EsdPermissionsAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         visible = Endpoint.objects.visible_to(request.user, request_permissions(request))
         return visible.prefetch_related("owners")
-
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
 
     @admin.display(description="Owners")
     def owner_names(self, obj: Endpoint) -> str:

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from apps.accounts.models import Role, User
 from apps.endpoints.choices import Backend, EndpointStatus, EndpointType
-from esd.owners import owned_by
+from esd.owners import OwnerEntry, owned_by
 
 
 class EndpointQuerySet(QuerySet):
@@ -94,18 +94,13 @@ class Endpoint(models.Model):
         return max(self.initial_instance_count, self.max_instance_number)
 
 
-class EndpointOwner(models.Model):
+class EndpointOwner(OwnerEntry):
     """One entry of an endpoint's ``owner_group_or_role`` (see ``esd.owners``)."""
 
     resource = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="owners")
-    position = models.PositiveSmallIntegerField()
-    name = models.CharField(max_length=150, db_index=True)
 
-    class Meta:
-        ordering = ["position"]
-
-    def __str__(self) -> str:
-        return self.name
+    class Meta(OwnerEntry.Meta):
+        pass
 
 
 class Worker(models.Model):

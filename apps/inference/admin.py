@@ -17,6 +17,7 @@ from esd.storage import blob_store
 
 @admin.register(InferenceJob)
 class InferenceJobAdmin(EsdPermissionsAdmin):
+    bulk_delete = False
     view_permissions = ("inference:all", "inference:list", "inference:create")
     add_permissions = ()  # jobs are created through the API (or the console's generate page)
     change_permissions = ("inference:all", "inference:create")
@@ -49,11 +50,6 @@ class InferenceJobAdmin(EsdPermissionsAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return InferenceJob.objects.visible_to(request.user, request_permissions(request))
-
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
 
     @admin.display(description="Progress")
     def progress(self, obj: InferenceJob) -> str:

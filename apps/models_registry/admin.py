@@ -35,6 +35,7 @@ class OwnerInline(admin.TabularInline):
 
 @admin.register(Checkpoint)
 class CheckpointAdmin(EsdPermissionsAdmin):
+    bulk_delete = False
     view_permissions = ("checkpoint:all", "checkpoint:list")
     add_permissions = ()  # uploads start from the API or `manage.py import_checkpoint`
     change_permissions = ("checkpoint:all", "checkpoint:create")
@@ -63,11 +64,6 @@ class CheckpointAdmin(EsdPermissionsAdmin):
         return Checkpoint.objects.visible_to(request.user, request_permissions(request)).prefetch_related(
             "files", "owners"
         )
-
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)  # objects must go too: use delete_with_files
-        return actions
 
     def has_change_permission(self, request: HttpRequest, obj: Checkpoint | None = None) -> bool:
         # Enable/disable/delete follow the API's rule: checkpoint:all, or the creator with checkpoint:create.

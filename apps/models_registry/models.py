@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from apps.accounts.models import Role, User
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
-from esd.owners import owned_by
+from esd.owners import OwnerEntry, owned_by
 
 
 class CheckpointQuerySet(QuerySet):
@@ -92,15 +92,10 @@ class CheckpointFile(models.Model):
         return self.name
 
 
-class CheckpointOwner(models.Model):
+class CheckpointOwner(OwnerEntry):
     """One entry of a checkpoint's ``allowed_roles_or_users`` (see ``esd.owners``)."""
 
     resource = models.ForeignKey(Checkpoint, on_delete=models.CASCADE, related_name="owners")
-    position = models.PositiveSmallIntegerField()
-    name = models.CharField(max_length=150, db_index=True)
 
-    class Meta:
-        ordering = ["position"]
-
-    def __str__(self) -> str:
-        return self.name
+    class Meta(OwnerEntry.Meta):
+        pass

@@ -23,6 +23,7 @@ class ItemInline(admin.TabularInline):
 
 @admin.register(Dataset)
 class DatasetAdmin(EsdPermissionsAdmin):
+    bulk_delete = False
     view_permissions = change_permissions = ("train:all",)
     add_permissions = ()  # datasets are uploaded through the API
     list_display = ("name", "status", "prefix", "file_count", "creator", "created")
@@ -37,11 +38,6 @@ class DatasetAdmin(EsdPermissionsAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         visible = Dataset.objects.visible_to(request.user, request_permissions(request))
         return visible.annotate(files=Count("items"))
-
-    def get_actions(self, request: HttpRequest):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
 
     @admin.display(description="Files", ordering="files")
     def file_count(self, obj: Dataset) -> int:

@@ -9,7 +9,7 @@ from django.utils import timezone
 from apps.accounts.models import Role, User
 from apps.training.choices import DatasetStatus, TrainingStatus
 from esd import keys
-from esd.owners import owned_by
+from esd.owners import OwnerEntry, owned_by
 
 
 class DatasetQuerySet(QuerySet):
@@ -67,18 +67,13 @@ class DatasetItem(models.Model):
         return self.filename
 
 
-class DatasetOwner(models.Model):
+class DatasetOwner(OwnerEntry):
     """One entry of a dataset's ``allowed_roles_or_users`` (see ``esd.owners``)."""
 
     resource = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="owners")
-    position = models.PositiveSmallIntegerField()
-    name = models.CharField(max_length=150, db_index=True)
 
-    class Meta:
-        ordering = ["position"]
-
-    def __str__(self) -> str:
-        return self.name
+    class Meta(OwnerEntry.Meta):
+        pass
 
 
 class TrainingJobQuerySet(QuerySet):
