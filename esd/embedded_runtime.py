@@ -1,5 +1,6 @@
 """GPU workers inside the embedded server: one ``gpu_runtime`` worker per live self-hosted endpoint, sharing one
-engine on this machine's GPU or CPU, so a single ``make run`` process can generate images.
+engine on this machine's GPU or CPU, and a trainer on the training queue, so a single ``make run`` process can
+generate images and train LoRAs.
 
 It follows the endpoints table: a worker starts for each new self-hosted endpoint (its heartbeats bring the
 endpoint InService) and stops when the endpoint is deleted.
@@ -34,10 +35,22 @@ class EmbeddedRuntime:
 
         self.engine = Engine(settings.ESD_VAR_DIR / "runtime", device=device)
         self.workers: dict[str, Any] = {}
+        self.trainer: Any = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="embedded-runtime", daemon=True)
 
     def start(self) -> None:
+        from gpu_runtime.training_worker import TrainingWorker
+
+        # Trainings queue up on the same machine; a LoRA run on a CPU takes long but needs no other host.
+        self.trainer = TrainingWorker(
+            dramatiq.get_broker(),
+            settings.ESD_VAR_DIR / "runtime",
+            queue=settings.ESD_TRAINING_QUEUE,
+            events_queue=settings.ESD_EVENTS_QUEUE,
+            device=self.engine.device,
+        )
+        self.trainer.start()
         self.thread.start()
 
     def stop(self) -> None:
@@ -45,6 +58,8 @@ class EmbeddedRuntime:
         self.thread.join(timeout=SYNC_SECONDS * 2)
         for worker in self.workers.values():
             worker.stop(timeout=60)
+        if self.trainer is not None:
+            self.trainer.stop(timeout=60)
 
     def _loop(self) -> None:
         while not self.stopping.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 
@@ -43,10 +44,21 @@ def main(argv: list[str] | None = None) -> None:
         )
         sub.add_argument("--cache-gb", type=float, default=100.0, help="disk budget of the model cache")
 
+    commands.add_parser("train", help="run one LoRA training by hand: train --spec FILE", add_help=False)
+    commands.add_parser("trainer", help="consume the training queue: trainer --broker URL", add_help=False)
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SD1.5-architecture checkpoint, offline")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "trainer"):
+        from gpu_runtime.training_worker import main_train, main_trainer
+
+        logging.basicConfig(
+            level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        raise SystemExit((main_train if argv[0] == "train" else main_trainer)(argv[1:]))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"

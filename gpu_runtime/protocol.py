@@ -140,3 +140,51 @@ def progress(job_id: str, step: int, steps: int) -> dict:
 
 def training_status(job_id: str, status: str, reason: str = "", **extra: Any) -> dict:
     return {"kind": "training", "id": job_id, "status": status, "reason": reason, **extra}
+
+
+FM_TYPES = ("sd_1_5", "sd_xl")
+
+
+def _relative_path(path: Any, where: str, *, max_parts: int) -> str:
+    """A storage-relative file path sent to a worker: 1..max_parts plain segments, nothing that escapes a folder."""
+    _string(path, where)
+    parts = path.split("/")
+    if len(parts) > max_parts:
+        raise ProtocolError(f"{where} {path!r} has more than {max_parts} path segments")
+    for part in parts:
+        if not part or part in (".", "..") or "\\" in part or any(ord(c) < 32 for c in part) or len(part) > 255:
+            raise ProtocolError(f"{where} {path!r} is not an allowed file path")
+    return path
+
+
+def validate_training_spec(spec: Any) -> dict:
+    """The ``run_training(job_id, spec)`` spec of contract §12.2; returns it unchanged when valid.
+
+    ``{"fm_type", "config_key", "model_key", "dataset_prefix", "output_prefix", "urls": {"config": GET, "model":
+    GET, "dataset": {relative path: GET}, "outputs": {file name: PUT}, "cancel": GET (optional)}}``. Dataset paths
+    are relative to ``dataset_prefix`` (``name.png`` or ``10_technic/name.png``); output names are plain file names.
+    """
+    _require(spec, dict, "spec")
+    fm_type = _string(spec.get("fm_type"), "spec.fm_type")
+    if fm_type not in FM_TYPES:
+        raise ProtocolError(f"spec.fm_type {fm_type!r} is not one of {', '.join(FM_TYPES)}")
+    for field in ("config_key", "model_key", "dataset_prefix", "output_prefix"):
+        _string(spec.get(field), f"spec.{field}")
+    urls = _require(spec.get("urls"), dict, "spec.urls")
+    _string(urls.get("config"), "spec.urls.config")
+    _string(urls.get("model"), "spec.urls.model")
+    dataset = _require(urls.get("dataset"), dict, "spec.urls.dataset")
+    if not dataset:
+        raise ProtocolError("spec.urls.dataset must not be empty")
+    for path, url in dataset.items():
+        _relative_path(path, "spec.urls.dataset key", max_parts=2)
+        _string(url, f"spec.urls.dataset.{path}")
+    outputs = _require(urls.get("outputs"), dict, "spec.urls.outputs")
+    if not outputs:
+        raise ProtocolError("spec.urls.outputs must not be empty")
+    for name, url in outputs.items():
+        _relative_path(name, "spec.urls.outputs key", max_parts=1)
+        _string(url, f"spec.urls.outputs.{name}")
+    if urls.get("cancel") is not None:
+        _string(urls["cancel"], "spec.urls.cancel")
+    return spec

@@ -12,8 +12,7 @@ import pytest
 
 from apps.endpoints.models import Endpoint
 from apps.inference.models import InferenceJob
-from tests.conftest import Api, wait_until
-from tests.inference.conftest import body
+from tests.conftest import Api, endpoint_body, wait_until
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -33,7 +32,7 @@ def test_killed_worker_job_is_redelivered_and_succeeds_once(
     from gpu_runtime.engine import Engine
     from gpu_runtime.worker import GpuWorker
 
-    name = api.post("endpoints", body("Async", "k1"), key=admin_key).body["data"]["endpoint_name"]
+    name = api.post("endpoints", endpoint_body("Async", "k1"), key=admin_key).body["data"]["endpoint_name"]
     first = subprocess.Popen(
         [
             sys.executable,

@@ -1,0 +1,652 @@
+"""The training worker: runs ``run_training(job_id, spec)`` jobs from the training queue (contract §12.2).
+
+Why it is built this way: a GPU host gets no storage credentials, so a training spec carries a presigned URL for
+everything - the merged kohya config, the base checkpoint, every dataset file, an upload URL per file the run may
+produce, and a cancel URL that answers 200 once the job was deleted. :func:`run_spec` turns one spec into
+downloads, a :func:`gpu_runtime.trainer.train` run and uploads, and reports each stage as a ``training`` event
+(``Downloading`` -> ``Training`` with progress -> ``Uploading`` -> ``Completed``, or ``Failed``/``Stopped``); it never
+raises, so a bad job can never take the worker down. :class:`TrainingWorker` feeds it from the queue one job at a
+time (trainings fill a GPU), and :func:`main_train` runs one job by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dramatiq
+
+from gpu_runtime import protocol
+from gpu_runtime.errors import JobError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingWorker", "main_train", "main_trainer", "run_spec"]
+
+CANCEL_POLL_SECONDS = 10.0
+PROGRESS_EVERY_SECONDS = 5.0
+DEFAULT_CACHE_BYTES = 100 * 1024**3
+CHUNK = 8 * 1024 * 1024
+DOWNLOAD_THREADS = 8
+ATTEMPTS = 3
+Send = Callable[[dict], None]
+
+
+# --- HTTP --------------------------------------------------------------------------------------------------------
+
+
+def _check_url(url: str, what: str) -> None:
+    """Only http(s): a spec must never make the worker open local files (``file://``) or other schemes."""
+    if not url.startswith(("http://", "https://")):
+        raise JobError(f"the URL of {what} must be http(s)")
+
+
+def _retrying(action: Callable[[], Any], what: str) -> Any:
+    """Retry transient failures (connection errors, 5xx, 429) with a short backoff; anything else fails at once.
+
+    A training can run for hours: losing it to one dropped connection while uploading would be the worst outcome.
+    """
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return action()
+        except urllib.error.HTTPError as exc:
+            if (exc.code < 500 and exc.code != 429) or attempt == ATTEMPTS:
+                raise JobError(f"{what} failed: HTTP {exc.code} {exc.reason}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            if attempt == ATTEMPTS:
+                raise JobError(f"{what} failed: {getattr(exc, 'reason', exc)}") from exc
+        log.warning("%s failed (attempt %d of %d), retrying", what, attempt, ATTEMPTS)
+        time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+def _download(url: str, target: Path, what: str) -> int:
+    """Stream ``url`` into ``target`` (via a temporary sibling), checking the size against Content-Length."""
+    _check_url(url, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def attempt() -> int:
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, temp.open("wb") as out:  # noqa: S310 - checked
+                expected = response.headers.get("Content-Length")
+                shutil.copyfileobj(response, out, CHUNK)
+                written = out.tell()
+            if expected is not None and written != int(expected):
+                raise ConnectionError(f"cut short ({written} of {expected} bytes)")
+            os.replace(temp, target)
+            return written
+        finally:
+            temp.unlink(missing_ok=True)
+
+    return _retrying(attempt, f"downloading {what}")
+
+
+def _upload(url: str, path: Path, what: str) -> None:
+    """PUT a file (streamed, with Content-Length, as presigned S3 URLs require)."""
+    _check_url(url, what)
+    size = path.stat().st_size
+
+    def attempt() -> None:
+        with path.open("rb") as body:
+            request = urllib.request.Request(  # noqa: S310 - scheme checked above
+                url,
+                data=body,
+                method="PUT",
+                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            )
+            with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310
+                response.read()
+
+    _retrying(attempt, f"uploading {what}")
+
+
+class _CancelWatch:
+    """Polls the job's cancel URL (200 = cancelled; anything else, errors included, = not cancelled) in the
+    background, so ``should_stop`` stays a cheap flag read between training steps."""
+
+    def __init__(self, url: str | None, is_cancelled: Callable[[], bool], every: float):
+        self.url = url if url and url.startswith(("http://", "https://")) else None
+        self.is_cancelled = is_cancelled
+        self.every = every
+        self.flag = threading.Event()
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def poll(self) -> bool:
+        if self.url is None:
+            return False
+        try:
+            with urllib.request.urlopen(self.url, timeout=30) as response:  # noqa: S310 - scheme checked
+                cancelled = response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            cancelled = False  # 404 (not cancelled), 403 (S3's answer for a missing key), network trouble
+        if cancelled:
+            self.flag.set()
+        return cancelled
+
+    def start(self) -> None:
+        if self.url is None:
+            return
+
+        def loop() -> None:
+            while not self.done.wait(self.every):
+                if self.poll():
+                    return
+
+        self.thread = threading.Thread(target=loop, name="training-cancel-watch", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def __call__(self) -> bool:
+        if not self.flag.is_set():
+            try:
+                if self.is_cancelled():
+                    self.flag.set()
+            except Exception:
+                log.exception("is_cancelled failed")
+        return self.flag.is_set()
+
+
+# --- one job -----------------------------------------------------------------------------------------------------
+
+
+def _safe_name(job_id: str) -> str:
+    """A folder name for a job id; ids that needed cleaning get a hash suffix so two ids never share a folder."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:100].strip(".") or "job"
+    return cleaned if cleaned == job_id else f"{cleaned}-{uuid.uuid5(uuid.NAMESPACE_OID, job_id).hex[:8]}"
+
+
+def _spec_family_warning(fm_type: str, family: str) -> str | None:
+    """ESD's ``fm_type`` picks kohya's SD or SDXL script; here the checkpoint decides, so a mismatch is a warning."""
+    from gpu_runtime.families import FAMILIES
+
+    known = FAMILIES.get(family)
+    xl = known is not None and "XL" in known.pipeline_class
+    if fm_type == "sd_xl" and not xl:
+        return f"fm_type is sd_xl but the base model is a {family} checkpoint: trained as {family}"
+    if fm_type == "sd_1_5" and xl:
+        return "fm_type is sd_1_5 but the base model is an SDXL checkpoint: trained as SDXL"
+    return None
+
+
+def run_spec(
+    job_id: str,
+    spec: dict,
+    work_root: Path,
+    *,
+    device: str = "auto",
+    send: Send,
+    is_cancelled: Callable[[], bool],
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
+    progress_seconds: float = PROGRESS_EVERY_SECONDS,
+) -> None:
+    """Run one training spec end to end and report every stage through ``send`` as a ``training`` event.
+
+    Downloads go to ``work_root/jobs/<job id>/`` (removed afterwards); the base checkpoint is cached by key under
+    ``work_root/models/`` (shared with the inference engine's cache layout) and config dirs under
+    ``work_root/configs/``. Never raises: a failure is a ``Failed`` event with a reason, a cancellation (the
+    cancel URL answering 200, or ``is_cancelled()``) a ``Stopped`` event.
+    """
+
+    def report(status: str, reason: str = "", **extra: Any) -> None:
+        try:
+            send(protocol.training_status(job_id, status, reason, **extra))
+        except Exception:
+            log.exception("could not report %s for training %s", status, job_id)
+
+    work_root = Path(work_root)
+    job_dir: Path | None = None
+    watch = _CancelWatch(None, is_cancelled, cancel_poll_seconds)
+    files = None
+    model_path: Path | None = None
+    try:
+        from gpu_runtime.files import ModelFiles
+        from gpu_runtime.trainer import TrainingCancelled, TrainingError, train
+
+        try:
+            protocol.validate_training_spec(spec)
+        except protocol.ProtocolError as exc:
+            report("Failed", f"invalid training spec: {exc}")
+            return
+        urls = spec["urls"]
+        watch = _CancelWatch(urls.get("cancel"), is_cancelled, cancel_poll_seconds)
+        if watch.poll() or watch():
+            report("Stopped", "the training was cancelled before it started")
+            return
+        watch.start()
+        report("Downloading")
+        job_dir = work_root / "jobs" / _safe_name(job_id)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        dataset_dir, output_dir = job_dir / "dataset", job_dir / "output"
+        dataset_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True)
+        config_path = job_dir / "config.toml"
+        _download(urls["config"], config_path, "the training config")
+
+        parts = spec["model_key"].strip("/").split("/")
+        files = ModelFiles(work_root / "models", cache_bytes)
+        model_path = files.fetch(parts[-2] if len(parts) > 1 else "training", parts[-1], urls["model"])
+        if watch():
+            raise TrainingCancelled("cancelled while downloading")
+
+        def fetch(item: tuple[str, str]) -> None:
+            if watch():
+                return
+            relative, url = item
+            _download(url, dataset_dir.joinpath(*relative.split("/")), f"dataset file {relative}")
+
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="training-download") as pool:
+            for _ in pool.map(fetch, sorted(urls["dataset"].items())):
+                pass
+        if watch():
+            raise TrainingCancelled("cancelled while downloading")
+
+        extra_warnings = []
+        try:
+            from gpu_runtime.families import family_of_file
+
+            mismatch = _spec_family_warning(spec["fm_type"], family_of_file(model_path))
+            if mismatch:
+                extra_warnings.append(mismatch)
+        except Exception:  # an unreadable model fails with a clear reason inside train()
+            log.debug("family check skipped", exc_info=True)
+
+        report("Training")
+        last = {"at": 0.0, "epoch": 0}
+
+        def progress(info: dict) -> None:
+            now = time.monotonic()
+            if now - last["at"] >= progress_seconds or info["step"] == info["steps"] or info["epoch"] != last["epoch"]:
+                last.update(at=now, epoch=info["epoch"])
+                report("Training", **{k: info[k] for k in ("epoch", "epochs", "step", "steps")}, loss=info["loss"])
+
+        result = train(
+            config_path,
+            model_path,
+            dataset_dir,
+            output_dir,
+            device=device,
+            on_progress=progress,
+            should_stop=watch,
+            work_dir=work_root,
+        )
+        warnings = extra_warnings + result.warnings
+
+        report("Uploading")
+        uploaded = []
+        outputs = urls["outputs"]
+        for path in result.files:
+            if watch():
+                raise TrainingCancelled("cancelled while uploading")
+            url = outputs.get(path.name)
+            if url is None:
+                warnings.append(f"{path.name} was produced but the job has no upload URL for it: not uploaded")
+                continue
+            _upload(url, path, path.name)
+            uploaded.append(path.name)
+        if not uploaded:
+            names = ", ".join(p.name for p in result.files)
+            report("Failed", f"none of the produced files ({names}) has an upload URL in the spec")
+            return
+        report(
+            "Completed",
+            files=uploaded,
+            warnings=warnings,
+            loss=result.loss,
+            steps=result.steps,
+            epochs=result.epochs,
+            seconds=round(result.seconds, 1),
+        )
+    except TrainingCancelled as exc:
+        report("Stopped", f"the training was cancelled ({exc})")
+    except (TrainingError, JobError) as exc:
+        report("Failed", str(exc))
+    except Exception as exc:
+        log.exception("training %s failed", job_id)
+        report("Failed", f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        watch.stop()
+        if files is not None and model_path is not None:
+            files.release([model_path])
+        if job_dir is not None:
+            shutil.rmtree(job_dir, ignore_errors=True)
+        _free_memory()
+
+
+def _free_memory() -> None:
+    """Trainings load a whole checkpoint; give its memory back before the next job."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        log.debug("could not empty the CUDA cache", exc_info=True)
+
+
+# --- the queue worker --------------------------------------------------------------------------------------------
+
+
+class TrainingWorker:
+    """Consumes the training queue one job at a time and reports on the events queue (like ``GpuWorker``).
+
+    Messages: ``run_training(job_id, spec)`` runs :func:`run_spec`; ``cancel_training(job_id)`` marks the id as
+    cancelled - a job that is taken from the queue later is answered ``Stopped`` without running, the running one
+    is stopped at its next step. The queue is read with prefetch 1 (a training fills the GPU, and queued jobs stay
+    available to other workers), so a cancel *message* queued behind the running job is read only after it; the
+    running job also polls its spec's cancel URL every ~10 s, which is what stops it promptly. A message is acked
+    only after its job has finished; on stop the job in hand is finished first.
+    """
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        work_root: Path,
+        *,
+        queue: str = "esd-training",
+        events_queue: str = "esd-events",
+        device: str = "auto",
+        poll_ms: int = 200,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
+        progress_seconds: float = PROGRESS_EVERY_SECONDS,
+    ) -> None:
+        self.broker = broker
+        self.work_root = Path(work_root)
+        self.queue = queue
+        self.events_queue = events_queue
+        self.device = device
+        self.poll_ms = poll_ms
+        self.cache_bytes = cache_bytes
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self.progress_seconds = progress_seconds
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.done: OrderedDict[str, None] = OrderedDict()
+        self.current: str | None = None
+        self.threads: list[threading.Thread] = []
+        broker.declare_queue(queue)
+        broker.declare_queue(events_queue)
+
+    # --- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Consume the training queue in a background thread."""
+        thread = threading.Thread(target=self._consume, name="training-worker-consume", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the job in hand, then stop (SIGTERM does this)."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT, then finish the job in hand (the CLI's ``trainer`` command)."""
+
+        def graceful(signum: int, frame: Any) -> None:
+            log.info("signal %s: finishing the current training, then stopping", signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGINT, graceful)
+        self.start()
+        while not self.stopping.is_set():
+            self.stopping.wait(1)
+        self.stop()
+
+    # --- events ----------------------------------------------------------------------------------------------------
+    def send(self, event: dict) -> None:
+        """Put one event on the events queue for the control plane's ``runtime_event`` actor."""
+        protocol.validate_event(event)
+        message = dramatiq.Message(
+            queue_name=self.events_queue, actor_name=protocol.RUNTIME_EVENT, args=(event,), kwargs={}, options={}
+        )
+        self.broker.enqueue(message)
+
+    # --- jobs ------------------------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        """Mark a job as cancelled: stops it if it is running, skips it if it arrives later."""
+        with self.lock:
+            self.cancelled[job_id] = None
+            while len(self.cancelled) > 10000:
+                self.cancelled.popitem(last=False)
+        if job_id == self.current:
+            log.info("training %s: cancel requested, stopping at the next step", job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether a cancel for this job has been seen (thread-safe: the running job asks from its own thread)."""
+        with self.lock:
+            return job_id in self.cancelled
+
+    def _consume(self) -> None:
+        """One message at a time, acked only when its job is over (a crash leaves it for redelivery)."""
+        consumer = self.broker.consume(self.queue, prefetch=1, timeout=self.poll_ms)
+        try:
+            while not self.stopping.is_set():
+                message = next(consumer)
+                if message is None:
+                    continue
+                try:
+                    self.handle(message)
+                except Exception:
+                    log.exception("training message %s failed outside any job", message.message_id)
+                finally:
+                    consumer.ack(message)
+        finally:
+            consumer.close()
+
+    def handle(self, message: Any) -> None:
+        """One queue message: a cancel, or a training to run (skipped when cancelled or already done)."""
+        args, kwargs = tuple(message.args or ()), dict(message.kwargs or {})
+        if message.actor_name == protocol.CANCEL_TRAINING:
+            job_id = args[0] if args else kwargs.get("job_id")
+            if isinstance(job_id, str) and job_id:
+                self.cancel(job_id)
+            else:
+                log.warning("ignoring cancel_training message %s without a job id", message.message_id)
+            return
+        if message.actor_name != protocol.RUN_TRAINING or len(args) != 2:
+            log.warning("ignoring message %s for actor %s", message.message_id, message.actor_name)
+            return
+        job_id, spec = args
+        if not isinstance(job_id, str) or not job_id:
+            log.warning("ignoring run_training message %s without a job id", message.message_id)
+            return
+        if job_id in self.done:
+            log.info("training %s was already run: ignoring the redelivery", job_id)
+            return
+        if self.is_cancelled(job_id):
+            self._quietly(protocol.training_status(job_id, "Stopped", "the training was cancelled before it started"))
+        else:
+            self.current = job_id
+            try:
+                run_spec(
+                    job_id,
+                    spec,
+                    self.work_root,
+                    device=self.device,
+                    send=self._quietly,
+                    is_cancelled=lambda: self.is_cancelled(job_id),
+                    cache_bytes=self.cache_bytes,
+                    cancel_poll_seconds=self.cancel_poll_seconds,
+                    progress_seconds=self.progress_seconds,
+                )
+            finally:
+                self.current = None
+        self.done[job_id] = None
+        while len(self.done) > 1000:
+            self.done.popitem(last=False)
+
+    def _quietly(self, event: dict) -> None:
+        try:
+            self.send(event)
+        except Exception:
+            log.exception("could not send training event %s", event.get("status"))
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+LOCAL_KEYS = ("config", "model", "dataset", "output")
+
+
+def _default_work_dir() -> Path:
+    """The same default root as the inference worker's ``--models-dir``, so both share config dirs and models."""
+    return Path(os.environ.get("ESD_RUNTIME_DIR", "runtime-data"))
+
+
+def main_train(argv: list[str]) -> int:
+    """``python -m gpu_runtime train --spec FILE``: run one training by hand, printing progress; returns the exit
+    code (0 done, 1 failed, 130 cancelled with Ctrl-C).
+
+    FILE is JSON: either a queue spec with URLs (optionally wrapped as ``{"job_id", "spec"}``), run like the worker
+    would with its events printed, or the local form ``{"config", "model", "dataset", "output"}`` (paths, relative
+    ones from the spec file's folder) that trains straight from disk.
+    """
+    parser = argparse.ArgumentParser(prog="python -m gpu_runtime train", description=main_train.__doc__)
+    parser.add_argument("--spec", required=True, type=Path, help="JSON file: a queue spec or the local form")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    parser.add_argument("--work-dir", type=Path, default=_default_work_dir(), help="config dirs, model cache, jobs")
+    parser.add_argument("--job-id", default=None, help="job id for a queue spec (default: the spec's or the file's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        data = json.loads(args.spec.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print(f"error: {args.spec} must hold a JSON object", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("stopping after the current step (Ctrl-C again to abort)", flush=True)
+        stop.set()
+
+    previous = (
+        signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() else None
+    )
+    try:
+        if all(key in data for key in LOCAL_KEYS) and "urls" not in data:
+            return _train_local(data, args.spec.parent, args, stop)
+        return _train_spec(data, args, stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _train_local(data: dict, base: Path, args: argparse.Namespace, stop: threading.Event) -> int:
+    """The local form: train straight from files on disk."""
+    from gpu_runtime.trainer import TrainingCancelled, TrainingError, train
+
+    paths = {}
+    for key in LOCAL_KEYS:
+        if not isinstance(data[key], str) or not data[key]:
+            print(f"error: {key} must be a path", file=sys.stderr)
+            return 2
+        path = Path(data[key]).expanduser()
+        paths[key] = path if path.is_absolute() else base / path
+
+    def progress(info: dict) -> None:
+        print(
+            f"epoch {info['epoch']}/{info['epochs']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}",
+            flush=True,
+        )
+
+    try:
+        result = train(
+            paths["config"],
+            paths["model"],
+            paths["dataset"],
+            paths["output"],
+            device=args.device,
+            on_progress=progress,
+            should_stop=stop.is_set,
+            work_dir=args.work_dir,
+        )
+    except TrainingCancelled as exc:
+        print(f"cancelled: {exc}", flush=True)
+        return 130
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    for path in result.files:
+        print(f"wrote {path}")
+    print(f"done: {result.steps} steps, {result.epochs} epochs, loss {result.loss:.4f}, {result.seconds:.1f} s")
+    return 0
+
+
+def _train_spec(data: dict, args: argparse.Namespace, stop: threading.Event) -> int:
+    """A queue spec: run it like the worker would, printing each event as a JSON line."""
+    spec = data.get("spec") if isinstance(data.get("spec"), dict) else data
+    job_id = args.job_id or data.get("job_id") or args.spec.stem
+    final: dict = {}
+
+    def send(event: dict) -> None:
+        final.update(event)
+        print(json.dumps(event), flush=True)
+
+    run_spec(str(job_id), spec, args.work_dir, device=args.device, send=send, is_cancelled=stop.is_set)
+    return {"Completed": 0, "Stopped": 130}.get(final.get("status", ""), 1)
+
+
+def main_trainer(argv: list[str]) -> int:
+    """``python -m gpu_runtime trainer --broker URL``: serve the training queue until SIGTERM/SIGINT."""
+    from gpu_runtime.worker import make_broker
+
+    parser = argparse.ArgumentParser(prog="python -m gpu_runtime trainer", description=main_trainer.__doc__)
+    parser.add_argument("--broker", default=os.environ.get("DRAMATIQ_BROKER_URL", ""), help="redis:// or amqp:// URL")
+    parser.add_argument("--queue", default=os.environ.get("ESD_TRAINING_QUEUE", "esd-training"))
+    parser.add_argument("--events-queue", default=os.environ.get("ESD_EVENTS_QUEUE", "esd-events"))
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    parser.add_argument("--work-dir", type=Path, default=_default_work_dir(), help="config dirs, model cache, jobs")
+    parser.add_argument("--cache-gb", type=float, default=100.0, help="disk budget of the model cache")
+    args = parser.parse_args(argv)
+    if not args.broker:
+        parser.error("--broker (or DRAMATIQ_BROKER_URL) is required")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    worker = TrainingWorker(
+        make_broker(args.broker),
+        args.work_dir,
+        queue=args.queue,
+        events_queue=args.events_queue,
+        device=args.device,
+        cache_bytes=int(args.cache_gb * 1024**3),
+    )
+    log.info("training worker on %s (events to %s, work dir %s)", args.queue, args.events_queue, args.work_dir)
+    worker.run_forever()
+    return 0
