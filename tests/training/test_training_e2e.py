@@ -34,40 +34,71 @@ def trainer(settings, tmp_path):
 
     from gpu_runtime.training_worker import TrainingWorker
 
-    worker = TrainingWorker(dramatiq.get_broker(), tmp_path / "trainer", queue=settings.ESD_TRAINING_QUEUE,
-                            events_queue=settings.ESD_EVENTS_QUEUE, device="cpu", poll_ms=50)
+    worker = TrainingWorker(
+        dramatiq.get_broker(),
+        tmp_path / "trainer",
+        queue=settings.ESD_TRAINING_QUEUE,
+        events_queue=settings.ESD_EVENTS_QUEUE,
+        device="cpu",
+        poll_ms=50,
+    )
     worker.start()
     yield worker
     worker.stop(timeout=120)
 
 
 def test_train_a_lora_and_use_it(api: Api, admin_key, endpoints, trainer):
-    content = [{"filename": f"{i}.{ext}", "name": f"{i}.{ext}", "type": "image" if ext == "png" else "text",
-                "params": {}} for i in range(3) for ext in ("png", "txt")]
-    created = api.post("datasets", {"dataset_name": "blobs", "prefix": "2_blob", "params": {}, "creator": "admin",
-                                    "content": content}, key=admin_key)
+    content = [
+        {"filename": f"{i}.{ext}", "name": f"{i}.{ext}", "type": "image" if ext == "png" else "text", "params": {}}
+        for i in range(3)
+        for ext in ("png", "txt")
+    ]
+    created = api.post(
+        "datasets",
+        {"dataset_name": "blobs", "prefix": "2_blob", "params": {}, "creator": "admin", "content": content},
+        key=admin_key,
+    )
     assert created.status == 201, created.body
     for name, url in created.body["data"]["s3PresignUrl"].items():
         data = png(int(name[0])) if name.endswith(".png") else b"a photo of a blob"
         assert requests.put(url, data=data, timeout=30).status_code == 200
     assert api.put("datasets/blobs", {"status": "Enabled"}, key=admin_key).status == 200
 
-    body = {"lora_train_type": "kohya", "params": {
-        "training_params": {"training_instance_type": "cpu", "model": "tiny.safetensors", "dataset": "blobs",
-                            "fm_type": "sd_1_5"},
-        "config_params": {
-            "saving_arguments": {"output_name": "blob_lora", "save_every_n_epochs": 1},
-            "training_arguments": {"max_train_epochs": 2, "resolution": "64,64", "mixed_precision": "no",
-                                   "train_batch_size": 2},
-            "additional_network_arguments": {"network_dim": 4, "network_alpha": 4, "unet_lr": 0.05,
-                                             "text_encoder_lr": 0.01},
-            "optimizer_arguments": {"optimizer_type": "AdamW", "learning_rate": 0.05, "lr_scheduler": "constant"}}}}
+    body = {
+        "lora_train_type": "kohya",
+        "params": {
+            "training_params": {
+                "training_instance_type": "cpu",
+                "model": "tiny.safetensors",
+                "dataset": "blobs",
+                "fm_type": "sd_1_5",
+            },
+            "config_params": {
+                "saving_arguments": {"output_name": "blob_lora", "save_every_n_epochs": 1},
+                "training_arguments": {
+                    "max_train_epochs": 2,
+                    "resolution": "64,64",
+                    "mixed_precision": "no",
+                    "train_batch_size": 2,
+                },
+                "additional_network_arguments": {
+                    "network_dim": 4,
+                    "network_alpha": 4,
+                    "unet_lr": 0.05,
+                    "text_encoder_lr": 0.01,
+                },
+                "optimizer_arguments": {"optimizer_type": "AdamW", "learning_rate": 0.05, "lr_scheduler": "constant"},
+            },
+        },
+    }
     answer = api.post("trainings", body, key=admin_key)
     assert answer.status == 201, answer.body
     job_id = answer.body["data"]["id"]
 
-    job = wait_until(lambda: TrainingJob.objects.filter(pk=job_id, status__in=["Completed", "Failed", "Stopped"])
-                     .first(), timeout=300)
+    job = wait_until(
+        lambda: TrainingJob.objects.filter(pk=job_id, status__in=["Completed", "Failed", "Stopped"]).first(),
+        timeout=300,
+    )
     assert job.status == "Completed", (job.reason, job.log)
     assert job.losses and job.progress.get("epoch") == 2
     detail = api.get(f"trainings/{job_id}", key=admin_key).body["data"]
@@ -89,8 +120,16 @@ def test_train_a_lora_and_use_it(api: Api, admin_key, endpoints, trainer):
     params = {"prompt": "a photo of a blob", "seed": 3, "steps": 3, "width": 64, "height": 64}
 
     def image(prompt: str, models: dict) -> bytes:
-        result = api.post("inferences", {"task_type": "txt2img", "inference_type": "Real-time", "models": models,
-                                         "payload_string": json.dumps({**params, "prompt": prompt})}, key=admin_key)
+        result = api.post(
+            "inferences",
+            {
+                "task_type": "txt2img",
+                "inference_type": "Real-time",
+                "models": models,
+                "payload_string": json.dumps({**params, "prompt": prompt}),
+            },
+            key=admin_key,
+        )
         assert result.status == 200, result.body
         return requests.get(result.body["data"]["img_presigned_urls"][0], timeout=30).content
 
