@@ -3,7 +3,6 @@
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
-from django.views.generic import RedirectView
 
 from esd.api.docs import DocsView, SchemaView
 from esd.api.views import not_found
@@ -26,5 +25,5 @@ urlpatterns = [
     # The local blob store's presigned URLs (outside the API prefix: no key, no envelope, no body limit).
     path("blob/<path:key>", blob, name="blob"),
     path(settings.ESD_API_PREFIX, include(api_patterns)),
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("", include("esd.console_urls")),
 ]
