@@ -1,20 +1,19 @@
-"""Console pages of this app (namespace ``console``). Placeholder routes until the pages land."""
+"""Console pages of this app (namespace ``console``): users, roles and API keys.
 
-from django.http import Http404
+User and role names travel in the path with the ``path`` converter: the API accepts role names with any characters
+(``/`` included), and a name the converter could not carry would break every page that links to it. Deleting is an
+action of the object's own page (``?delete`` asks for confirmation), so no second route can collide with a name.
+"""
+
 from django.urls import path
 
-
-def _pending(request, **kwargs):
-    raise Http404("this console page is not built yet")
-
+from apps.accounts import views
 
 urlpatterns = [
-    path(route, _pending, name=name)
-    for name, route in [
-        ("users", "users/"),
-        ("user", "users/<str:username>/"),
-        ("roles", "roles/"),
-        ("role", "roles/<str:name>/"),
-        ("keys", "keys/"),
-    ]
+    path("users/", views.users, name="users"),
+    path("users/<path:username>/", views.user, name="user"),
+    path("roles/", views.roles, name="roles"),
+    path("roles/<path:name>/", views.role, name="role"),
+    path("keys/", views.keys, name="keys"),
+    path("keys/<int:pk>/revoke/", views.revoke_key, name="key-revoke"),
 ]

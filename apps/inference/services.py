@@ -18,6 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -293,6 +294,7 @@ def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
             image_names=names,
             inference_info_name=f"{job_id}_param.json",
             runtime_seconds=runtime_seconds,
+            progress_step=F("progress_steps"),
         )
     if not updated:
         log.info("result for job %s arrived after it ended; dropped", job_id)
@@ -309,9 +311,9 @@ def fail_job(job_id: str, report: Any) -> InferenceJob | None:
 
 
 def record_progress(job_id: str, step: int, steps: int) -> None:
-    InferenceJob.objects.filter(pk=job_id, status=InferenceStatus.IN_PROGRESS).update(
-        progress_step=step, progress_steps=steps
-    )
+    """Progress only moves forward. Events are handled concurrently, so a step may arrive after the result: it
+    still counts, but can never move a finished job backwards."""
+    InferenceJob.objects.filter(pk=job_id, progress_step__lte=step).update(progress_step=step, progress_steps=steps)
 
 
 def read_location(uri: str) -> bytes | None:
