@@ -1,14 +1,12 @@
-"""Console pages of this app (namespace ``console``). Placeholder routes until the pages land."""
+"""Console pages of this app (namespace ``console``): generate, a job's page and its live part, the gallery."""
 
-from django.http import Http404
 from django.urls import path
 
-
-def _pending(request, **kwargs):
-    raise Http404("this console page is not built yet")
-
+from apps.inference import views
 
 urlpatterns = [
-    path(route, _pending, name=name)
-    for name, route in [("generate", "generate/"), ("job", "jobs/<uuid:pk>/"), ("gallery", "gallery/")]
+    path("generate/", views.generate, name="generate"),
+    path("jobs/<uuid:pk>/", views.job_page, name="job"),
+    path("jobs/<uuid:pk>/live", views.job_live, name="job-live"),
+    path("gallery/", views.gallery, name="gallery"),
 ]

@@ -1,14 +1,14 @@
-"""Console pages of this app (namespace ``console``). Placeholder routes until the pages land."""
+"""Console pages of this app (namespace ``console``): trainings with their start form, a training's page, its
+live part and delete confirmation, and the datasets."""
 
-from django.http import Http404
 from django.urls import path
 
-
-def _pending(request, **kwargs):
-    raise Http404("this console page is not built yet")
-
+from apps.training import views
 
 urlpatterns = [
-    path(route, _pending, name=name)
-    for name, route in [("trainings", "training/"), ("training", "training/<uuid:pk>/"), ("datasets", "datasets/")]
+    path("training/", views.trainings, name="trainings"),
+    path("training/<uuid:pk>/", views.training_page, name="training"),
+    path("training/<uuid:pk>/live", views.training_live, name="training-live"),
+    path("training/<uuid:pk>/delete/", views.training_delete, name="training-delete"),
+    path("datasets/", views.datasets, name="datasets"),
 ]

@@ -122,7 +122,8 @@ def test_operator_journey(offline_page, live_server, local_store, worker, gpu, s
     page.wait_for_function("document.querySelector('#job-status')?.textContent.includes('succeed')", timeout=90_000)
     image = page.locator("img.result").first
     image.wait_for()
-    assert page.evaluate("(img) => img.complete && img.naturalWidth", image.element_handle()) == 64
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) == 64
     job_url = page.url
     shot(page, "04-job")
 

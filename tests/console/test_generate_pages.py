@@ -1,0 +1,337 @@
+"""Console inference pages: the generate form, a job's page and live part, the gallery, "use these settings again"."""
+
+import base64
+import html
+import json
+import re
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from apps.inference.models import InferenceJob
+from apps.models_registry.choices import CheckpointStatus
+from tests.conftest import make_role, make_user
+from tests.inference.test_inference_api import endpoint
+from tests.models_registry.test_checkpoints import register
+
+pytestmark = pytest.mark.django_db
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture
+def ready(disk_store):
+    register("tiny.safetensors")
+    register("style.safetensors", checkpoint_type="Lora")
+    register("ink.safetensors", checkpoint_type="Lora")
+    register("clear.vae.pt", checkpoint_type="VAE")
+    register("off.safetensors", status=CheckpointStatus.DISABLED)
+    register("private.safetensors", owners=["someone-else"])
+    return endpoint("esd-async-a")
+
+
+@pytest.fixture
+def painter(db):
+    """A user who may generate but not see others' jobs; endpoints owned by IT Operator are not theirs."""
+    make_role("Painters", ["inference:create", "checkpoint:list"])
+    return make_user("pat", roles=("Painters",), password="pw-pat-12345")
+
+
+def form_body(**changes):
+    body = {
+        "task_type": "txt2img",
+        "inference_type": "Async",
+        "endpoint": "",
+        "model": "tiny.safetensors",
+        "vae": "Automatic",
+        "prompt": "a cat",
+        "negative_prompt": "blurry",
+        "sampler_name": "Euler a",
+        "steps": "12",
+        "cfg_scale": "6.5",
+        "width": "512",
+        "height": "384",
+        "seed": "42",
+        "batch_size": "2",
+        "denoising_strength": "0.75",
+        "lora": ["style.safetensors", ""],
+        "lora_weight": ["0.8", "1"],
+    }
+    body.update(changes)
+    return body
+
+
+def page(response) -> str:
+    return html.unescape(response.content.decode())
+
+
+def make_job(owner="admin", status="succeed", payload=None, **fields) -> InferenceJob:
+    return InferenceJob.objects.create(
+        task_type=fields.pop("task_type", "txt2img"),
+        inference_type="Async",
+        owner=owner,
+        endpoint_name="esd-async-a",
+        backend="self-hosted",
+        status=status,
+        payload_string=json.dumps(payload if payload is not None else {"prompt": "a cat", "seed": 7, "steps": 9}),
+        used_models=fields.pop("used_models", {}),
+        **fields,
+    )
+
+
+def test_generate_form_offers_the_right_choices(client, admin, ready):
+    client.force_login(admin)
+    response = client.get("/generate/")
+    assert response.status_code == 200
+    text = page(response)
+    assert 'id="generate-form"' in text and 'id="generate-submit"' in text
+    for name in ("prompt", "negative_prompt", "model", "sampler_name", "steps", "cfg_scale", "width", "height"):
+        assert f'name="{name}"' in text
+    for name in ("seed", "batch_size", "lora", "lora_weight", "vae", "init_image", "denoising_strength"):
+        assert f'name="{name}"' in text
+    assert '<option value="tiny.safetensors"' in text
+    assert '<option value="off.safetensors"' not in text  # Disabled
+    assert '<option value="style.safetensors"' in text and '<option value="ink.safetensors"' in text
+    assert '<option value="Automatic" selected>' in text and '<option value="clear.vae.pt"' in text
+    assert '<option value="Euler a" selected>' in text and '<option value="DPM++ 2M Karras"' in text
+    assert '<option value="esd-async-a" data-type="Async"' in text
+    assert 'name="seed" value="-1"' in text
+    assert "/static/console/generate.js" in text
+    assert "https://" not in text and "http://" not in text  # no external assets
+
+
+def test_generate_form_shows_only_what_the_user_sees(client, painter, ready):
+    client.force_login(painter)
+    text = page(client.get("/generate/"))
+    assert '<option value="tiny.safetensors"' in text
+    assert '<option value="private.safetensors"' not in text
+    assert '<option value="esd-async-a"' not in text  # not usable by pat's roles
+
+
+def test_post_creates_and_starts_a_job(client, admin, ready, django_capture_on_commit_callbacks):
+    client.force_login(admin)
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = client.post("/generate/", form_body())
+    job = InferenceJob.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.id}/"
+    assert job.status == "inprogress" and job.owner == "admin" and job.endpoint_name == "esd-async-a"
+    assert len(callbacks) == 1  # the message for the worker, sent when the transaction commits
+    payload = json.loads(job.payload_string)
+    assert payload == {
+        "prompt": "a cat <lora:style:0.8>",
+        "negative_prompt": "blurry",
+        "sampler_name": "Euler a",
+        "steps": 12,
+        "cfg_scale": 6.5,
+        "width": 512,
+        "height": 384,
+        "seed": 42,
+        "batch_size": 2,
+        "n_iter": 1,
+        "override_settings": {"sd_model_checkpoint": "tiny.safetensors", "sd_vae": "Automatic"},
+    }
+    assert [e["model_name"] for e in job.used_models["Lora"]] == ["style.safetensors"]
+    assert [e["model_name"] for e in job.used_models["Stable-diffusion"]] == ["tiny.safetensors"]
+    assert job.used_models["VAE"][0]["model_name"] == "Automatic"
+
+
+def test_lora_tags_typed_in_the_prompt_are_sent_as_models(client, admin, ready, django_capture_on_commit_callbacks):
+    client.force_login(admin)
+    with django_capture_on_commit_callbacks():
+        body = form_body(prompt="a dog <lora:ink:0.5>, sunset", lora=["style.safetensors"], lora_weight=["1"])
+        response = client.post("/generate/", body)
+    assert response.status_code == 302
+    job = InferenceJob.objects.get()
+    assert json.loads(job.payload_string)["prompt"] == "a dog , sunset <lora:style:1> <lora:ink:0.5>"
+    assert sorted(e["model_name"] for e in job.used_models["Lora"]) == ["ink.safetensors", "style.safetensors"]
+
+    response = client.post("/generate/", form_body(prompt="a dog <lora:nowhere:1>", lora=[], lora_weight=[]))
+    assert response.status_code == 200 and "LoRA nowhere is not available to you" in page(response)
+    assert InferenceJob.objects.count() == 1
+
+
+def test_named_endpoint_and_img2img(client, admin, ready, django_capture_on_commit_callbacks):
+    client.force_login(admin)
+    image = SimpleUploadedFile("in.png", PNG, content_type="image/png")
+    with django_capture_on_commit_callbacks():
+        response = client.post(
+            "/generate/",
+            form_body(task_type="img2img", endpoint="esd-async-a", init_image=image, denoising_strength="0.4"),
+        )
+    assert response.status_code == 302
+    job = InferenceJob.objects.get()
+    payload = json.loads(job.payload_string)
+    assert job.task_type == "img2img"
+    assert base64.b64decode(payload["init_images"][0]) == PNG
+    assert payload["denoising_strength"] == 0.4
+
+    response = client.post("/generate/", form_body(task_type="img2img"))
+    assert response.status_code == 200 and "img2img needs an input image" in page(response)
+
+
+def test_service_errors_are_shown_on_the_form(client, admin, disk_store):
+    register("tiny.safetensors")
+    client.force_login(admin)
+    response = client.post("/generate/", form_body(lora=[], lora_weight=[]))
+    assert response.status_code == 200
+    assert 'no available Async endpoints for user "admin"' in page(response)
+    assert 'id="generate-form"' in page(response)
+    assert not InferenceJob.objects.exists()
+
+
+def test_invalid_fields_are_shown(client, admin, ready):
+    client.force_login(admin)
+    response = client.post("/generate/", form_body(width="500", steps="0", lora=["gone.safetensors"]))
+    text = page(response)
+    assert response.status_code == 200
+    assert "Width: must be a multiple of 8" in text
+    assert "Steps:" in text and "LoRA gone.safetensors is not available to you" in text
+    assert not InferenceJob.objects.exists()
+
+
+def test_job_page_shows_progress_then_images(client, admin, ready):
+    client.force_login(admin)
+    job = make_job(status="inprogress", progress_step=3, progress_steps=20)
+    for url in (f"/jobs/{job.id}/", f"/jobs/{job.id}/live"):
+        response = client.get(url)
+        assert response.status_code == 200
+        text = page(response)
+        assert 'id="job-status"' in text and ">inprogress<" in text
+        assert "step 3 of 20" in text and "width: 15%" in text
+        assert f'hx-get="/jobs/{job.id}/live"' in text and 'hx-trigger="every 1s"' in text
+    assert "a cat" in page(client.get(f"/jobs/{job.id}/"))  # the parameters
+
+    InferenceJob.objects.filter(pk=job.pk).update(
+        status="succeed", image_names=["image_0.png", "image_1.png"], complete_time=timezone.now()
+    )
+    text = page(client.get(f"/jobs/{job.id}/live"))
+    assert ">succeed<" in text and "hx-trigger" not in text  # polling stops
+    images = re.findall(r'<img class="result" src="([^"]+)"', text)
+    assert len(images) == 2 and f"/blob/out/{job.id}/result/image_0.png?" in images[0]
+    assert 'download="image_1.png"' in text
+    assert f'href="/generate/?from={job.id}"' in page(client.get(f"/jobs/{job.id}/"))
+
+
+def test_job_page_shows_the_failure(client, admin, ready):
+    client.force_login(admin)
+    job = make_job(status="failed", sagemaker_raw={"error": "CUDA out of memory"})
+    text = page(client.get(f"/jobs/{job.id}/"))
+    assert ">failed<" in text and "CUDA out of memory" in text and "hx-trigger" not in text
+
+
+def test_job_pages_need_visibility(client, painter, ready):
+    others = make_job(owner="admin")
+    own = make_job(owner="pat")
+    client.force_login(painter)
+    assert client.get(f"/jobs/{others.id}/").status_code == 404
+    assert client.get(f"/jobs/{others.id}/live").status_code == 404
+    assert client.get(f"/jobs/{own.id}/").status_code == 200
+
+
+def test_gallery_lists_own_succeeded_jobs_with_constant_queries(client, admin, ready):
+    client.force_login(admin)
+    mine = [make_job(image_names=["image_0.png"]) for _ in range(2)]
+    make_job(status="failed")
+    make_job(status="inprogress")
+    others = make_job(owner="designer", image_names=["image_0.png"])
+    client.get("/gallery/")  # warm caches (content types, sessions)
+    with CaptureQueriesContext(connection) as few:
+        response = client.get("/gallery/")
+    text = page(response)
+    listed = re.findall(r'<figure class="gallery-item" data-job="([^"]+)"', text)
+    assert listed == [str(j.id) for j in reversed(mine)]  # newest first
+    assert str(others.id) not in text
+    assert f'href="/generate/?from={mine[0].id}"' in text and f'href="/jobs/{mine[0].id}/"' in text
+    assert "seed 7" in text and "9 steps" in text and 'download="image_0.png"' in text
+
+    for _ in range(8):
+        make_job(image_names=["image_0.png", "image_1.png"])
+    with CaptureQueriesContext(connection) as many:
+        response = client.get("/gallery/")
+    assert len(re.findall(r'class="gallery-item"', page(response))) == 10
+    assert len(many.captured_queries) == len(few.captured_queries)
+
+
+def test_gallery_pages(client, admin, ready, settings):
+    client.force_login(admin)
+    for _ in range(26):
+        make_job(image_names=["image_0.png"])
+    first = page(client.get("/gallery/"))
+    assert first.count('class="gallery-item"') == 24 and 'href="?page=2"' in first
+    assert page(client.get("/gallery/?page=2")).count('class="gallery-item"') == 2
+
+
+def test_use_these_settings_again(client, admin, ready):
+    client.force_login(admin)
+    payload = {
+        "prompt": "a cat <lora:style:0.8>",
+        "negative_prompt": "blurry",
+        "sampler_name": "DPM++ 2M",
+        "steps": 33,
+        "cfg_scale": 5.5,
+        "width": 640,
+        "height": 448,
+        "seed": 1234,
+        "batch_size": 3,
+        "override_settings": {"sd_model_checkpoint": "tiny.safetensors", "sd_vae": "clear.vae.pt"},
+    }
+    used = {
+        "Stable-diffusion": [
+            {"s3": "s3://b/x", "id": "1", "model_name": "tiny.safetensors", "type": "Stable-diffusion"}
+        ],
+        "Lora": [{"s3": "s3://b/y", "id": "2", "model_name": "style.safetensors", "type": "Lora"}],
+    }
+    job = make_job(payload=payload, used_models=used)
+    text = page(client.get(f"/generate/?from={job.id}"))
+    assert re.search(r'<textarea name="prompt"[^>]*>\s*a cat</textarea>', text)
+    assert re.search(r'<textarea name="negative_prompt"[^>]*>\s*blurry</textarea>', text)
+    assert '<option value="DPM++ 2M" selected>' in text
+    assert '<option value="clear.vae.pt" selected>' in text
+    for name, value in (("steps", "33"), ("cfg_scale", "5.5"), ("width", "640"), ("height", "448")):
+        assert f'name="{name}" value="{value}"' in text
+    assert 'name="seed" value="1234"' in text and 'name="batch_size" value="3"' in text
+    assert '<option value="style.safetensors" selected>' in text and 'name="lora_weight" value="0.8"' in text
+
+    assert "inference job nope is not found" in page(client.get("/generate/?from=nope"))
+    hidden = make_job(owner="designer")
+    make_role("Painters", ["inference:create"])
+    client.force_login(make_user("pat", roles=("Painters",)))
+    assert f"inference job {hidden.id} is not found" in page(client.get(f"/generate/?from={hidden.id}"))
+
+
+def test_img2img_settings_reuse_the_input_image(client, admin, ready, django_capture_on_commit_callbacks):
+    client.force_login(admin)
+    source = make_job(
+        task_type="img2img",
+        payload={"prompt": "x", "init_images": [base64.b64encode(PNG).decode()], "denoising_strength": 0.3},
+    )
+    text = page(client.get(f"/generate/?from={source.id}"))
+    assert f'name="init_from" value="{source.id}"' in text and 'name="denoising_strength" value="0.3"' in text
+    with django_capture_on_commit_callbacks():
+        response = client.post("/generate/", form_body(task_type="img2img", init_from=str(source.id)))
+    assert response.status_code == 302
+    job = InferenceJob.objects.exclude(pk=source.pk).get()
+    assert json.loads(job.payload_string)["init_images"] == [base64.b64encode(PNG).decode()]
+
+
+def test_permissions(client, ready):
+    make_role("Viewers", ["inference:list"])
+    make_role("Nobody", ["checkpoint:list"])
+    viewer = make_user("viewer", roles=("Viewers",))
+    nobody = make_user("nobody", roles=("Nobody",))
+    job = make_job(owner="viewer")
+    client.force_login(nobody)
+    for url in ("/generate/", "/gallery/", f"/jobs/{job.id}/", f"/jobs/{job.id}/live"):
+        assert client.get(url).status_code == 403, url
+    client.force_login(viewer)
+    assert client.get("/generate/").status_code == 403
+    assert client.post("/generate/", form_body()).status_code == 403
+    assert client.get("/gallery/").status_code == 200
+    assert client.get(f"/jobs/{job.id}/").status_code == 200
+    client.logout()
+    assert client.get("/generate/").status_code == 302  # to the sign-in page
