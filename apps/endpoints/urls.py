@@ -1,11 +1,11 @@
-"""Console pages of this app (namespace ``console``). Placeholder routes until the pages land."""
+"""Console pages of this app (namespace ``console``): the endpoint table with its deploy form, and delete."""
 
-from django.http import Http404
 from django.urls import path
 
+from apps.endpoints import views
 
-def _pending(request, **kwargs):
-    raise Http404("this console page is not built yet")
-
-
-urlpatterns = [path(route, _pending, name=name) for name, route in [("endpoints", "endpoints/")]]
+urlpatterns = [
+    path("endpoints/", views.endpoints_page, name="endpoints"),
+    path("endpoints/live", views.endpoints_live, name="endpoints-live"),
+    path("endpoints/<uuid:pk>/delete", views.endpoint_delete, name="endpoint-delete"),
+]

@@ -1,13 +1,15 @@
-"""Console pages of this app (namespace ``console``). Placeholder routes until the pages land."""
+"""Console pages of this app (namespace ``console``): the checkpoint list, its actions and a detail page."""
 
-from django.http import Http404
 from django.urls import path
 
-
-def _pending(request, **kwargs):
-    raise Http404("this console page is not built yet")
-
+from apps.models_registry import views
 
 urlpatterns = [
-    path(route, _pending, name=name) for name, route in [("models", "models/"), ("model", "models/<uuid:pk>/")]
+    path("models/", views.models_page, name="models"),
+    path("models/add-url", views.add_by_url, name="model-add-url"),
+    path("models/<uuid:pk>/", views.model_detail, name="model"),
+    path("models/<uuid:pk>/row", views.model_row, name="model-row"),
+    path("models/<uuid:pk>/status", views.model_status, name="model-status"),
+    path("models/<uuid:pk>/rename", views.model_rename, name="model-rename"),
+    path("models/<uuid:pk>/delete", views.model_delete, name="model-delete"),
 ]

@@ -29,8 +29,14 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 def browser_type_launch_args():
     return {
         "executable_path": CHROMIUM,
-        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-dev-shm-usage"],
+        "args": [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-dev-shm-usage",
+        ],
     }
 
 
@@ -89,8 +95,9 @@ def test_operator_journey(offline_page, live_server, local_store, worker, gpu, s
     page.set_input_files("#upload-file", str(model))
     page.select_option("#upload-type", "Stable-diffusion")
     page.click("#upload-start")
-    page.wait_for_function("document.querySelector('#upload-status').textContent.trim().endsWith('Uploaded')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "document.querySelector('#upload-status').textContent.trim().endsWith('Uploaded')", timeout=60_000
+    )
     page.goto(f"{base}/models/")
     row = page.locator("tr", has_text="tiny.safetensors")
     assert "Active" in row.inner_text()
