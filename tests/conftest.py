@@ -49,15 +49,27 @@ def _clear_caches():
 
 @pytest.fixture(autouse=True)
 def _seed_after_flush(request):
-    """Transactional tests (live server, worker threads) start from flushed tables: put the seed data back."""
-    if not {"transactional_db", "live_server"} & set(request.fixturenames):
+    """Every database test starts with the seed data. Transactional tests (live server, worker threads) end by
+    flushing every table, and test order is not guaranteed to put them last (session-scoped parametrization, such
+    as pytest-playwright's browser name, regroups tests), so put the seed back whenever it is missing."""
+    marker = request.node.get_closest_marker("django_db")
+    names = set(request.fixturenames)
+    transactional = bool(marker and marker.kwargs.get("transaction")) or bool(
+        {"transactional_db", "live_server"} & names
+    )
+    if transactional:
+        request.getfixturevalue("transactional_db")
+    elif marker is not None or "db" in names:
+        request.getfixturevalue("db")
+    else:
         return
-    request.getfixturevalue("transactional_db")
     from django.apps import apps
 
+    from apps.accounts.models import Role, esd_permission_queryset
     from apps.accounts.seed import seed
 
-    seed(apps)
+    if not Role.objects.filter(name="IT Operator").exists() or esd_permission_queryset().count() < 18:
+        seed(apps)
 
 
 @dataclass

@@ -23,7 +23,7 @@ def test_login_page_and_index(client, operator):
 
 
 @pytest.mark.parametrize(
-    "page",
+    "url",
     [
         "/admin/accounts/user/",
         "/admin/accounts/role/",
@@ -33,8 +33,8 @@ def test_login_page_and_index(client, operator):
         "/admin/accounts/apikey/add/",
     ],
 )
-def test_pages_render(client, operator, page):
-    assert client.get(page).status_code == 200
+def test_pages_render(client, operator, url):
+    assert client.get(url).status_code == 200
 
 
 def test_user_list_shows_roles(client, operator, designer):
