@@ -81,5 +81,10 @@ def training_output(job_id: str) -> str:
     return f"kohya/train/{job_id}/output"
 
 
+def training_cancel_marker(job_id: str) -> str:
+    """Beside (not in) the input folder, which a delete removes while the worker may still be polling."""
+    return f"kohya/train/{job_id}/cancel"
+
+
 def kohya_template(template: str) -> str:
     return f"template/{template}"

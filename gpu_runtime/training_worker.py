@@ -36,6 +36,7 @@ import dramatiq
 
 from gpu_runtime import protocol
 from gpu_runtime.errors import JobError
+from gpu_runtime.service import QueueService
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _free_memory() -> None:
 # --- the queue worker --------------------------------------------------------------------------------------------
 
 
-class TrainingWorker:
+class TrainingWorker(QueueService):
     """Consumes the training queue one job at a time and reports on the events queue (like ``GpuWorker``).
 
     Messages: ``run_training(job_id, spec)`` runs :func:`run_spec`; ``cancel_training(job_id)`` marks the id as
@@ -376,23 +377,18 @@ class TrainingWorker:
         cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
         progress_seconds: float = PROGRESS_EVERY_SECONDS,
     ) -> None:
-        self.broker = broker
+        super().__init__(broker, events_queue)
         self.work_root = Path(work_root)
         self.queue = queue
-        self.events_queue = events_queue
         self.device = device
         self.poll_ms = poll_ms
         self.cache_bytes = cache_bytes
         self.cancel_poll_seconds = cancel_poll_seconds
         self.progress_seconds = progress_seconds
-        self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.cancelled: OrderedDict[str, None] = OrderedDict()
-        self.done: OrderedDict[str, None] = OrderedDict()
         self.current: str | None = None
-        self.threads: list[threading.Thread] = []
         broker.declare_queue(queue)
-        broker.declare_queue(events_queue)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -400,35 +396,6 @@ class TrainingWorker:
         thread = threading.Thread(target=self._consume, name="training-worker-consume", daemon=True)
         thread.start()
         self.threads.append(thread)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the job in hand, then stop (SIGTERM does this)."""
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout)
-
-    def run_forever(self) -> None:
-        """Serve until SIGTERM/SIGINT, then finish the job in hand (the CLI's ``trainer`` command)."""
-
-        def graceful(signum: int, frame: Any) -> None:
-            log.info("signal %s: finishing the current training, then stopping", signum)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, graceful)
-        signal.signal(signal.SIGINT, graceful)
-        self.start()
-        while not self.stopping.is_set():
-            self.stopping.wait(1)
-        self.stop()
-
-    # --- events ----------------------------------------------------------------------------------------------------
-    def send(self, event: dict) -> None:
-        """Put one event on the events queue for the control plane's ``runtime_event`` actor."""
-        protocol.validate_event(event)
-        message = dramatiq.Message(
-            queue_name=self.events_queue, actor_name=protocol.RUNTIME_EVENT, args=(event,), kwargs={}, options={}
-        )
-        self.broker.enqueue(message)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
@@ -483,7 +450,8 @@ class TrainingWorker:
             log.info("training %s was already run: ignoring the redelivery", job_id)
             return
         if self.is_cancelled(job_id):
-            self._quietly(protocol.training_status(job_id, "Stopped", "the training was cancelled before it started"))
+            reason = "the training was cancelled before it started"
+            self.send_quietly(protocol.training_status(job_id, "Stopped", reason))
         else:
             self.current = job_id
             try:
@@ -492,7 +460,7 @@ class TrainingWorker:
                     spec,
                     self.work_root,
                     device=self.device,
-                    send=self._quietly,
+                    send=self.send_quietly,
                     is_cancelled=lambda: self.is_cancelled(job_id),
                     cache_bytes=self.cache_bytes,
                     cancel_poll_seconds=self.cancel_poll_seconds,
@@ -500,15 +468,7 @@ class TrainingWorker:
                 )
             finally:
                 self.current = None
-        self.done[job_id] = None
-        while len(self.done) > 1000:
-            self.done.popitem(last=False)
-
-    def _quietly(self, event: dict) -> None:
-        try:
-            self.send(event)
-        except Exception:
-            log.exception("could not send training event %s", event.get("status"))
+        self.remember_done(job_id)
 
 
 # --- command line ------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ import dramatiq
 
 from gpu_runtime import protocol
 from gpu_runtime.errors import JobError
+from gpu_runtime.service import QueueService
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def make_broker(url: str) -> dramatiq.Broker:
     raise SystemExit(f"--broker must be a redis:// or amqp:// URL, got {url!r}")
 
 
-class GpuWorker:
+class GpuWorker(QueueService):
     """Serves one endpoint's queue with one engine, one batch at a time."""
 
     def __init__(
@@ -58,20 +58,15 @@ class GpuWorker:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         poll_ms: int = 20,
     ):
-        self.broker = broker
+        super().__init__(broker, events_queue)
         self.engine = engine
         self.endpoint = endpoint
-        self.events_queue = events_queue
         self.instance_type = instance_type
         self.worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}"
         self.max_batch = max_batch
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_ms = poll_ms
-        self.stopping = threading.Event()
-        self.done: OrderedDict[str, None] = OrderedDict()  # recently finished job ids: redelivery is a no-op
-        self.threads: list[threading.Thread] = []
         broker.declare_queue(endpoint)
-        broker.declare_queue(events_queue)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,32 +75,7 @@ class GpuWorker:
             thread.start()
             self.threads.append(thread)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the batch in hand, then stop (SIGTERM does this)."""
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout)
-
-    def run_forever(self) -> None:
-        def graceful(signum, frame):
-            log.info("signal %s: finishing the current job, then stopping", signum)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, graceful)
-        signal.signal(signal.SIGINT, graceful)
-        self.start()
-        while not self.stopping.is_set():
-            self.stopping.wait(1)
-        self.stop()
-
     # --- events ----------------------------------------------------------------------------------------------------
-    def send(self, event: dict) -> None:
-        protocol.validate_event(event)
-        message = dramatiq.Message(
-            queue_name=self.events_queue, actor_name=protocol.RUNTIME_EVENT, args=(event,), kwargs={}, options={}
-        )
-        self.broker.enqueue(message)
-
     def _heartbeats(self) -> None:
         while not self.stopping.is_set():
             try:
@@ -169,7 +139,7 @@ class GpuWorker:
             if step == steps or now - last[0] >= PROGRESS_EVERY_SECONDS:
                 last[0] = now
                 for job in jobs:
-                    self._quietly(protocol.progress(job.job_id, step, steps))
+                    self.send_quietly(protocol.progress(job.job_id, step, steps))
 
         try:
             outputs = self.engine.run(jobs, progress)
@@ -199,16 +169,8 @@ class GpuWorker:
             except Exception as exc:
                 log.exception("could not upload the output of job %s", job_id)
                 ok, reason, location = False, f"output upload failed: {exc}", ""
-        self._quietly(protocol.inference_result(job_id, ok=ok, output_location=location, reason=reason))
-        self.done[job_id] = None
-        while len(self.done) > 1000:
-            self.done.popitem(last=False)
-
-    def _quietly(self, event: dict) -> None:
-        try:
-            self.send(event)
-        except Exception:
-            log.exception("could not send event %s", event.get("kind"))
+        self.send_quietly(protocol.inference_result(job_id, ok=ok, output_location=location, reason=reason))
+        self.remember_done(job_id)
 
 
 def _put(url: str, body: bytes) -> None:

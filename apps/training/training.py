@@ -191,16 +191,11 @@ def training_spec(job: TrainingJob, config: dict, model_key: str, dataset: Datas
                 name: store.presign_put(f"{output_prefix}/{name}", expires)
                 for name in kohya_config.expected_outputs(config)
             },
-            "cancel": store.presign_get(cancel_key(job_id), expires),
+            "cancel": store.presign_get(keys.training_cancel_marker(job_id), expires),
         },
     }
     validate = getattr(protocol, "validate_training_spec", None)
     return validate(spec) if validate else spec
-
-
-def cancel_key(job_id: str) -> str:
-    """Beside (not in) the input folder, which a delete removes while the worker may still be polling."""
-    return f"kohya/train/{job_id}/cancel"
 
 
 def send_training(job_id: str, spec: dict) -> None:
@@ -281,7 +276,7 @@ def stop(job: TrainingJob) -> None:
 
             client("sagemaker").stop_training_job(TrainingJobName=job.sagemaker_name)
         else:
-            store.put_bytes(cancel_key(str(job.id)), b"cancelled")
+            store.put_bytes(keys.training_cancel_marker(str(job.id)), b"cancelled")
             import dramatiq
 
             from gpu_runtime import protocol

@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from apps.training import training
 from apps.training.api import schemas
 from apps.training.models import TrainingJob
+from esd import keys
 from esd.api.errors import NotFound
 from esd.api.formats import epoch_string
 from esd.api.pagination import keyset_page
@@ -100,8 +101,8 @@ class TrainingsView(EsdView):
                 "status": job.status,
                 "created": epoch_string(job.created),
                 "params": render_params(job),
-                "input_location": store.uri(f"kohya/train/{job_id}/input"),
-                "output_location": store.uri(f"kohya/train/{job_id}/output"),
+                "input_location": store.uri(keys.training_input(job_id)),
+                "output_location": store.uri(keys.training_output(job_id)),
             },
         )
 
