@@ -16,3 +16,14 @@ ERROR_COMPONENT = {
 }
 
 ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
+
+NONEMPTY_STRING = {"type": "string", "minLength": 1}
+
+
+def delete_body(field: str, *, items: dict = NONEMPTY_STRING, max_items: int = 100, **extra: dict) -> dict:
+    """The body of ESD's bulk DELETE routes: one required, non-empty list of ids or names (plus ignored extras)."""
+    return {
+        "type": "object",
+        "required": [field],
+        "properties": {field: {"type": "array", "minItems": 1, "maxItems": max_items, "items": items}, **extra},
+    }

@@ -1,6 +1,7 @@
 """Body and response schemas of the account routes (contract §9.1-9.3). Validated and published as given."""
 
 from apps.accounts.permissions import PERMISSIONS
+from esd.api.schemas import delete_body
 
 ROLE_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 USERNAME = {"type": "string", "minLength": 1, "maxLength": 150, "pattern": r"^[\w.@+-]+$"}
@@ -21,11 +22,7 @@ CREATE_ROLE = {
     },
 }
 
-DELETE_ROLES = {
-    "type": "object",
-    "required": ["role_name_list"],
-    "properties": {"role_name_list": {"type": "array", "minItems": 1, "maxItems": 100, "items": ROLE_NAME}},
-}
+DELETE_ROLES = delete_body("role_name_list", items=ROLE_NAME)
 
 CREATE_USER = {
     "type": "object",
@@ -44,18 +41,7 @@ CREATE_USER = {
     },
 }
 
-DELETE_USERS = {
-    "type": "object",
-    "required": ["user_name_list"],
-    "properties": {
-        "user_name_list": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 100,
-            "items": {"type": "string", "minLength": 1, "maxLength": 150},
-        }
-    },
-}
+DELETE_USERS = delete_body("user_name_list", items={"type": "string", "minLength": 1, "maxLength": 150})
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 

@@ -1,6 +1,7 @@
 """Body and response schemas of the endpoint routes (contract §9.6)."""
 
 from apps.endpoints.choices import REQUEST_TYPES, Backend, EndpointStatus, EndpointType
+from esd.api.schemas import delete_body
 
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
 
@@ -40,19 +41,7 @@ CREATE = {
     },
 }
 
-DELETE = {
-    "type": "object",
-    "required": ["endpoint_name_list"],
-    "properties": {
-        "endpoint_name_list": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 10,
-            "items": {"type": "string", "minLength": 1},
-        },
-        "username": {"type": "string", "description": "Ignored"},
-    },
-}
+DELETE = delete_body("endpoint_name_list", max_items=10, username={"type": "string", "description": "Ignored"})
 
 ENDPOINT = {
     "type": "object",

@@ -1,6 +1,7 @@
 """Body and response schemas of the inference routes (contract §9.7)."""
 
 from apps.inference.choices import InferenceStatus, InferenceType
+from esd.api.schemas import delete_body
 
 TASKS = ["txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg"]
 
@@ -21,18 +22,7 @@ CREATE = {
         "user_id": {"description": "Ignored"},
     },
 }
-DELETE = {
-    "type": "object",
-    "required": ["inference_id_list"],
-    "properties": {
-        "inference_id_list": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 100,
-            "items": {"type": "string", "minLength": 1},
-        }
-    },
-}
+DELETE = delete_body("inference_id_list")
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
 JOB = {

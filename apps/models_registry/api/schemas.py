@@ -1,6 +1,7 @@
 """Body and response schemas of the checkpoint routes (contract §9.4)."""
 
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
+from esd.api.schemas import delete_body
 
 TYPES = [t.value for t in CheckpointType]
 STATUSES = [s.value for s in CheckpointStatus]
@@ -59,18 +60,7 @@ UPDATE = {
     },
 }
 
-DELETE = {
-    "type": "object",
-    "required": ["checkpoint_id_list"],
-    "properties": {
-        "checkpoint_id_list": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 100,
-            "items": {"type": "string", "minLength": 1},
-        }
-    },
-}
+DELETE = delete_body("checkpoint_id_list")
 
 _PARAMS = {"type": "object", "additionalProperties": True}
 SHORT = {

@@ -1,6 +1,7 @@
 """Body and response schemas of the dataset routes (contract §9.5)."""
 
 from apps.training.choices import DatasetStatus
+from esd.api.schemas import delete_body
 
 STATUSES = [s.value for s in DatasetStatus]
 DATASET_NAME = {"type": "string", "minLength": 1, "maxLength": 20, "pattern": r"^[A-Za-z][A-Za-z0-9_-]*$"}
@@ -35,11 +36,7 @@ UPDATE_DATASET = {
     "required": ["status"],
     "properties": {"status": {"type": "string", "enum": STATUSES}},
 }
-DELETE_DATASETS = {
-    "type": "object",
-    "required": ["dataset_name_list"],
-    "properties": {"dataset_name_list": {"type": "array", "minItems": 1, "maxItems": 10, "items": DATASET_NAME}},
-}
+DELETE_DATASETS = delete_body("dataset_name_list", items=DATASET_NAME, max_items=10)
 
 CREATED = {
     "type": "object",
@@ -172,18 +169,7 @@ DOCUMENT_PARAMS = {
         },
     },
 }
-DELETE_TRAININGS = {
-    "type": "object",
-    "required": ["training_id_list"],
-    "properties": {
-        "training_id_list": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 100,
-            "items": {"type": "string", "minLength": 1},
-        }
-    },
-}
+DELETE_TRAININGS = delete_body("training_id_list")
 TRAINING_PARAMS = {"type": "object", "additionalProperties": True}
 TRAINING_CREATED = {
     "type": "object",
