@@ -1,25 +1,24 @@
 """The worker's disk cache of model files, keyed by checkpoint id and file name.
 
 A GPU host has no storage credentials: it downloads each file once from the presigned URL in the job message
-(streamed to a temporary file, size checked, then renamed into place) and evicts the least recently used files
-when the cache grows past its budget. SageMaker containers read ``s3://`` URIs with their own IAM role instead.
+(streamed to a temporary file by :mod:`gpu_runtime.transfer` - retried, size checked - then renamed into place)
+and evicts the least recently used files when the cache grows past its budget. SageMaker containers read
+``s3://`` URIs with their own IAM role instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
+from gpu_runtime import transfer
 from gpu_runtime.errors import JobError
 
 log = logging.getLogger(__name__)
-CHUNK = 8 * 1024 * 1024
 
 
 class ModelFiles:
@@ -51,7 +50,7 @@ class ModelFiles:
         started = time.monotonic()
         try:
             with os.fdopen(handle, "wb") as out:
-                size = _download(source, out)
+                size = transfer.download(source, out, "model download", allow_s3=True)
             os.replace(temp, target)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
@@ -82,30 +81,3 @@ class ModelFiles:
                 total -= path.stat().st_size
                 path.unlink(missing_ok=True)
                 log.info("evicted %s from the model cache", path)
-
-
-def _download(source: str, out) -> int:
-    if source.startswith("s3://"):
-        return _download_s3(source, out)
-    if not source.startswith(("http://", "https://")):
-        raise JobError(f"cannot download model from {source[:40]}")
-    try:
-        with urllib.request.urlopen(source, timeout=60) as response:  # noqa: S310 - scheme checked above
-            expected = response.headers.get("Content-Length")
-            shutil.copyfileobj(response, out, CHUNK)
-            written = out.tell()
-    except OSError as exc:
-        raise JobError(f"model download failed: {exc}") from exc
-    if expected is not None and written != int(expected):
-        raise JobError(f"model download was cut short ({written} of {expected} bytes)")
-    return written
-
-
-def _download_s3(uri: str, out) -> int:
-    try:
-        import boto3
-    except ImportError:
-        raise JobError("s3:// model locations need boto3 in the runtime") from None
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    boto3.client("s3").download_fileobj(bucket, key, out)
-    return out.tell()
