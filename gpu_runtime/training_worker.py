@@ -21,8 +21,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dramatiq
 
-from gpu_runtime import protocol
+from gpu_runtime import protocol, transfer
 from gpu_runtime.errors import JobError
-from gpu_runtime.service import QueueService
+from gpu_runtime.service import HEARTBEAT_SECONDS, QueueService
 
 log = logging.getLogger(__name__)
 
@@ -45,79 +43,21 @@ __all__ = ["TrainingWorker", "main_train", "main_trainer", "run_spec"]
 CANCEL_POLL_SECONDS = 10.0
 PROGRESS_EVERY_SECONDS = 5.0
 DEFAULT_CACHE_BYTES = 100 * 1024**3
-CHUNK = 8 * 1024 * 1024
 DOWNLOAD_THREADS = 8
-ATTEMPTS = 3
 Send = Callable[[dict], None]
 
 
 # --- HTTP --------------------------------------------------------------------------------------------------------
 
 
-def _check_url(url: str, what: str) -> None:
-    """Only http(s): a spec must never make the worker open local files (``file://``) or other schemes."""
-    if not url.startswith(("http://", "https://")):
-        raise JobError(f"the URL of {what} must be http(s)")
-
-
-def _retrying(action: Callable[[], Any], what: str) -> Any:
-    """Retry transient failures (connection errors, 5xx, 429) with a short backoff; anything else fails at once.
-
-    A training can run for hours: losing it to one dropped connection while uploading would be the worst outcome.
-    """
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            return action()
-        except urllib.error.HTTPError as exc:
-            if (exc.code < 500 and exc.code != 429) or attempt == ATTEMPTS:
-                raise JobError(f"{what} failed: HTTP {exc.code} {exc.reason}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            if attempt == ATTEMPTS:
-                raise JobError(f"{what} failed: {getattr(exc, 'reason', exc)}") from exc
-        log.warning("%s failed (attempt %d of %d), retrying", what, attempt, ATTEMPTS)
-        time.sleep(min(2.0**attempt, 10.0))
-    raise AssertionError("unreachable")
-
-
 def _download(url: str, target: Path, what: str) -> int:
-    """Stream ``url`` into ``target`` (via a temporary sibling), checking the size against Content-Length."""
-    _check_url(url, what)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    def attempt() -> int:
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, temp.open("wb") as out:  # noqa: S310 - checked
-                expected = response.headers.get("Content-Length")
-                shutil.copyfileobj(response, out, CHUNK)
-                written = out.tell()
-            if expected is not None and written != int(expected):
-                raise ConnectionError(f"cut short ({written} of {expected} bytes)")
-            os.replace(temp, target)
-            return written
-        finally:
-            temp.unlink(missing_ok=True)
-
-    return _retrying(attempt, f"downloading {what}")
+    """Stream ``url`` into ``target`` (retried, size-checked, via a temporary sibling: see :mod:`transfer`)."""
+    return transfer.download_file(url, target, what)
 
 
 def _upload(url: str, path: Path, what: str) -> None:
-    """PUT a file (streamed, with Content-Length, as presigned S3 URLs require)."""
-    _check_url(url, what)
-    size = path.stat().st_size
-
-    def attempt() -> None:
-        with path.open("rb") as body:
-            request = urllib.request.Request(  # noqa: S310 - scheme checked above
-                url,
-                data=body,
-                method="PUT",
-                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-            )
-            with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310
-                response.read()
-
-    _retrying(attempt, f"uploading {what}")
+    """PUT a file (streamed, with Content-Length, as presigned S3 URLs require; retried on 5xx/429)."""
+    transfer.put(url, path, what)
 
 
 class _CancelWatch:
@@ -133,13 +73,11 @@ class _CancelWatch:
         self.thread: threading.Thread | None = None
 
     def poll(self) -> bool:
+        """One look at the cancel URL: 404 (not cancelled), 403 (S3's answer for a missing key) and network trouble
+        all mean "not cancelled"; the next poll comes soon."""
         if self.url is None:
             return False
-        try:
-            with urllib.request.urlopen(self.url, timeout=30) as response:  # noqa: S310 - scheme checked
-                cancelled = response.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            cancelled = False  # 404 (not cancelled), 403 (S3's answer for a missing key), network trouble
+        cancelled = transfer.status_of(self.url) == 200
         if cancelled:
             self.flag.set()
         return cancelled
@@ -361,8 +299,12 @@ class TrainingWorker(QueueService):
     is stopped at its next step. The queue is read with prefetch 1 (a training fills the GPU, and queued jobs stay
     available to other workers), so a cancel *message* queued behind the running job is read only after it; the
     running job also polls its spec's cancel URL every ~10 s, which is what stops it promptly. A message is acked
-    only after its job has finished; on stop the job in hand is finished first.
+    only after its job has finished; on stop the job in hand is finished first. The training runs on the work
+    thread while the consumer thread keeps the broker connection serviced (a training can run for hours), and the
+    worker heartbeats every 15 s with its queue name as the endpoint while its consumer is healthy.
     """
+
+    thread_prefix = "training-worker"
 
     def __init__(
         self,
@@ -376,26 +318,29 @@ class TrainingWorker(QueueService):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
         progress_seconds: float = PROGRESS_EVERY_SECONDS,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        worker_id: str | None = None,
+        instance_type: str = "",
     ) -> None:
-        super().__init__(broker, events_queue)
+        super().__init__(
+            broker,
+            events_queue,
+            queue_name=queue,
+            prefetch=1,
+            max_batch=1,
+            poll_ms=poll_ms,
+            heartbeat_seconds=heartbeat_seconds,
+            worker_id=worker_id,
+            instance_type=instance_type,
+        )
         self.work_root = Path(work_root)
-        self.queue = queue
         self.device = device
-        self.poll_ms = poll_ms
         self.cache_bytes = cache_bytes
         self.cancel_poll_seconds = cancel_poll_seconds
         self.progress_seconds = progress_seconds
         self.lock = threading.Lock()
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.current: str | None = None
-        broker.declare_queue(queue)
-
-    # --- lifecycle -------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Consume the training queue in a background thread."""
-        thread = threading.Thread(target=self._consume, name="training-worker-consume", daemon=True)
-        thread.start()
-        self.threads.append(thread)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
@@ -412,22 +357,24 @@ class TrainingWorker(QueueService):
         with self.lock:
             return job_id in self.cancelled
 
-    def _consume(self) -> None:
-        """One message at a time, acked only when its job is over (a crash leaves it for redelivery)."""
-        consumer = self.broker.consume(self.queue, prefetch=1, timeout=self.poll_ms)
-        try:
-            while not self.stopping.is_set():
-                message = next(consumer)
-                if message is None:
-                    continue
-                try:
-                    self.handle(message)
-                except Exception:
-                    log.exception("training message %s failed outside any job", message.message_id)
-                finally:
-                    consumer.ack(message)
-        finally:
-            consumer.close()
+    def inline(self, message: Any) -> bool:
+        """A cancel is handled on the consumer thread at once: it must reach a running training, not queue behind."""
+        if message.actor_name != protocol.CANCEL_TRAINING:
+            return False
+        self.handle(message)
+        return True
+
+    def job_id(self, message: Any) -> str | None:
+        """The training id of a ``run_training`` message (None for anything else)."""
+        args = tuple(message.args or ())
+        if message.actor_name != protocol.RUN_TRAINING or len(args) != 2:
+            return None
+        return args[0] if isinstance(args[0], str) and args[0] else None
+
+    def run_batch(self, messages: list[Any]) -> None:
+        """The work thread's entry point (batches are of one: prefetch 1)."""
+        for message in messages:
+            self.handle(message)
 
     def handle(self, message: Any) -> None:
         """One queue message: a cancel, or a training to run (skipped when cancelled or already done)."""
@@ -593,6 +540,7 @@ def main_trainer(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     parser.add_argument("--work-dir", type=Path, default=_default_work_dir(), help="config dirs, model cache, jobs")
     parser.add_argument("--cache-gb", type=float, default=100.0, help="disk budget of the model cache")
+    parser.add_argument("--instance-type", default=os.environ.get("ESD_INSTANCE_TYPE", ""), help="sent in heartbeats")
     args = parser.parse_args(argv)
     if not args.broker:
         parser.error("--broker (or DRAMATIQ_BROKER_URL) is required")
@@ -606,6 +554,7 @@ def main_trainer(argv: list[str]) -> int:
         events_queue=args.events_queue,
         device=args.device,
         cache_bytes=int(args.cache_gb * 1024**3),
+        instance_type=args.instance_type,
     )
     log.info("training worker on %s (events to %s, work dir %s)", args.queue, args.events_queue, args.work_dir)
     worker.run_forever()

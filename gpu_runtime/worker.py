@@ -1,31 +1,28 @@
 """The GPU worker: consumes an endpoint's queue, runs jobs, reports on the events queue (contract §12.2).
 
 It reads the queue through dramatiq's consumer API rather than running a dramatiq ``Worker`` so that it can take
-several queued messages at once and run compatible txt2img jobs as one batched pipeline call. It needs no database
-and no storage credentials: everything a job needs arrives as presigned URLs in its message.
+several queued messages at once and run compatible txt2img jobs as one batched pipeline call; receiving, running
+and heartbeats are separate threads (:mod:`gpu_runtime.service`) so the broker connection stays serviced during a
+long job and is re-created when it is lost. It needs no database and no storage credentials: everything a job
+needs arrives as presigned URLs in its message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
 import time
-import urllib.request
 from collections import OrderedDict
 from typing import Any
 
 import dramatiq
 
-from gpu_runtime import protocol
+from gpu_runtime import protocol, transfer
 from gpu_runtime.errors import JobError
-from gpu_runtime.service import QueueService
+from gpu_runtime.service import HEARTBEAT_SECONDS, QueueService
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 15
 PROGRESS_EVERY_SECONDS = 0.5
 
 
@@ -43,7 +40,14 @@ def make_broker(url: str) -> dramatiq.Broker:
 
 
 class GpuWorker(QueueService):
-    """Serves one endpoint's queue with one engine, one batch at a time."""
+    """Serves one endpoint's queue with one engine, one batch at a time.
+
+    The consumer thread receives (prefetch = ``max_batch``, so queued compatible jobs arrive together), the work
+    thread prepares and runs them, the heartbeat thread reports the worker while the consumer is healthy (see
+    :mod:`gpu_runtime.service`).
+    """
+
+    thread_prefix = "gpu-worker"
 
     def __init__(
         self,
@@ -58,55 +62,36 @@ class GpuWorker(QueueService):
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         poll_ms: int = 20,
     ):
-        super().__init__(broker, events_queue)
+        super().__init__(
+            broker,
+            events_queue,
+            queue_name=endpoint,
+            prefetch=max_batch,
+            max_batch=max_batch,
+            poll_ms=poll_ms,
+            heartbeat_seconds=heartbeat_seconds,
+            worker_id=worker_id,
+            instance_type=instance_type,
+        )
         self.engine = engine
         self.endpoint = endpoint
-        self.instance_type = instance_type
-        self.worker_id = worker_id or f"{socket.gethostname()}/{os.getpid()}"
-        self.max_batch = max_batch
-        self.heartbeat_seconds = heartbeat_seconds
-        self.poll_ms = poll_ms
-        broker.declare_queue(endpoint)
-
-    # --- lifecycle -------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        for target, name in ((self._heartbeats, "heartbeat"), (self._consume, "consume")):
-            thread = threading.Thread(target=target, name=f"gpu-worker-{name}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
 
     # --- events ----------------------------------------------------------------------------------------------------
-    def _heartbeats(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.send(protocol.heartbeat(self.endpoint, self.worker_id, self.instance_type))
-            except Exception:
-                log.exception("heartbeat failed")
-            self.stopping.wait(self.heartbeat_seconds)
+    def _heartbeat_event(self) -> dict:
+        """The one place that builds this worker's heartbeat (the endpoint counts live workers from these)."""
+        return protocol.heartbeat(self.endpoint, self.worker_id, self.instance_type)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
-    def _consume(self) -> None:
-        consumer = self.broker.consume(self.endpoint, prefetch=self.max_batch, timeout=self.poll_ms)
-        try:
-            while not self.stopping.is_set():
-                first = next(consumer)
-                if first is None:
-                    continue
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    more = next(consumer)
-                    if more is None:
-                        break
-                    batch.append(more)
-                try:
-                    self.handle(batch)
-                except Exception:
-                    log.exception("a batch failed outside any job")
-                finally:
-                    for message in batch:
-                        consumer.ack(message)
-        finally:
-            consumer.close()
+    def job_id(self, message: Any) -> str | None:
+        """The inference id of a ``run_inference`` message (None for anything else: it is ignored with a log)."""
+        if message.actor_name != protocol.RUN_INFERENCE or len(message.args) != 2:
+            return None
+        job_id = message.args[0]
+        return job_id if isinstance(job_id, str) and job_id else None
+
+    def run_batch(self, messages: list[Any]) -> None:
+        """The work thread's entry point: one batch of received messages."""
+        self.handle(messages)
 
     def handle(self, messages: list[Any]) -> None:
         """Prepare every job, run compatible ones together, report each. Nothing here may kill the worker."""
@@ -165,17 +150,12 @@ class GpuWorker(QueueService):
         location = url.split("?", 1)[0] if url else ""
         if url:
             try:
-                _put(url, json.dumps(output).encode())
+                transfer.put(url, json.dumps(output).encode(), "the output", "application/json")
+            except JobError as exc:
+                log.warning("could not upload the output of job %s: %s", job_id, exc)
+                ok, reason, location = False, str(exc), ""
             except Exception as exc:
                 log.exception("could not upload the output of job %s", job_id)
-                ok, reason, location = False, f"output upload failed: {exc}", ""
+                ok, reason, location = False, f"uploading the output failed: {exc}", ""
         self.send_quietly(protocol.inference_result(job_id, ok=ok, output_location=location, reason=reason))
         self.remember_done(job_id)
-
-
-def _put(url: str, body: bytes) -> None:
-    if not url.startswith(("http://", "https://")):
-        raise ValueError("the output URL must be http(s)")
-    request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/json"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - scheme checked above
-        response.read()
