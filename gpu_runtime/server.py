@@ -1,10 +1,16 @@
 """SageMaker container mode: ``GET /ping`` and ``POST /invocations`` with the same request and output as the
-queue worker, so the same runtime image can back a SageMaker endpoint (real-time or async)."""
+queue worker, so the same runtime image can back a SageMaker endpoint (real-time or async).
+
+Each request has its own thread (``/ping`` must answer while an image is being made, or SageMaker replaces the
+container), but invocations take turns on the one engine: it owns one device and a pipeline cache that is not
+safe to use from two threads, so a second invocation waits for the first instead of running beside it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,6 +23,9 @@ MAX_BODY = 64 * 1024 * 1024
 
 
 def make_server(engine: Any, host: str = "0.0.0.0", port: int = 8080) -> ThreadingHTTPServer:  # noqa: S104
+    """An HTTP server for the SageMaker container contract; invocations are serialised on ``engine``."""
+    turn = threading.Lock()  # one invocation at a time on the engine; /ping never waits for it
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug(fmt, *args)
@@ -46,8 +55,10 @@ def make_server(engine: Any, host: str = "0.0.0.0", port: int = 8080) -> Threadi
             job_id = self.headers.get("X-Amzn-SageMaker-Inference-Id") or str(uuid.uuid4())
             try:
                 request = protocol.validate_request(json.loads(self.rfile.read(length) or b"null"))
-                prepared = engine.prepare(job_id, request)
-                self._answer(200, engine.run([prepared])[0])
+                with turn:
+                    prepared = engine.prepare(job_id, request)
+                    output = engine.run([prepared])[0]
+                self._answer(200, output)
             except (JobError, protocol.ProtocolError, ValueError) as exc:
                 self._answer(200, {"error": str(exc)})
             except Exception as exc:
