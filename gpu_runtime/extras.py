@@ -1,7 +1,9 @@
 """A1111's "extras" tasks without model weights: resizing with PIL upscalers, and rembg when its model is present.
 
 Upscalers that need network weights (ESRGAN, SwinIR, LDSR, ...) are refused with a clear error rather than
-silently replaced by a plain resize.
+silently replaced by a plain resize. Sizes follow A1111 v1.8.0 (``Upscaler.upscale``, ``postprocessing_upscale``):
+the target is floored to a multiple of 8, ``resize_mode`` 1 scales to cover the box and crops it (``upscaling_crop``),
+upscaler 1 "None" leaves the image as it is, and upscaler 2 is blended in by ``extras_upscaler_2_visibility``.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpu_runtime.engine import decode_image, encode_image
 from gpu_runtime.errors import JobError
+from gpu_runtime.images import decode_image, encode_image
+from gpu_runtime.protocol.policy import PIL_UPSCALERS
 
-PIL_UPSCALERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+PIL_FILTERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 
 
-def run_extras(task: str, params: dict, root: Path) -> dict:
+def run_extras(task: str, params: dict, root: Path, ignored: list[str] | None = None) -> dict:
+    """One extras request; ``ignored`` (fields A1111 does not know) is reported in ``html_info``'s companion."""
     if task == "rembg":
         return {"image": _rembg(params, root), "html_info": ""}
     if task == "extra-single-image":
-        image, info = _upscale(decode_image(params.get("image", "")), params)
+        image, info = upscale(decode_image(params.get("image", "")), params)
         return {"image": encode_image(image), "html_info": info}
     items = params.get("imageList") or []
     if not isinstance(items, list) or not items:
@@ -27,34 +31,59 @@ def run_extras(task: str, params: dict, root: Path) -> dict:
     results, info = [], ""
     for item in items:
         data = item.get("data") if isinstance(item, dict) else item
-        image, info = _upscale(decode_image(data), params)
+        image, info = upscale(decode_image(data), params)
         results.append(encode_image(image))
     return {"images": results, "html_info": info}
 
 
-def _upscale(image: Any, params: dict) -> tuple[Any, str]:
+def _number(params: dict, name: str, default: float, low: float, high: float) -> float:
+    value = params.get(name, default)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise JobError(f"{name} must be a number between {low:g} and {high:g}")
+    return float(value)
+
+
+def upscale(image: Any, params: dict) -> tuple[Any, str]:
+    """A1111's postprocessing upscale step with the PIL upscalers."""
     from PIL import Image
 
-    names = [params.get("upscaler_1", "None") or "None", params.get("upscaler_2", "None") or "None"]
+    names = [str(params.get("upscaler_1") or "None"), str(params.get("upscaler_2") or "None")]
     for name in names:
         if name not in PIL_UPSCALERS:
             raise JobError(
-                f"upscaler {name} needs model weights this runtime does not have; use Lanczos, Nearest or None"
+                f"upscaler {name} needs model weights this runtime does not have; use {', '.join(PIL_UPSCALERS)}"
             )
-    method = next((PIL_UPSCALERS[n] for n in names if PIL_UPSCALERS[n]), "LANCZOS")
-    if int(params.get("resize_mode", 0) or 0) == 1:
-        width, height = int(params.get("upscaling_resize_w", 0) or 0), int(params.get("upscaling_resize_h", 0) or 0)
-        if width < 1 or height < 1:
-            raise JobError("upscaling_resize_w and upscaling_resize_h must be positive")
+    image = image.convert("RGB")
+    if names[0] == "None":
+        return image, ""
+    mode = int(_number(params, "resize_mode", 0, 0, 1))
+    crop = params.get("upscaling_crop", True) is not False
+    if mode == 1:
+        box_w = int(_number(params, "upscaling_resize_w", 512, 1, 16384))
+        box_h = int(_number(params, "upscaling_resize_h", 512, 1, 16384))
+        scale = max(box_w / image.width, box_h / image.height)
     else:
-        scale = float(params.get("upscaling_resize", 2) or 2)
-        if not 0 < scale <= 8:
-            raise JobError("upscaling_resize must be between 0 and 8")
-        width, height = round(image.width * scale), round(image.height * scale)
-    if width * height > 64_000_000:
-        raise JobError("the resized image would be too large")
-    resized = image.resize((width, height), getattr(Image.Resampling, method))
-    return resized, f"Postprocess upscale to: {width}x{height}, Postprocess upscaler: {names[0]}"
+        scale = _number(params, "upscaling_resize", 2, 1, 8)
+    width, height = int(image.width * scale) // 8 * 8, int(image.height * scale) // 8 * 8
+    if width < 8 or height < 8 or width * height > 64_000_000:
+        raise JobError(f"the resized image would be {width}x{height}, outside 8x8 .. 64 megapixels")
+
+    def resized(name: str) -> Any:
+        return image.resize((width, height), getattr(Image.Resampling, PIL_FILTERS[name]))
+
+    result = resized(names[0])
+    visibility = _number(params, "extras_upscaler_2_visibility", 0, 0, 1)
+    if names[1] != "None" and visibility > 0:
+        result = Image.blend(result, resized(names[1]), visibility)
+    if mode == 1 and crop:
+        canvas = Image.new("RGB", (box_w, box_h))
+        canvas.paste(result, box=((box_w - result.width) // 2, (box_h - result.height) // 2))
+        result = canvas
+    info = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {names[0]}"
+    if names[1] != "None" and visibility > 0:
+        info += f", Postprocess upscaler 2: {names[1]}"
+    return result, info
 
 
 def _rembg(params: dict, root: Path) -> str:

@@ -61,6 +61,11 @@ class ModelFiles:
         self.evict()
         return target
 
+    def pin(self, path: Path) -> None:
+        """Keep a file the runtime derived from a download (a converted ``.ckpt``) while a job uses it."""
+        with self._lock:
+            self._pinned.add(path)
+
     def release(self, paths: list[Path]) -> None:
         """Files a job no longer needs may be evicted again."""
         with self._lock:

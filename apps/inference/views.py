@@ -34,7 +34,8 @@ from esd.api.errors import EsdError
 from esd.console import console_view, permissions
 from esd.storage import blob_store
 from gpu_runtime.prompts import extract_loras
-from gpu_runtime.samplers import DEFAULT_SAMPLER, SAMPLERS
+from gpu_runtime.protocol import policy
+from gpu_runtime.protocol.policy import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 READ = ("inference:all", "inference:list", "inference:create")
 WRITE = ("inference:all", "inference:create")
@@ -116,7 +117,7 @@ class GenerateForm(forms.Form):
     prompt = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}))
     negative_prompt = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
     sampler_name = forms.ChoiceField(
-        label="Sampler", choices=[(name, name) for name in SAMPLERS], initial=DEFAULT_SAMPLER
+        label="Sampler", choices=[(name, name) for name in SAMPLER_NAMES], initial=DEFAULT_SAMPLER
     )
     steps = forms.IntegerField(min_value=1, max_value=150, initial=20)
     cfg_scale = forms.FloatField(
@@ -200,6 +201,12 @@ class GenerateForm(forms.Form):
             data["init_image_b64"] = self._init_image(data)
             if data.get("denoising_strength") is None:
                 data["denoising_strength"] = 0.75
+        if not self.errors:
+            # The runtime's own parameter policy: what it would refuse is refused here, before a job exists.
+            try:
+                policy.check(data["task_type"], build_payload(data))
+            except policy.PolicyError as exc:
+                self.add_error(None, str(exc))
         return data
 
     def _init_image(self, data: dict[str, Any]) -> str | None:

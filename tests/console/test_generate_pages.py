@@ -98,7 +98,7 @@ def test_generate_form_offers_the_right_choices(client, admin, ready):
     assert '<option value="off.safetensors"' not in text  # Disabled
     assert '<option value="style.safetensors"' in text and '<option value="ink.safetensors"' in text
     assert '<option value="Automatic" selected>' in text and '<option value="clear.vae.pt"' in text
-    assert '<option value="Euler a" selected>' in text and '<option value="DPM++ 2M Karras"' in text
+    assert '<option value="Euler" selected>' in text and '<option value="DPM++ 2M Karras"' in text
     assert '<option value="esd-async-a" data-type="Async"' in text
     assert 'name="seed" value="-1"' in text
     assert "/static/console/generate.js" in text

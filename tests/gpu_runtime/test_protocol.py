@@ -105,12 +105,13 @@ def test_lora_tags_are_extracted():
 
 def test_samplers_map_and_refuse_unknown_names():
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     from gpu_runtime.samplers import SAMPLERS, scheduler_for
 
     config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
-    assert isinstance(scheduler_for(None, config), EulerAncestralDiscreteScheduler)
+    # A1111's API default is ``sampler_name or sampler_index`` and sampler_index defaults to "Euler".
+    assert isinstance(scheduler_for(None, config), EulerDiscreteScheduler)
     karras = scheduler_for("DPM++ 2M Karras", config)
     assert isinstance(karras, DPMSolverMultistepScheduler) and karras.config.use_karras_sigmas
     for name in SAMPLERS:

@@ -1,0 +1,529 @@
+"""The parameter policy: every field of A1111's txt2img, img2img and extras requests, and what this runtime does
+with it.
+
+Why one table: ESD clients send whole A1111 request objects (about fifty fields at their defaults, every installed
+extension listed in ``alwayson_scripts`` with its arguments, ``Infinity`` in ``s_tmax``). A field the runtime does
+not implement must never be dropped silently - a job that succeeds did what it was asked - so each field is
+classified once, here, and the engine, the SageMaker serve mode and the console all ask :func:`check`:
+
+- *honoured*: the engine implements it;
+- *inert*: A1111 itself ignores it through the API, or it only changes where files are saved;
+- *not supported*: accepted only at a value that does nothing (its default, or any value while the switch that
+  activates it is off); any other value is refused with a message naming the field and the value, before any GPU
+  time is spent.
+
+Fields A1111 does not know are ignored as A1111 ignores them, but listed in ``info.ignored_parameters``.
+Standard library only: the control plane imports this module (the console validates its form with it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+HONOURED, INERT, UNSUPPORTED = "honoured", "inert", "not supported"
+
+# A1111 v1.8.0 sampler names this runtime runs (the v1.8 names carry the schedule; the v1.9 ``scheduler`` field is
+# refused unless it is "Automatic"). The engine maps each to a diffusers scheduler (gpu_runtime.samplers).
+SAMPLER_NAMES = (
+    "Euler a",
+    "Euler",
+    "LMS",
+    "LMS Karras",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "PLMS",
+    "UniPC",
+)
+# A1111's API: ``sampler_name or sampler_index``, and ``sampler_index`` defaults to "Euler" (modules/api/models.py).
+DEFAULT_SAMPLER = "Euler"
+DEFAULT_STEPS = 50  # StableDiffusionProcessing.steps
+TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
+FAMILIES = ("sd15", "sd2", "sdxl")
+PIL_UPSCALERS = ("None", "Lanczos", "Nearest")
+
+
+class PolicyError(ValueError):
+    """A request asks for something this runtime does not do; the text names the field (or script) and value."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """How one request field is treated.
+
+    ``inert`` lists the values at which an unsupported field does nothing; ``unless`` names a predicate over the
+    whole request that, when false, makes any value inert (hires fields while ``enable_hr`` is off).
+    """
+
+    status: str
+    inert: tuple[Any, ...] = ()
+    unless: Callable[[Mapping[str, Any]], bool] | None = None
+    issue: str = ""  # where support is planned, for the capabilities document
+
+
+def _on(name: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda params: bool(params.get(name))
+
+
+def _positive(name: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda params: _number_or_zero(params.get(name)) > 0
+
+
+def _number_or_zero(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def _has_refiner(params: Mapping[str, Any]) -> bool:
+    return params.get("refiner_checkpoint") not in (None, "", "None")
+
+
+def _has_script(params: Mapping[str, Any]) -> bool:
+    return params.get("script_name") not in (None, "", "None")
+
+
+_HR, _MASK, _CHURN = _on("enable_hr"), _on("mask"), _positive("s_churn")
+HON, INE = Field(HONOURED), Field(INERT)
+
+COMMON: dict[str, Field] = {
+    "prompt": HON,
+    "negative_prompt": HON,
+    "styles": Field(UNSUPPORTED, (None, ()), issue="saved styles do not exist on this server"),
+    "seed": HON,
+    "subseed": Field(UNSUPPORTED, unless=_positive("subseed_strength"), issue="12"),
+    "subseed_strength": Field(UNSUPPORTED, (0, None), issue="12"),
+    "seed_resize_from_h": Field(UNSUPPORTED, (-1, 0, None), issue="12"),
+    "seed_resize_from_w": Field(UNSUPPORTED, (-1, 0, None), issue="12"),
+    "sampler_name": HON,
+    "sampler_index": HON,
+    "scheduler": Field(UNSUPPORTED, (None, "", "Automatic"), issue="12"),
+    "batch_size": HON,
+    "n_iter": HON,
+    "steps": HON,
+    "cfg_scale": HON,
+    "width": HON,
+    "height": HON,
+    "restore_faces": Field(UNSUPPORTED, (None, False), issue="14"),
+    "tiling": Field(UNSUPPORTED, (None, False), issue="12"),
+    "do_not_save_samples": INE,
+    "do_not_save_grid": INE,
+    "send_images": INE,
+    "save_images": INE,
+    "eta": HON,  # checked against the sampler by check_sampler_options
+    "s_min_uncond": Field(UNSUPPORTED, (None, 0), issue="12"),
+    "s_churn": Field(UNSUPPORTED, (None, 0), issue="12"),
+    "s_tmin": Field(UNSUPPORTED, unless=_CHURN, issue="12"),
+    "s_tmax": Field(UNSUPPORTED, unless=_CHURN, issue="12"),
+    "s_noise": Field(UNSUPPORTED, (None, 1), issue="12"),
+    "override_settings": HON,  # key by key: OVERRIDES
+    "override_settings_restore_afterwards": INE,  # every job starts from the same settings here
+    "refiner_checkpoint": Field(UNSUPPORTED, (None, "", "None"), issue="12"),
+    "refiner_switch_at": Field(UNSUPPORTED, unless=_has_refiner, issue="12"),
+    "disable_extra_networks": HON,
+    "firstpass_image": Field(UNSUPPORTED, (None, ""), issue="12"),
+    "comments": INE,  # A1111 resets it
+    "force_task_id": INE,
+    "infotext": Field(UNSUPPORTED, (None, ""), issue="12"),
+    "script_name": HON,  # by name: SCRIPTS
+    "script_args": Field(UNSUPPORTED, unless=_has_script),
+    "alwayson_scripts": HON,  # script by script: ALWAYSON
+}
+HIRES: dict[str, Field] = {
+    "enable_hr": Field(UNSUPPORTED, (None, False), issue="12"),
+    "denoising_strength": Field(UNSUPPORTED, unless=_HR, issue="12"),  # txt2img: only the hires pass uses it
+    **{
+        name: Field(UNSUPPORTED, unless=_HR, issue="12")
+        for name in (
+            "firstphase_width",
+            "firstphase_height",
+            "hr_scale",
+            "hr_upscaler",
+            "hr_second_pass_steps",
+            "hr_resize_x",
+            "hr_resize_y",
+            "hr_checkpoint_name",
+            "hr_sampler_name",
+            "hr_scheduler",
+            "hr_prompt",
+            "hr_negative_prompt",
+        )
+    },
+}
+TXT2IMG: dict[str, Field] = {**COMMON, **HIRES}
+IMG2IMG: dict[str, Field] = {
+    **COMMON,
+    "init_images": HON,
+    "denoising_strength": HON,
+    "resize_mode": Field(UNSUPPORTED, (0, 1, 2, None), issue="12"),  # 0-2 honoured; 3 (latent resize) is not
+    "image_cfg_scale": INE,  # only InstructPix2Pix models use it; A1111 sets it to None for every other model
+    "include_init_images": INE,  # only echoes the inputs in ``parameters``, which are always echoed here
+    "mask": Field(UNSUPPORTED, (None, ""), issue="12"),
+    "latent_mask": Field(UNSUPPORTED, (None, ""), issue="12"),
+    "initial_noise_multiplier": Field(UNSUPPORTED, (None, 1), issue="12"),
+    **{
+        name: Field(UNSUPPORTED, unless=_MASK, issue="12")
+        for name in (
+            "mask_blur",
+            "mask_blur_x",
+            "mask_blur_y",
+            "mask_round",
+            "inpainting_fill",
+            "inpaint_full_res",
+            "inpaint_full_res_padding",
+            "inpainting_mask_invert",
+        )
+    },
+}
+EXTRAS: dict[str, Field] = {
+    "resize_mode": HON,
+    "show_extras_results": INE,
+    "gfpgan_visibility": Field(UNSUPPORTED, (0, None), issue="14"),
+    "codeformer_visibility": Field(UNSUPPORTED, (0, None), issue="14"),
+    "codeformer_weight": Field(UNSUPPORTED, unless=_positive("codeformer_visibility"), issue="14"),
+    "upscaling_resize": HON,
+    "upscaling_resize_w": HON,
+    "upscaling_resize_h": HON,
+    "upscaling_crop": HON,
+    "upscaler_1": HON,  # by name: PIL_UPSCALERS
+    "upscaler_2": HON,
+    "extras_upscaler_2_visibility": HON,
+    "upscale_first": INE,  # unused by A1111 v1.8.0's run_extras
+}
+EXTRA_SINGLE: dict[str, Field] = {**EXTRAS, "image": HON}
+EXTRA_BATCH: dict[str, Field] = {**EXTRAS, "imageList": HON}
+REMBG: dict[str, Field] = {
+    "input_image": HON,
+    "model": HON,
+    "return_mask": Field(UNSUPPORTED, (None, False), issue="14"),
+    "alpha_matting": Field(UNSUPPORTED, (None, False), issue="14"),
+    "alpha_matting_foreground_threshold": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
+    "alpha_matting_background_threshold": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
+    "alpha_matting_erode_size": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
+}
+FIELDS: dict[str, dict[str, Field]] = {
+    "txt2img": TXT2IMG,
+    "img2img": IMG2IMG,
+    "extra-single-image": EXTRA_SINGLE,
+    "extra-batch-images": EXTRA_BATCH,
+    "rembg": REMBG,
+}
+
+# override_settings keys (A1111 opts). Honoured ones are read by the engine; the others are accepted only at A1111's
+# default value. Keys that do not change generation (UI and saving options) are ignored and listed.
+HONOURED_OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source")
+RANDN_SOURCES = ("GPU", "CPU")
+OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "sd_vae_overrides_per_model_preferences": (True, False),
+    "sd_unet": ("Automatic", "None"),
+    "sd_vae_encode_method": ("Full",),
+    "sd_vae_decode_method": ("Full",),
+    "auto_vae_precision": (True,),
+    "emphasis": ("Original",),
+    "comma_padding_backtrack": (20,),
+    "use_old_scheduling": (False,),
+    "use_old_emphasis_implementation": (False,),
+    "enable_prompt_comments": (True,),
+    "pad_cond_uncond": (False,),
+    "sdxl_crop_top": (0,),
+    "sdxl_crop_left": (0,),
+    "sdxl_refiner_low_aesthetic_score": (2.5,),
+    "sdxl_refiner_high_aesthetic_score": (6.0,),
+    "extra_networks_default_multiplier": (1.0,),
+    "sd_hypernetwork": ("None", ""),
+    "eta_noise_seed_delta": (0,),
+    "eta_ancestral": (1.0,),
+    "eta_ddim": (0.0,),
+    "ddim_discretize": ("uniform",),
+    "enable_batch_seeds": (True,),
+    "s_min_uncond": (0.0,),
+    "s_churn": (0.0,),
+    "s_tmin": (0.0,),
+    "s_tmax": (0.0,),
+    "s_noise": (1.0,),
+    "k_sched_type": ("Automatic",),
+    "sigma_min": (0.0,),
+    "sigma_max": (0.0,),
+    "rho": (0.0,),
+    "always_discard_next_to_last_sigma": (False,),
+    "sgm_noise_multiplier": (False,),
+    "uni_pc_variant": ("bh1",),
+    "uni_pc_skip_type": ("time_uniform",),
+    "uni_pc_order": (3,),
+    "uni_pc_lower_order_final": (True,),
+    "sd_noise_schedule": ("Default",),
+    "token_merging_ratio": (0.0,),
+    "token_merging_ratio_img2img": (0.0,),
+    "token_merging_ratio_hr": (0.0,),
+    "img2img_fix_steps": (False,),
+    "initial_noise_multiplier": (1.0,),
+    "img2img_extra_noise": (0.0,),
+    "inpainting_mask_weight": (1.0,),
+    "img2img_color_correction": (False,),
+    "img2img_background_color": ("#ffffff",),
+    "upscaler_for_img2img": (None, "None", "Lanczos"),
+    "hires_fix_refiner_pass": ("second pass",),
+    "face_restoration": (False,),
+    "tiling": (False,),
+    "samples_format": ("png",),
+    "enable_pnginfo": (True, False),
+    "return_grid": (True, False),
+    "return_mask": (False,),
+    "return_mask_composite": (False,),
+    "hypertile_enable_unet": (False,),
+    "hypertile_enable_unet_secondpass": (False,),
+    "hypertile_enable_vae": (False,),
+}
+
+# Always-on scripts ESD's client sends (keys are A1111's lower-cased script titles) -> "is this entry enabled?".
+# ``None`` means A1111's API never runs the script's setup (refiner, seed: setup_for_ui_only) or the script has no
+# effect with default settings (extra options), so any arguments are inert.
+
+
+def _arg(args: list, index: int, default: Any = None) -> Any:
+    return args[index] if len(args) > index else default
+
+
+def _adetailer_enabled(args: list) -> bool:
+    first = _arg(args, 0, False)
+    switched = first if isinstance(first, bool) else True
+    models = [a for a in args if isinstance(a, dict)]
+    return switched and any(str(m.get("ad_model", "None")) != "None" for m in models)
+
+
+def _controlnet_enabled(args: list) -> bool:
+    # A unit is off only with "enabled": false; a unit dict without the key is on (CN's get_enabled_units).
+    return any(isinstance(unit, dict) and unit.get("enabled", True) is not False for unit in args)
+
+
+ALWAYSON: dict[str, Callable[[list], bool] | None] = {
+    "refiner": None,
+    "seed": None,
+    "extra options": None,
+    "comments": None,
+    "tiled diffusion": lambda args: bool(_arg(args, 0, False)),
+    "tiled vae": lambda args: bool(_arg(args, 0, False)),
+    "adetailer": _adetailer_enabled,
+    "roop": lambda args: bool(_arg(args, 1, False)),
+    "reactor": lambda args: bool(_arg(args, 1, False)),
+    "controlnet": _controlnet_enabled,
+    "soft inpainting": lambda args: bool(_arg(args, 0, False)),
+    "hypertile": lambda args: bool(_arg(args, 0, False)),
+}
+ALWAYSON_ISSUES = {"controlnet": "14", "refiner": "12", "dynamic prompts": "12"}
+# Selectable scripts (``script_name``) this runtime runs: none yet; x/y/z plot is issue 12.
+SCRIPTS: tuple[str, ...] = ()
+_DYNAMIC_PROMPTS = re.compile(r"^dynamic prompts( v[\d.]+)?$")
+_DYNAMIC_SYNTAX = re.compile(r"\{[^{}]*\|[^{}]*\}|__[\w/.-]+__|\{\d*\$\$")
+
+
+@dataclass
+class Checked:
+    """What :func:`check` found: fields the client sent that A1111 does not know (ignored, and listed in
+    ``info``), and notes on inert inputs worth telling the user about."""
+
+    ignored: list[str]
+    notes: list[str]
+
+
+def render(value: Any) -> str:
+    """A value as the client wrote it (JSON), short enough for an error message."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_inert(value: Any, inert: tuple[Any, ...]) -> bool:
+    for candidate in inert:
+        if candidate == () and isinstance(value, list | tuple) and not value:
+            return True
+        if candidate is None or isinstance(candidate, bool) or isinstance(value, bool):
+            if value is candidate:
+                return True
+            continue
+        if isinstance(candidate, int | float) and isinstance(value, int | float):
+            if not (isinstance(value, float) and math.isnan(value)) and value == candidate:
+                return True
+        elif value == candidate:
+            return True
+    return False
+
+
+def refusal(name: str, value: Any) -> PolicyError:
+    return PolicyError(f"{name}={render(value)} is not supported by this runtime")
+
+
+def check(task: str, params: Mapping[str, Any]) -> Checked:
+    """Refuse (``PolicyError``) anything the runtime would otherwise ignore; return what was ignored as unknown.
+
+    Value ranges and types of honoured fields are the engine's to check; this only decides *whether* a field may
+    be used at all, so the console can run it on a form before a job exists.
+    """
+    table = FIELDS.get(task)
+    if table is None:
+        raise PolicyError(f"task {task} is not supported by this runtime; use one of: {', '.join(TASKS)}")
+    ignored, notes = [], []
+    for name, value in params.items():
+        rule = table.get(name)
+        if rule is None:
+            ignored.append(name)
+            continue
+        if rule.status != UNSUPPORTED:
+            continue
+        if rule.unless is not None and not rule.unless(params):
+            continue
+        if rule.unless is not None and not rule.inert:
+            raise refusal(name, value)
+        if not _is_inert(value, rule.inert):
+            raise refusal(name, value)
+    if task in ("txt2img", "img2img"):
+        _check_overrides(params.get("override_settings"), ignored)
+        _check_alwayson(params.get("alwayson_scripts"), params, notes)
+        _check_script(params)
+    return Checked(sorted(ignored), notes)
+
+
+def _check_overrides(overrides: Any, ignored: list[str]) -> None:
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        raise PolicyError("override_settings must be an object")
+    for key, value in overrides.items():
+        if key in HONOURED_OVERRIDES:
+            if key == "randn_source" and value not in RANDN_SOURCES:
+                raise refusal(f"override_settings.{key}", value)
+            continue
+        allowed = OVERRIDE_DEFAULTS.get(key)
+        if allowed is None:
+            ignored.append(f"override_settings.{key}")
+        elif not _is_inert(value, allowed):
+            raise refusal(f"override_settings.{key}", value)
+
+
+def _check_alwayson(scripts: Any, params: Mapping[str, Any], notes: list[str]) -> None:
+    if scripts in (None, {}):
+        return
+    if not isinstance(scripts, Mapping):
+        raise PolicyError('alwayson_scripts must be an object of script name -> {"args": [...]}')
+    for raw_name, entry in scripts.items():
+        name = str(raw_name).lower()
+        if not isinstance(entry, Mapping):
+            raise PolicyError(f"alwayson_scripts.{raw_name} must be an object with args")
+        if "args" not in entry:
+            continue  # A1111: an entry without args changes nothing
+        args = entry["args"]
+        if not isinstance(args, list):
+            raise PolicyError(f"alwayson_scripts.{raw_name}.args must be a list")
+        if _DYNAMIC_PROMPTS.match(name):
+            _check_dynamic_prompts(raw_name, args, params, notes)
+            continue
+        if name not in ALWAYSON:
+            raise PolicyError(f"always-on script {raw_name} is not supported by this runtime")
+        enabled = ALWAYSON[name]
+        if enabled is not None and enabled(args):
+            raise PolicyError(f"always-on script {raw_name} is enabled but not supported by this runtime")
+
+
+def _check_dynamic_prompts(name: str, args: list, params: Mapping[str, Any], notes: list[str]) -> None:
+    """Dynamic Prompts in random mode on a prompt without its syntax changes nothing (the prompt is kept and the
+    seeds are seed+i, as without it), which is what ESD's x/y/z payloads send. Anything else needs the extension."""
+    if not _arg(args, 0, True):
+        return
+    texts = [str(params.get("prompt") or ""), str(params.get("negative_prompt") or "")]
+    if any(_DYNAMIC_SYNTAX.search(text) for text in texts):
+        raise PolicyError(f"always-on script {name}: variant and wildcard syntax is not supported by this runtime")
+    options = {
+        1: "combinatorial mode",
+        3: "magic prompt",
+        4: "I'm feeling lucky",
+        5: "attention grabber",
+        13: "Jinja2 templates",
+        14: "no image generation",
+    }
+    for index, what in options.items():
+        if _arg(args, index, False) is True:
+            raise PolicyError(f"always-on script {name}: {what} is not supported by this runtime")
+    images = _whole(params.get("batch_size"), 1) * _whole(params.get("n_iter"), 1)
+    if _arg(args, 10, False) is True and images > 1:
+        raise PolicyError(f"always-on script {name}: fixed seed across a batch is not supported by this runtime")
+    notes.append(f"{name}: the prompt has no Dynamic Prompts syntax, so it was used unchanged")
+
+
+def _whole(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _check_script(params: Mapping[str, Any]) -> None:
+    name = params.get("script_name")
+    if name in (None, "", "None"):
+        return
+    if str(name).lower() not in SCRIPTS:
+        raise PolicyError(f"script {name} is not supported by this runtime")
+
+
+def sampler_of(params: Mapping[str, Any]) -> str:
+    """The sampler A1111's API would use: ``sampler_name or sampler_index`` (default "Euler")."""
+    name = params.get("sampler_name") or params.get("sampler_index") or DEFAULT_SAMPLER
+    if name not in SAMPLER_NAMES:
+        raise PolicyError(f"sampler {name} is not supported; use one of: {', '.join(SAMPLER_NAMES)}")
+    return str(name)
+
+
+# ``eta``: DDIM takes it here as in A1111. A1111's ancestral and SDE samplers scale their noise by it (default 1.0,
+# ``eta_ancestral``), which their diffusers schedulers cannot; every other sampler ignores it in A1111 too.
+ETA_SAMPLERS = ("DDIM",)
+ETA_FIXED_AT_ONE = ("Euler a", "DPM2 a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras")
+
+
+def check_sampler_options(params: Mapping[str, Any], sampler: str) -> None:
+    """Refuse an ``eta`` the chosen sampler would not apply here although A1111 would."""
+    eta = params.get("eta")
+    if eta is None or sampler in ETA_SAMPLERS or sampler not in ETA_FIXED_AT_ONE:
+        return
+    if not _is_inert(eta, (1.0,)):
+        raise PolicyError(f"eta={render(eta)} is not supported by this runtime with sampler {sampler}")
+
+
+def capabilities() -> dict[str, Any]:
+    """What this runtime does, for ``python -m gpu_runtime capabilities``, the heartbeat and the console."""
+    fields = {
+        task: {
+            status: sorted(name for name, rule in table.items() if rule.status == status)
+            for status in (HONOURED, INERT, UNSUPPORTED)
+        }
+        for task, table in FIELDS.items()
+    }
+    return {
+        "tasks": list(TASKS),
+        "families": list(FAMILIES),
+        "samplers": list(SAMPLER_NAMES),
+        "default_sampler": DEFAULT_SAMPLER,
+        "upscalers": list(PIL_UPSCALERS),
+        "scripts": list(SCRIPTS),
+        "alwayson_scripts": {
+            "inert": sorted(name for name, enabled in ALWAYSON.items() if enabled is None),
+            "refused_when_enabled": sorted(name for name, enabled in ALWAYSON.items() if enabled is not None),
+            "dynamic prompts": "inert on prompts without its syntax, in random mode",
+        },
+        "override_settings": {"honoured": list(HONOURED_OVERRIDES), "default_only": sorted(OVERRIDE_DEFAULTS)},
+        "fields": fields,
+    }
+
+
+def digest(document: Mapping[str, Any]) -> str:
+    """A short stable hash of a capabilities document (workers of one build report the same digest)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:12]
