@@ -1,4 +1,4 @@
-"""``python -m gpu_runtime worker|serve|make-tiny-model``: the runtime's command line."""
+"""``python -m gpu_runtime worker|serve|capabilities|make-tiny-model|train|trainer``: the runtime's command line."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("train", help="run one LoRA training by hand: train --spec FILE", add_help=False)
     commands.add_parser("trainer", help="consume the training queue: trainer --broker URL", add_help=False)
 
+    commands.add_parser("capabilities", help="print what this runtime does (tasks, samplers, fields, scripts) as JSON")
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random SD1.5-architecture checkpoint, offline")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -63,6 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+
+    if args.command == "capabilities":
+        import json
+
+        from gpu_runtime.protocol import policy
+
+        document = policy.capabilities()
+        print(json.dumps({**document, "digest": policy.digest(document)}, indent=2))
+        return
 
     if args.command == "make-tiny-model":
         from gpu_runtime.tiny import write_tiny_model

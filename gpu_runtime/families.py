@@ -35,7 +35,9 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 __all__ = [
     "CLIP_VOCAB_SIZE",
     "FAMILIES",
+    "TINY_FAMILIES",
     "TINY_FAMILY",
+    "TINY_SDXL_FAMILY",
     "FamilySpec",
     "UnknownModelFamily",
     "clip_tokenizer",
@@ -44,6 +46,7 @@ __all__ = [
     "family_of",
     "family_of_file",
     "materialize_config_dir",
+    "pipeline_class_of",
     "write_clip_tokenizer",
 ]
 
@@ -54,6 +57,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Safetensors metadata key that pins a file to a family (wins over key inspection); written by gpu_runtime.tiny.
 FAMILY_METADATA_KEY = "esd_family"
 TINY_FAMILY = "tiny-sd15"
+TINY_SDXL_FAMILY = "tiny-sdxl"
+TINY_FAMILIES = (TINY_FAMILY, TINY_SDXL_FAMILY)
 # Bump when the way a config dir is written changes, so that existing dirs are rewritten.
 _FORMAT_VERSION = 1
 _MARKER = "esd_config.json"
@@ -390,12 +395,20 @@ def config_dir(family: str, root: Path) -> Path:
 
 
 def config_dir_for(family: str, root: Path) -> Path:
-    """Like :func:`config_dir`, but also knows the tiny test family (``tiny-sd15``, see ``gpu_runtime.tiny``)."""
-    if family == TINY_FAMILY:
+    """Like :func:`config_dir`, but also knows the tiny test families (``tiny-sd15``, ``tiny-sdxl``, see
+    ``gpu_runtime.tiny``)."""
+    if family in TINY_FAMILIES:
         from gpu_runtime.tiny import tiny_config_dir
 
-        return tiny_config_dir(root)
+        return tiny_config_dir(root, family)
     return config_dir(family, root)
+
+
+def pipeline_class_of(family: str) -> str:
+    """The diffusers pipeline class name of a family (tiny ones included)."""
+    if family in TINY_FAMILIES:
+        return "StableDiffusionXLPipeline" if family == TINY_SDXL_FAMILY else "StableDiffusionPipeline"
+    return FAMILIES[family].pipeline_class
 
 
 # --- detection ------------------------------------------------------------------------------------------------
@@ -469,7 +482,7 @@ def family_of_file(path: Path) -> str:
             f"unsupported model file {Path(path).name}: not a readable safetensors file"
         ) from error
     if declared is not None:
-        if declared != TINY_FAMILY and declared not in FAMILIES:
+        if declared not in TINY_FAMILIES and declared not in FAMILIES:
             raise UnknownModelFamily(f"unsupported model family: {declared!r} (from the file's {FAMILY_METADATA_KEY})")
         return declared
     return family_of(keys, shapes)

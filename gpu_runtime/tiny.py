@@ -30,6 +30,7 @@ from gpu_runtime.families import (
     FAMILY_METADATA_KEY,
     SD_SCHEDULER,
     TINY_FAMILY,
+    TINY_SDXL_FAMILY,
     FamilySpec,
     clip_tokenizer,
     family_of_file,
@@ -37,8 +38,10 @@ from gpu_runtime.families import (
 )
 
 __all__ = [
+    "TINY_SDXL_SPEC",
     "TINY_SPEC",
     "build_tiny_pipeline",
+    "build_tiny_sdxl_pipeline",
     "build_tiny_vae",
     "ldm_state_dict",
     "save_single_file",
@@ -46,6 +49,8 @@ __all__ = [
     "write_tiny_embedding",
     "write_tiny_lora",
     "write_tiny_model",
+    "write_tiny_sdxl_embedding",
+    "write_tiny_sdxl_model",
     "write_tiny_vae",
 ]
 
@@ -96,6 +101,47 @@ TINY_SPEC = FamilySpec(
     },
 )
 
+# A tiny SDXL-architecture model: two text encoders (the second wider, which is how diffusers tells them apart),
+# size conditioning through ``addition_embed_type="text_time"``, and SDXL's zeroed empty negative prompt.
+TINY_SDXL_TEXT_ENCODER_2: dict[str, Any] = {
+    **TINY_TEXT_ENCODER,
+    "hidden_size": 40,
+    "intermediate_size": 48,
+    "projection_dim": 40,
+    "hidden_act": "gelu",
+}
+TINY_SDXL_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "cross_attention_dim": 72,
+    "attention_head_dim": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 8 * 6 + 40,
+}
+TINY_SDXL_SPEC = FamilySpec(
+    name=TINY_SDXL_FAMILY,
+    pipeline_class="StableDiffusionXLPipeline",
+    unet=TINY_SDXL_UNET,
+    vae=TINY_VAE,
+    text_encoders={
+        "text_encoder": ("CLIPTextModel", TINY_TEXT_ENCODER),
+        "text_encoder_2": ("CLIPTextModelWithProjection", TINY_SDXL_TEXT_ENCODER_2),
+    },
+    tokenizers={"tokenizer": EOS, "tokenizer_2": "!"},
+    scheduler=SD_SCHEDULER,
+    index_extra={
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    },
+)
+
 # kohya's LoRA targets (networks/lora.py): Linear/1x1-conv layers in UNet transformer blocks and CLIP attention/MLP.
 LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 LORA_TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -136,9 +182,42 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def tiny_config_dir(root: Path) -> Path:
-    """The offline config dir of the tiny model, ``root/tiny-sd15`` (written once, like ``families.config_dir``)."""
-    return materialize_config_dir(TINY_SPEC, root)
+def tiny_config_dir(root: Path, family: str = TINY_FAMILY) -> Path:
+    """The offline config dir of a tiny family, ``root/<family>`` (written once, like ``families.config_dir``)."""
+    return materialize_config_dir(TINY_SDXL_SPEC if family == TINY_SDXL_FAMILY else TINY_SPEC, root)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """A random tiny SDXL-architecture pipeline (deterministic for a seed; the global RNG is left alone)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_2))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer("!"),
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULER),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_tiny_sdxl_model(path: Path, seed: int = 0) -> Path:
+    """The tiny SDXL pipeline as an LDM single file (float32), marked ``esd_family=tiny-sdxl``."""
+    path = Path(path)
+    metadata = {FAMILY_METADATA_KEY: TINY_SDXL_FAMILY}
+    save_single_file(build_tiny_sdxl_pipeline(seed), path, dtype=torch.float32, metadata=metadata)
+    return path
 
 
 def write_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -337,6 +416,15 @@ def write_tiny_vae(path: Path, seed: int = 1) -> Path:
     vae = build_tiny_vae(seed)
     sd = _vae_to_ldm(vae.state_dict(), vae.config, "")
     save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, str(path))
+    return Path(path)
+
+
+def write_tiny_sdxl_embedding(path: Path, token_vectors: int = 1, seed: int = 0) -> Path:
+    """An SDXL textual-inversion file, ``{"clip_l": [n, 32], "clip_g": [n, 40]}``, for the tiny SDXL model."""
+    generator = torch.Generator().manual_seed(seed)
+    widths = {"clip_l": TINY_TEXT_ENCODER["hidden_size"], "clip_g": TINY_SDXL_TEXT_ENCODER_2["hidden_size"]}
+    tensors = {name: torch.randn(token_vectors, width, generator=generator) for name, width in widths.items()}
+    save_file(tensors, str(path))
     return Path(path)
 
 

@@ -751,7 +751,7 @@ def _load_model(model_path: Path, config_root: Path, device: str, weight_dtype: 
     """Load a checkpoint offline exactly as the engine does: detected family, shipped config dir, no hub."""
     import diffusers
 
-    from gpu_runtime.families import FAMILIES, TINY_FAMILY, UnknownModelFamily, config_dir_for, family_of_file
+    from gpu_runtime.families import UnknownModelFamily, config_dir_for, family_of_file, pipeline_class_of
 
     if not Path(model_path).is_file():
         raise TrainingError(f"the base model {model_path} does not exist")
@@ -759,7 +759,7 @@ def _load_model(model_path: Path, config_root: Path, device: str, weight_dtype: 
         family = family_of_file(Path(model_path))
     except UnknownModelFamily as exc:
         raise TrainingError(str(exc)) from None
-    class_name = "StableDiffusionPipeline" if family == TINY_FAMILY else FAMILIES[family].pipeline_class
+    class_name = pipeline_class_of(family)
     pipeline_class = getattr(diffusers, class_name)
     try:
         pipe = pipeline_class.from_single_file(

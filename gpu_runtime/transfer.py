@@ -94,10 +94,16 @@ def get_bytes(url: str | None, what: str = "the parameters") -> bytes:
         return _s3_get(url, what)
     if not url.startswith(HTTP):
         raise JobError(f"{what} location must be an http(s) or s3:// URL")
-    try:
-        response = POOL.request("GET", url, timeout=GET_TIMEOUT)
-    except Urllib3Error as exc:
-        raise JobError(f"{what} could not be read: {_reason(exc)}") from exc
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            response = POOL.request("GET", url, timeout=GET_TIMEOUT)
+            break
+        except urllib3.exceptions.ProtocolError as exc:  # the body was cut short after the headers: try again
+            if attempt == ATTEMPTS:
+                raise JobError(f"{what} could not be read: {_reason(exc)}") from exc
+        except Urllib3Error as exc:  # urllib3 has retried connection errors, 5xx and 429 already
+            raise JobError(f"{what} could not be read: {_reason(exc)}") from exc
+        time.sleep(min(BACKOFF_FACTOR * 2**attempt, MAX_BACKOFF))
     if response.status != 200:
         raise JobError(f"{what} could not be read: HTTP {response.status} {response.reason or ''}".rstrip())
     return response.data

@@ -116,6 +116,7 @@ class GpuWorker(QueueService):
             self._run(group)
 
     def _run(self, group: list[tuple[Any, dict]]) -> None:
+        """One engine call for a group of compatible jobs; progress is throttled, every job gets its own result."""
         jobs = [prepared for prepared, _ in group]
         last = [0.0]
 
@@ -137,6 +138,7 @@ class GpuWorker(QueueService):
             self._finish(prepared.job_id, request, output, ok="error" not in output)
 
     def _unpack(self, message: Any) -> tuple[str | None, Any]:
+        """(job id, request) of a ``run_inference`` message; anything else is logged and skipped, never fatal."""
         if message.actor_name != protocol.RUN_INFERENCE or len(message.args) != 2:
             log.warning("ignoring message %s for actor %s", message.message_id, message.actor_name)
             return None, None

@@ -136,7 +136,7 @@ COMMON: dict[str, Field] = {
     "force_task_id": INE,
     "infotext": Field(UNSUPPORTED, (None, ""), issue="12"),
     "script_name": HON,  # by name: SCRIPTS
-    "script_args": Field(UNSUPPORTED, unless=_has_script),
+    "script_args": INE,  # read by the selected script only (A1111 ignores it without script_name)
     "alwayson_scripts": HON,  # script by script: ALWAYSON
 }
 HIRES: dict[str, Field] = {
@@ -375,18 +375,18 @@ def check(task: str, params: Mapping[str, Any]) -> Checked:
     if table is None:
         raise PolicyError(f"task {task} is not supported by this runtime; use one of: {', '.join(TASKS)}")
     ignored, notes = [], []
+    dependent = []
     for name, value in params.items():
         rule = table.get(name)
         if rule is None:
             ignored.append(name)
-            continue
-        if rule.status != UNSUPPORTED:
-            continue
-        if rule.unless is not None and not rule.unless(params):
-            continue
-        if rule.unless is not None and not rule.inert:
+        elif rule.status == UNSUPPORTED and rule.unless is not None:
+            dependent.append((name, value, rule))
+        elif rule.status == UNSUPPORTED and not _is_inert(value, rule.inert):
             raise refusal(name, value)
-        if not _is_inert(value, rule.inert):
+    # Fields that only matter when a switch is on come second, so the switch itself is what gets named.
+    for name, value, rule in dependent:
+        if rule.unless(params) and not (rule.inert and _is_inert(value, rule.inert)):
             raise refusal(name, value)
     if task in ("txt2img", "img2img"):
         _check_overrides(params.get("override_settings"), ignored)

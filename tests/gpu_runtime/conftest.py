@@ -52,6 +52,8 @@ def tiny_dir(tmp_path_factory) -> Path:
         write_tiny_embedding,
         write_tiny_lora,
         write_tiny_model,
+        write_tiny_sdxl_embedding,
+        write_tiny_sdxl_model,
         write_tiny_vae,
     )
 
@@ -61,6 +63,10 @@ def tiny_dir(tmp_path_factory) -> Path:
     write_tiny_lora(build_tiny_pipeline(seed=0), root / "style.safetensors", seed=3)
     write_tiny_vae(root / "tiny.vae.safetensors")
     write_tiny_embedding(root / "mystyle.safetensors")
+    (root / "b").mkdir()
+    write_tiny_embedding(root / "b" / "mystyle.safetensors", seed=9)  # another user's file of the same name
+    write_tiny_sdxl_model(root / "xl.safetensors", seed=0)
+    write_tiny_sdxl_embedding(root / "xlstyle.safetensors")
     return root
 
 
@@ -110,6 +116,20 @@ def make_request(
         "payload_string": json.dumps(params),
         "urls": {"models": urls, "output": files.url(f"out/{job_id}.out")},
     }
+
+
+def model(files: Files, request: dict, model_type: str, model_id: str, name: str, path: str | None = None) -> dict:
+    """Add one model (served at ``path``, default ``name``) to a request, as the control plane would."""
+    request["models"].setdefault(model_type, []).append(
+        {
+            "s3": f"s3://esd/{model_type}/checkpoint/custom/{model_id}",
+            "id": model_id,
+            "model_name": name,
+            "type": model_type,
+        }
+    )
+    request["urls"]["models"][f"{model_id}/{name}"] = files.url(path or name)
+    return request
 
 
 def pixels(b64: str):

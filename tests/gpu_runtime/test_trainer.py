@@ -323,57 +323,13 @@ def test_config_semantics_and_dataset_layout(tmp_path):
     assert any("1 image(s) have no .txt caption" in w for w in warnings)
 
 
-def test_sdxl_trains_with_kohya_sdxl_names(root, tmp_path, monkeypatch):
+def test_sdxl_trains_with_kohya_sdxl_names(root, tmp_path):
     """A tiny SDXL-architecture checkpoint (second text encoder, size conditioning) through the same path."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from gpu_runtime import families
-    from gpu_runtime.tiny import TINY_TEXT_ENCODER, TINY_VAE, save_single_file
+    from gpu_runtime.tiny import write_tiny_sdxl_model
 
-    # The second encoder must be wider than the first: diffusers tells the two apart by their width.
-    te2 = {**TINY_TEXT_ENCODER, "hidden_size": 40, "intermediate_size": 48, "projection_dim": 40, "hidden_act": "gelu"}
-    unet = {
-        "sample_size": 8,
-        "block_out_channels": [32, 64],
-        "layers_per_block": 2,
-        "cross_attention_dim": 72,
-        "attention_head_dim": 8,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 8 * 6 + 40,
-    }
-    spec = families.FamilySpec(
-        name="tiny-sdxl",
-        pipeline_class="StableDiffusionXLPipeline",
-        unet=unet,
-        vae=TINY_VAE,
-        text_encoders={
-            "text_encoder": ("CLIPTextModel", TINY_TEXT_ENCODER),
-            "text_encoder_2": ("CLIPTextModelWithProjection", te2),
-        },
-        tokenizers={"tokenizer": families.EOS, "tokenizer_2": "!"},
-        scheduler=families.SD_SCHEDULER,
-        index_extra=families._SDXL_INDEX,
-    )
-    monkeypatch.setitem(families.FAMILIES, "tiny-sdxl", spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = diffusers.StableDiffusionXLPipeline(
-            vae=diffusers.AutoencoderKL(**TINY_VAE),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)),
-            tokenizer=families.clip_tokenizer(),
-            tokenizer_2=families.clip_tokenizer("!"),
-            unet=diffusers.UNet2DConditionModel(**unet),
-            scheduler=diffusers.EulerDiscreteScheduler(**families.SD_SCHEDULER),
-            add_watermarker=False,
-        )
-    model = tmp_path / "xl.safetensors"
-    save_single_file(pipe, model, dtype=torch.float32, metadata={families.FAMILY_METADATA_KEY: "tiny-sdxl"})
+    model = write_tiny_sdxl_model(tmp_path / "xl.safetensors")
 
     config = config_with(tmp_path, max_train_epochs=1, clip_skip=2)
     result = train(config, model, root / "dataset", tmp_path / "out", device="cpu", work_dir=root / "work")
