@@ -75,11 +75,14 @@ class GpuWorker(QueueService):
         )
         self.engine = engine
         self.endpoint = endpoint
+        # What the console shows for this worker; engines without a policy (test doubles) report none.
+        describe = getattr(engine, "capabilities", None)
+        self.capabilities = protocol.capability_summary(describe()) if describe else None
 
     # --- events ----------------------------------------------------------------------------------------------------
     def _heartbeat_event(self) -> dict:
         """The one place that builds this worker's heartbeat (the endpoint counts live workers from these)."""
-        return protocol.heartbeat(self.endpoint, self.worker_id, self.instance_type)
+        return protocol.heartbeat(self.endpoint, self.worker_id, self.instance_type, self.capabilities)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
     def job_id(self, message: Any) -> str | None:

@@ -110,6 +110,8 @@ class Worker(models.Model):
     worker = models.CharField(max_length=200)
     instance_type = models.CharField(max_length=100, blank=True, default="")
     last_seen = models.DateTimeField(db_index=True)
+    # What the worker's runtime can do (gpu_runtime.protocol.capability_summary), shown on the endpoints page.
+    capabilities = models.JSONField(default=dict, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["endpoint_name", "worker"], name="worker_per_endpoint")]

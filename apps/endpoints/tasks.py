@@ -56,7 +56,11 @@ def heartbeat(event: dict) -> None:
     Worker.objects.update_or_create(
         endpoint_name=name,
         worker=worker[:200],
-        defaults={"last_seen": timezone.now(), "instance_type": str(event.get("instance_type") or "")[:100]},
+        defaults={
+            "last_seen": timezone.now(),
+            "instance_type": str(event.get("instance_type") or "")[:100],
+            "capabilities": event.get("capabilities") if isinstance(event.get("capabilities"), dict) else {},
+        },
     )
     endpoint = Endpoint.objects.live().filter(name=name, backend=Backend.SELF_HOSTED).first()
     if endpoint is not None:

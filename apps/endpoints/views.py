@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -18,6 +19,7 @@ from django.contrib import messages
 from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from apps.accounts.models import Role, held_role_names
@@ -26,7 +28,7 @@ from apps.endpoints.api.schemas import CREATE, NAME_PATTERN
 from apps.endpoints.backends import get_backend
 from apps.endpoints.backends.base import BackendError
 from apps.endpoints.choices import Backend, EndpointType
-from apps.endpoints.models import Endpoint, EndpointOwner, EndpointQuerySet
+from apps.endpoints.models import Endpoint, EndpointOwner, EndpointQuerySet, Worker
 from esd.api.errors import EsdError
 from esd.console import console_view, holds, permissions
 
@@ -133,9 +135,11 @@ def table_context(request: HttpRequest) -> dict[str, Any]:
     if can_change and endpoints:
         changeable = Endpoint.objects.changeable_by(request.user, permissions(request))
         allowed = set(changeable.filter(pk__in=[e.pk for e in endpoints]).values_list("pk", flat=True))
+    capabilities = worker_capabilities([e.name for e in endpoints])
     rows = [
         {
             "endpoint": e,
+            "capabilities": capabilities.get(e.name, []),
             "info": services.describe_for_operators(e),
             "owners": [o.name for o in e.owners.all()],
             "changeable": e.pk in allowed,
@@ -143,6 +147,19 @@ def table_context(request: HttpRequest) -> dict[str, Any]:
         for e in endpoints
     ]
     return {"rows": rows, "can_change": can_change, "shown": SHOWN}
+
+
+def worker_capabilities(names: list[str]) -> dict[str, list[dict]]:
+    """Endpoint name -> the distinct capability summaries its live workers reported (one query for the page)."""
+    cutoff = timezone.now() - timedelta(seconds=settings.ESD_WORKER_HEARTBEAT_TTL)
+    found: dict[str, dict[str, dict]] = {}
+    workers = Worker.objects.filter(endpoint_name__in=names, last_seen__gte=cutoff).values_list(
+        "endpoint_name", "capabilities"
+    )
+    for name, summary in workers:
+        if summary and summary.get("digest"):
+            found.setdefault(name, {})[summary["digest"]] = summary
+    return {name: list(by_digest.values()) for name, by_digest in found.items()}
 
 
 def page(request: HttpRequest, form: DeployForm | None, status: int = 200) -> HttpResponse:

@@ -99,6 +99,10 @@ def validate_event(event: Any) -> dict:
         _string(event.get("endpoint"), "event.endpoint")
         _string(event.get("worker"), "event.worker")
         _string(event.get("instance_type", ""), "event.instance_type", empty=True)
+        capabilities = event.get("capabilities")
+        if capabilities is not None:
+            _require(capabilities, dict, "event.capabilities")
+            _string(capabilities.get("digest"), "event.capabilities.digest")
     elif kind == "inference":
         _string(event.get("inferenceId"), "event.inferenceId")
         status = _string(event.get("invocationStatus"), "event.invocationStatus")
@@ -120,8 +124,25 @@ def validate_event(event: Any) -> dict:
     return event
 
 
-def heartbeat(endpoint: str, worker: str, instance_type: str = "") -> dict:
-    return {"kind": "heartbeat", "endpoint": endpoint, "worker": worker, "instance_type": instance_type}
+def heartbeat(endpoint: str, worker: str, instance_type: str = "", capabilities: dict | None = None) -> dict:
+    """A worker's liveness report; ``capabilities`` (see :func:`capability_summary`) lets the console show what
+    the workers behind an endpoint can do."""
+    event = {"kind": "heartbeat", "endpoint": endpoint, "worker": worker, "instance_type": instance_type}
+    if capabilities is not None:
+        event["capabilities"] = capabilities
+    return event
+
+
+def capability_summary(document: dict) -> dict:
+    """The short form of a capabilities document a heartbeat carries every 15 s: its digest and what the console
+    lists (the full field table is ``python -m gpu_runtime capabilities`` on the worker)."""
+    from gpu_runtime.protocol.policy import digest
+
+    keys = ("tasks", "samplers", "families", "scripts", "upscalers", "device", "dtype")
+    summary = {key: document[key] for key in keys if key in document}
+    summary["alwayson_scripts"] = document.get("alwayson_scripts", {})
+    summary["digest"] = digest(document)
+    return summary
 
 
 def inference_result(job_id: str, *, ok: bool, output_location: str = "", reason: str = "") -> dict:

@@ -253,3 +253,20 @@ def test_users_without_endpoint_permissions_are_refused(client, db):
     client.force_login(make_user("nobody"))
     assert client.get("/endpoints/").status_code == 403
     assert client.get("/endpoints/live").status_code == 403
+
+
+def test_workers_capabilities_from_their_heartbeat_show_on_the_page(signed_in):
+    """A GPU worker's heartbeat carries its runtime's capability summary; the endpoint's row lists it."""
+    from apps.endpoints.tasks import heartbeat
+    from gpu_runtime import protocol
+    from gpu_runtime.protocol import policy
+
+    make_endpoint("esd-async-gpu")
+    summary = protocol.capability_summary({**policy.capabilities(), "device": "cuda:0"})
+    event = protocol.heartbeat("esd-async-gpu", "host-a/1", "g5.xlarge", summary)
+    protocol.validate_event(event)
+    heartbeat(event)
+    page = html.unescape(signed_in.get("/endpoints/live").content.decode())
+    assert f'data-digest="{summary["digest"]}"' in page and "on cuda:0" in page
+    assert "Samplers: " + ", ".join(policy.SAMPLER_NAMES) in page
+    assert "refused when enabled: adetailer" in page

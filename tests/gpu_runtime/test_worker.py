@@ -88,6 +88,11 @@ def test_worker_runs_jobs_reports_and_survives_bad_ones(broker, queues, engine, 
     try:
         heartbeat = events.wait(lambda e: e["kind"] == "heartbeat")[0]
         assert (heartbeat["endpoint"], heartbeat["instance_type"]) == (endpoint, "cpu")
+        # the runtime's capability summary rides along, so the console can show what this worker does
+        from gpu_runtime.protocol import policy
+
+        assert heartbeat["capabilities"]["digest"] == policy.digest(engine.capabilities())
+        assert heartbeat["capabilities"]["samplers"] == list(policy.SAMPLER_NAMES)
         send(broker, endpoint, "bad", make_request(files, "bad", {**BASE, "sampler_name": "Foo"}))
         send(broker, endpoint, "broken", {"task": "txt2img"})  # not even a valid request
         send(broker, endpoint, "good", make_request(files, "good", BASE))
