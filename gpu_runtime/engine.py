@@ -337,7 +337,7 @@ class Engine:
                 if first.task in ("extra-single-image", "extra-batch-images", "rembg"):
                     from gpu_runtime.extras import run_extras
 
-                    return [run_extras(job.task, job.params, self.root, job.ignored) for job in jobs]
+                    return [run_extras(job.task, job.params, self.root) for job in jobs]
                 return self._diffuse(jobs, progress)
         finally:
             for job in jobs:

@@ -18,8 +18,8 @@ from gpu_runtime.protocol.policy import PIL_UPSCALERS
 PIL_FILTERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 
 
-def run_extras(task: str, params: dict, root: Path, ignored: list[str] | None = None) -> dict:
-    """One extras request; ``ignored`` (fields A1111 does not know) is reported in ``html_info``'s companion."""
+def run_extras(task: str, params: dict, root: Path) -> dict:
+    """One extras request (the policy has already refused what this cannot do)."""
     if task == "rembg":
         return {"image": _rembg(params, root), "html_info": ""}
     if task == "extra-single-image":
