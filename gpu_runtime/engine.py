@@ -71,6 +71,7 @@ class Prepared:
     randn_source: str = "GPU"
     strength: float = 0.75
     init_images: list[Any] = field(default_factory=list)
+    chunks: int = 1  # conditioning length in 75-token chunks (prompt or negative, the longer)
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -94,6 +95,7 @@ class Prepared:
             self.height,
             self.clip_skip,
             self.randn_source,
+            self.chunks,
         )
 
     @property
@@ -215,6 +217,8 @@ class Engine:
             raise JobError(str(exc)) from None
         job.steps = _int(params, "steps", policy.DEFAULT_STEPS, 1, 150)
         job.cfg_scale = _number(params, "cfg_scale", 7.0, 0.0, 30.0)
+        if 0 < job.cfg_scale < 1:
+            raise JobError(f"cfg_scale={job.cfg_scale:g} is not supported by this runtime (use 0, or 1 and above)")
         job.eta = _optional_number(params, "eta", 0.0, 1.0) if job.sampler in policy.ETA_SAMPLERS else None
         job.width = _int(params, "width", 512, 8, 4096)
         job.height = _int(params, "height", 512, 8, 4096)
@@ -259,6 +263,9 @@ class Engine:
             tags = []
         job.prompts = [prompt] * count
         job.negative_prompts = [negative] * count
+        from gpu_runtime.conditioning import chunk_count
+
+        job.chunks = max(chunk_count(prompt), chunk_count(negative))
 
         wanted = overrides.get("sd_model_checkpoint")
         chosen = next((m for m in checkpoints if wanted and _same_name(m["model_name"], wanted)), None)
@@ -432,16 +439,7 @@ class Engine:
         }
         if job.eta is not None:
             arguments["eta"] = job.eta
-        if job.clip_skip > 1:
-            # diffusers 0.42's own clip_skip reads text_encoder.text_model, which transformers 5 removed.
-            arguments["prompt_embeds"] = _encode_skipping(pipe, prompts, job.clip_skip - 1)
-            arguments["negative_prompt_embeds"] = _encode_skipping(pipe, negatives, job.clip_skip - 1)
-        else:
-            arguments["prompt"] = prompts
-            if job.xl and not any(negatives):
-                arguments["negative_prompt"] = None  # A1111 (and SDXL's config) encode an empty negative as zeros
-            else:
-                arguments["negative_prompt"] = negatives
+        arguments.update(self._conditioning(pipe, job, prompts, negatives))
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
         else:
@@ -449,6 +447,44 @@ class Engine:
         with torch.inference_mode():
             latents = pipe(**arguments).images
             return self._decode(pipe, latents, notes)
+
+    def _conditioning(self, pipe: Any, job: Prepared, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
+        """A1111's conditioning (chunks, emphasis, BREAK; SDXL's two encoders and pooled vector) as diffusers'
+        ``prompt_embeds`` arguments. Texts of different lengths are padded with empty chunks (A1111's
+        ``pad_cond_uncond``); ``cfg_scale`` 0 is A1111's unconditional prediction."""
+        import torch
+
+        from gpu_runtime.conditioning import encode_sd, encode_sdxl, pad_to
+
+        cache: dict[str, Any] = {}
+
+        def encode(text: str) -> Any:
+            if text not in cache:
+                with torch.inference_mode():
+                    cache[text] = encode_sdxl(pipe, text) if job.xl else (encode_sd(pipe, text, job.clip_skip), None)
+            return cache[text]
+
+        zero_negative = job.xl and not any(negatives)  # A1111 zeroes SDXL's uncond when every negative is empty
+        conds = [encode(text) for text in prompts]
+        unconds = [encode(text) for text in ([""] * len(prompts) if zero_negative else negatives)]
+        longest = max(z.shape[1] for z, _ in conds + unconds)
+        empty = encode("")[0]
+        cond = torch.cat([pad_to(z, longest, empty) for z, _ in conds])
+        uncond = torch.cat([pad_to(z, longest, empty) for z, _ in unconds])
+        if zero_negative:
+            uncond = torch.zeros_like(uncond)
+        if job.cfg_scale == 0:
+            cond = uncond  # diffusers then skips guidance and predicts from these: A1111's cfg 0
+        arguments: dict[str, Any] = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+        if job.xl:
+            pooled = torch.cat([p for _, p in conds])
+            negative_pooled = torch.cat([p for _, p in unconds])
+            if zero_negative:
+                negative_pooled = torch.zeros_like(negative_pooled)
+            if job.cfg_scale == 0:
+                pooled = negative_pooled
+            arguments.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+        return arguments
 
     def _noise(self, pipe: Any, job: Prepared, generators: list[Any]) -> Any:
         """Each image's starting noise drawn alone in float32 from its own generator (A1111's ImageRNG), so an
@@ -779,22 +815,6 @@ def _convert_pickle(source: Path, target: Path) -> None:
 
 def _module_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _encode_skipping(pipe: Any, prompts: list[str], skip: int) -> Any:
-    """SD 1.x prompt embeddings from ``skip`` layers before the last, through the final layer norm (what
-    A1111's "Clip skip" does), with textual-inversion tokens expanded as the pipeline would."""
-    import torch
-
-    prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
-    tokens = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    encoder = pipe.text_encoder
-    with torch.inference_mode():
-        hidden = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True).hidden_states[-(skip + 1)]
-        norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
-        return norm(hidden).to(dtype=encoder.dtype)
 
 
 def _same_name(file_name: str, wanted: str) -> bool:
