@@ -72,13 +72,21 @@ class Prepared:
     strength: float = 0.75
     init_images: list[Any] = field(default_factory=list)
     chunks: int = 1  # conditioning length in 75-token chunks (prompt or negative, the longer)
+    subseeds: list[int] = field(default_factory=list)
+    subseed_strength: float = 0.0
+    seed_resize: tuple[int, int] | None = None  # (width, height) the noise is drawn at, then centred
+    ensd: int = 0  # eta_noise_seed_delta
+    tiling: bool = False
+    hires: Hires | None = None
+    xyz: Any = None  # the x/y/z plot plan (gpu_runtime.xyz.XYZPlan) when the job is one
+    cells: list[Prepared] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def batch_key(self) -> tuple | None:
-        """Jobs with equal keys can share one pipeline call (txt2img only)."""
-        if self.task != "txt2img":
+        """Jobs with equal keys can share one pipeline call (txt2img only; an x/y/z plot runs its own cells)."""
+        if self.task != "txt2img" or self.xyz is not None:
             return None
         loras = tuple(sorted((name, weight) for name, _, weight in self.loras))
         embeddings = tuple(sorted((token, cid) for token, (cid, _) in self.embeddings.items()))
@@ -96,11 +104,42 @@ class Prepared:
             self.clip_skip,
             self.randn_source,
             self.chunks,
+            self.subseed_strength,
+            self.seed_resize,
+            self.ensd,
+            self.tiling,
+            self.hires,
         )
 
     @property
     def xl(self) -> bool:
         return "sdxl" in self.family
+
+
+LATENT_UPSCALERS = {  # A1111's latent_upscale_modes: (F.interpolate mode, antialias)
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix for a txt2img job: the second pass's size, upscaler, steps, strength, sampler, prompts."""
+
+    width: int
+    height: int
+    cover: tuple[int, int]  # the upscaled size before the crop to (width, height): hr_resize_x/y cover, then crop
+    upscaler: str
+    steps: int
+    strength: float
+    sampler: str
+    prompt: str
+    negative_prompt: str
+    scale: float
 
 
 class Loaded:
@@ -181,12 +220,36 @@ class Engine:
             raise JobError(str(exc)) from None
         job = Prepared(job_id=job_id, task=task, params=params, ignored=checked.ignored, notes=list(checked.notes))
         try:
-            if task in ("txt2img", "img2img"):
+            if task in ("txt2img", "img2img") and str(params.get("script_name") or "").lower() == "x/y/z plot":
+                self._prepare_xyz(job, request, params)
+            elif task in ("txt2img", "img2img"):
                 self._prepare_diffusion(job, request, params)
         except BaseException:
             self.files.release(job.files)
+            for cell in job.cells:
+                self.files.release(cell.files)
             raise
         return job
+
+    def _prepare_xyz(self, job: Prepared, request: dict, params: dict) -> None:
+        """A1111's x/y/z plot: every cell is prepared as its own job (so each is checked before any GPU work)."""
+        from gpu_runtime import xyz
+
+        try:
+            job.xyz = xyz.parse_script_args(job.task, params.get("script_args") or [])
+            cells = job.xyz.cells(params)
+        except xyz.XYZError as exc:
+            raise JobError(f"x/y/z plot: {exc}") from None
+        for cell in cells:
+            try:  # an axis can set any field (Sigma Churn, Styles, ...): each cell meets the policy like a job
+                policy.check(job.task, cell.params)
+            except policy.PolicyError as exc:
+                raise JobError(f"x/y/z plot cell {cell.index + 1}: {exc}") from None
+            prepared = Prepared(job_id=f"{job.job_id}/{cell.index}", task=job.task, params=cell.params)
+            self._prepare_diffusion(prepared, request, cell.params)
+            job.cells.append(prepared)
+        first = job.cells[0]
+        job.checkpoint, job.family, job.seeds = first.checkpoint, first.family, first.seeds
 
     def load_params(self, request: dict) -> dict:
         """The job's A1111 parameters; bare ``Infinity`` (Python's json for ``s_tmax``) is accepted, NaN is not."""
@@ -251,7 +314,15 @@ class Engine:
         if seed == -1:
             seed = random.randrange(4294967294)  # A1111's get_fixed_seed
         count = batch_size * n_iter
-        job.seeds = [(seed + k) % 2**32 for k in range(count)]  # image k = n*batch_size + i gets seed + k
+        job.tiling = bool(params.get("tiling"))
+        if job.task == "txt2img":
+            self._prepare_noise(job, params, overrides)
+        # image k = n*batch_size + i gets seed + k, or the seed itself when a variation seed is mixed in
+        job.seeds = [(seed + (0 if job.subseed_strength else k)) % 2**32 for k in range(count)]
+        if job.subseed_strength:
+            subseed = _int(params, "subseed", -1, -1, 2**32 - 1)
+            subseed = random.randrange(4294967294) if subseed == -1 else subseed
+            job.subseeds = [(subseed + k) % 2**32 for k in range(count)]
 
         prompt, negative = str(params.get("prompt") or ""), str(params.get("negative_prompt") or "")
         try:
@@ -263,9 +334,12 @@ class Engine:
             tags = []
         job.prompts = [prompt] * count
         job.negative_prompts = [negative] * count
+        self._dynamic_prompts(job, params, batch_size, n_iter)
         from gpu_runtime.conditioning import chunk_count
 
-        job.chunks = max(chunk_count(prompt), chunk_count(negative))
+        job.chunks = max(chunk_count(text) for text in {*job.prompts, *job.negative_prompts})
+        if job.task == "txt2img" and params.get("enable_hr"):
+            job.hires = _hires_plan(job, params, prompt, negative)
 
         wanted = overrides.get("sd_model_checkpoint")
         chosen = next((m for m in checkpoints if wanted and _same_name(m["model_name"], wanted)), None)
@@ -299,6 +373,46 @@ class Engine:
             token = Path(embedding["model_name"]).stem
             if any(_mentions(text, token) for text in texts):
                 job.embeddings[token] = (embedding["id"], self._fetch(request, embedding, job))
+
+    @staticmethod
+    def _dynamic_prompts(job: Prepared, params: dict, batch_size: int, n_iter: int) -> None:
+        """The Dynamic Prompts extension when the request enables it: each image gets its own variant of the
+        prompt and A1111's seed for it (a prompt without its syntax is left as it is)."""
+        scripts = params.get("alwayson_scripts") or {}
+        entry = next((v for k, v in scripts.items() if str(k).lower().startswith("dynamic prompts")), None)
+        if not isinstance(entry, dict) or "args" not in entry:
+            return
+        from gpu_runtime import dynamic_prompts
+
+        options = dynamic_prompts.parse_args(entry["args"])
+        if not options.is_enabled:
+            return
+        expansion = dynamic_prompts.expand(
+            job.prompts[0],
+            job.negative_prompts[0],
+            options,
+            batch_size=batch_size,
+            n_iter=n_iter,
+            seed=job.seeds[0],
+            max_images=MAX_IMAGES,
+        )
+        if job.subseed_strength and len(expansion.all_seeds) != len(job.subseeds):
+            raise JobError("Dynamic Prompts with a variation seed is not supported by this runtime")
+        job.prompts, job.negative_prompts = list(expansion.all_prompts), list(expansion.all_negative_prompts)
+        job.seeds = list(expansion.all_seeds)
+        job.notes += list(expansion.notes)
+
+    @staticmethod
+    def _prepare_noise(job: Prepared, params: dict, overrides: dict) -> None:
+        """txt2img's noise options: variation seed strength, drawing the noise at another size, ENSD."""
+        job.subseed_strength = _number(params, "subseed_strength", 0.0, 0.0, 1.0)
+        resize_w = _int(params, "seed_resize_from_w", -1, -1, 4096)
+        resize_h = _int(params, "seed_resize_from_h", -1, -1, 4096)
+        if resize_w > 0 and resize_h > 0:
+            if resize_w < 8 or resize_h < 8:
+                raise JobError("seed_resize_from_w and seed_resize_from_h must be at least 8")
+            job.seed_resize = (resize_w, resize_h)
+        job.ensd = _int(overrides, "eta_noise_seed_delta", 0, -(2**31), 2**31 - 1)
 
     def _fetch(self, request: dict, model: dict, job: Prepared) -> Path:
         key = f"{model['id']}/{model['model_name']}"
@@ -345,10 +459,49 @@ class Engine:
                     from gpu_runtime.extras import run_extras
 
                     return [run_extras(job.task, job.params, self.root) for job in jobs]
+                if first.xyz is not None:
+                    return [self._run_xyz(first, progress)]
                 return self._diffuse(jobs, progress)
         finally:
             for job in jobs:
                 self.files.release(job.files)
+                for cell in job.cells:
+                    self.files.release(cell.files)
+
+    def _run_xyz(self, job: Prepared, progress: Progress | None) -> dict:
+        """Run every cell (first image kept, as A1111 keeps it), then A1111's grid, sub-grids and cell images."""
+        from gpu_runtime import xyz
+        from gpu_runtime.images import decode_image as decode
+
+        images, infotexts, notes = [], [], []
+        first_info: dict = {}
+        for index, cell in enumerate(job.cells):
+
+            def report(step: int, total: int, index: int = index) -> None:
+                if progress is not None:
+                    progress(index * total + step, total * len(job.cells))
+
+            output = self._diffuse([cell], report)[0]
+            info = json.loads(output["info"])
+            first_info = first_info or info
+            images.append(decode(output["images"][0]))
+            infotexts.append(info["infotexts"][0])
+            notes += [note for note in info["notes"] if note not in notes]
+        result = xyz.assemble(job.xyz, images, infotexts)
+        info = {
+            **first_info,
+            "infotexts": list(result.infotexts),
+            "index_of_first_image": result.index_of_first_image,
+            "notes": job.notes + notes,
+            "ignored_parameters": job.ignored,
+            "xyz_cells": len(job.cells),
+        }
+        return {
+            "images": [encode_image(image, text) for image, text in zip(result.images, result.infotexts, strict=True)],
+            "parameters": job.params,
+            "info": json.dumps(info),
+            "html_info": "<br>".join(text.replace("\n", "<br>") for text in result.infotexts[:1]),
+        }
 
     def _diffuse(self, jobs: list[Prepared], progress: Progress | None) -> list[dict]:
         first = jobs[0]
@@ -356,7 +509,7 @@ class Engine:
         self._configure(loaded, first)
         prompts = [p for job in jobs for p in job.prompts]
         negatives = [n for job in jobs for n in job.negative_prompts]
-        seeds = [s for job in jobs for s in job.seeds]
+        seeds = [(s, job.subseeds[k] if job.subseeds else None) for job in jobs for k, s in enumerate(job.seeds)]
         init_images = [image for job in jobs for image in _per_image(job)] if first.task == "img2img" else []
         starts = list(range(0, len(prompts), self.max_batch))
         images: list[Any] = []
@@ -413,21 +566,24 @@ class Engine:
         job: Prepared,
         prompts: list[str],
         negatives: list[str],
-        seeds: list[int],
+        seeds: list[tuple[int, int | None]],
         init_images: list[Any],
         report: Callable[[int, int], None],
         notes: list[str],
     ) -> list[Any]:
-        """One batched pipeline call, returning PIL images (decoded by :meth:`_decode`)."""
+        """One batched pipeline call (two with hires fix), returning PIL images (decoded by :meth:`_decode`)."""
         import torch
 
         pipe = loaded.img2img if job.task == "img2img" else loaded.pipe
-        pipe.scheduler = scheduler_for(job.sampler, loaded.scheduler_config, seeds)
-        generator_device = self.device if job.randn_source == "GPU" and self.device.startswith("cuda") else "cpu"
-        generators = [torch.Generator(device=generator_device).manual_seed(s) for s in seeds]
+        image_seeds = [seed for seed, _ in seeds]
+        pipe.scheduler = scheduler_for(job.sampler, loaded.scheduler_config, image_seeds)
+        generators = self._generators(job, image_seeds)
+        hires_calls = _hires_calls(job)
+        calls = {"first": 0}
 
         def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            report(step + 1, pipeline.num_timesteps)
+            calls["first"] = pipeline.num_timesteps
+            report(step + 1, pipeline.num_timesteps + hires_calls)
             return kwargs
 
         arguments: dict[str, Any] = {
@@ -443,10 +599,77 @@ class Engine:
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
         else:
-            arguments.update(width=job.width, height=job.height, latents=self._noise(pipe, job, generators))
-        with torch.inference_mode():
+            arguments.update(width=job.width, height=job.height, latents=self._noise(pipe, job, seeds, generators))
+        with torch.inference_mode(), _tiled(loaded, job.tiling):
             latents = pipe(**arguments).images
+            if job.hires is not None:
+                latents = self._hires(loaded, job, latents, seeds, report, calls["first"], notes)
             return self._decode(pipe, latents, notes)
+
+    def _generators(self, job: Prepared, seeds: list[int]) -> list[Any]:
+        import torch
+
+        device = self.device if job.randn_source == "GPU" and self.device.startswith("cuda") else "cpu"
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def _hires(
+        self,
+        loaded: Loaded,
+        job: Prepared,
+        latents: Any,
+        seeds: list[tuple[int, int | None]],
+        report: Callable[[int, int], None],
+        first_calls: int,
+        notes: list[str],
+    ) -> Any:
+        """A1111's hires pass: upscale the first pass (in latent space, or decoded and resized with a PIL
+        upscaler), crop to the target, then img2img with fresh noise from the same seeds for exactly the hires
+        steps (A1111's fixed-steps rule: a schedule of ``int(steps / min(strength, 0.999))``)."""
+        import torch
+        import torch.nn.functional as F
+
+        hires = job.hires
+        pipe = loaded.img2img
+        cover_w, cover_h = hires.cover
+        if hires.upscaler in LATENT_UPSCALERS:
+            mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+            upscaled = F.interpolate(
+                latents.float(), size=(cover_h // 8, cover_w // 8), mode=mode, antialias=antialias
+            ).to(latents.dtype)
+            cut_x, cut_y = (cover_w - hires.width) // 8, (cover_h - hires.height) // 8  # A1111's truncate_x/y
+            image: Any = upscaled[
+                :, :, cut_y // 2 : cut_y // 2 + hires.height // 8, cut_x // 2 : cut_x // 2 + hires.width // 8
+            ]
+        else:
+            from PIL import Image
+
+            method = Image.Resampling.NEAREST if hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
+            first = self._decode(loaded.pipe, latents, notes)
+            image = [_cover_crop(picture, cover_w, cover_h, hires.width, hires.height, method) for picture in first]
+        image_seeds = [seed for seed, _ in seeds]
+        pipe.scheduler = scheduler_for(hires.sampler, loaded.scheduler_config, image_seeds)
+        schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
+        total = first_calls + _hires_calls(job)
+
+        def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            report(min(total, first_calls + step + 1), total)
+            return kwargs
+
+        count = len(seeds)
+        arguments: dict[str, Any] = {
+            "image": image,
+            "strength": min(1.0, (hires.steps + 1e-3) / schedule),
+            "num_inference_steps": schedule,
+            "guidance_scale": job.cfg_scale,
+            "generator": self._generators(job, image_seeds),
+            "callback_on_step_end": on_step,
+            "output_type": "latent",
+            **self._conditioning(pipe, job, [hires.prompt] * count, [hires.negative_prompt] * count),
+        }
+        if job.eta is not None:
+            arguments["eta"] = job.eta
+        with torch.inference_mode():
+            return pipe(**arguments).images
 
     def _conditioning(self, pipe: Any, job: Prepared, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
         """A1111's conditioning (chunks, emphasis, BREAK; SDXL's two encoders and pooled vector) as diffusers'
@@ -486,14 +709,31 @@ class Engine:
             arguments.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
         return arguments
 
-    def _noise(self, pipe: Any, job: Prepared, generators: list[Any]) -> Any:
+    def _noise(self, pipe: Any, job: Prepared, seeds: list[tuple[int, int | None]], generators: list[Any]) -> Any:
         """Each image's starting noise drawn alone in float32 from its own generator (A1111's ImageRNG), so an
-        image does not depend on the batch it was generated in."""
+        image does not depend on the batch it was generated in: at ``seed_resize`` size and centred when asked,
+        slerped toward its variation seed's noise by ``subseed_strength``; ENSD re-seeds the generators after."""
         import torch
 
-        shape = (pipe.unet.config.in_channels, job.height // 8, job.width // 8)
-        noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
-        return torch.stack(noise).to(self.device, self.dtype)
+        channels = pipe.unet.config.in_channels
+        shape = (channels, job.height // 8, job.width // 8)
+        drawn_shape = shape if job.seed_resize is None else (channels, job.seed_resize[1] // 8, job.seed_resize[0] // 8)
+        noises = []
+        for (seed, subseed), generator in zip(seeds, generators, strict=True):
+            device = generator.device
+            if drawn_shape == shape:
+                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+            else:
+                noise = _randn(seed, drawn_shape, device)
+            if job.subseed_strength and subseed is not None:
+                noise = _slerp(job.subseed_strength, noise, _randn(subseed, drawn_shape, device))
+            if drawn_shape != shape:
+                full = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                noise = _paste_centred(full, noise)
+            if job.ensd:
+                generator.manual_seed(seed + job.ensd)
+            noises.append(noise)
+        return torch.stack(noises).to(self.device, self.dtype)
 
     def _decode(self, pipe: Any, latents: Any, notes: list[str]) -> list[Any]:
         """VAE decode with A1111's automatic VAE precision: NaN or Inf in a half-precision decode is retried in
@@ -652,7 +892,10 @@ class Engine:
             + (f", Denoising strength: {job.strength}" if job.task == "img2img" else "")
             + (f", Clip skip: {job.clip_skip}" if job.clip_skip > 1 else "")
             + (f", RNG: {job.randn_source}" if job.randn_source != "GPU" else "")
-            for prompt, negative, seed in zip(job.prompts, job.negative_prompts, job.seeds, strict=True)
+            + _extra_infotext(job, index)
+            for index, (prompt, negative, seed) in enumerate(
+                zip(job.prompts, job.negative_prompts, job.seeds, strict=True)
+            )
         ]
         info = {
             "prompt": p.get("prompt", ""),
@@ -661,10 +904,13 @@ class Engine:
             "all_negative_prompts": job.negative_prompts,
             "seed": job.seeds[0],
             "all_seeds": job.seeds,
-            "subseed": -1,
-            "subseed_strength": 0,
-            "width": job.width,
-            "height": job.height,
+            "subseed": job.subseeds[0] if job.subseeds else -1,
+            "all_subseeds": job.subseeds or [-1] * len(job.seeds),
+            "subseed_strength": job.subseed_strength,
+            "seed_resize_from_w": job.seed_resize[0] if job.seed_resize else -1,
+            "seed_resize_from_h": job.seed_resize[1] if job.seed_resize else -1,
+            "width": job.hires.width if job.hires else job.width,
+            "height": job.hires.height if job.hires else job.height,
             "sampler_name": job.sampler,
             "cfg_scale": job.cfg_scale,
             "steps": job.steps,
@@ -682,7 +928,7 @@ class Engine:
             "generation_seconds": round(elapsed, 3),
         }
         return {
-            "images": [encode_image(image) for image in images],
+            "images": [encode_image(image, text) for image, text in zip(images, infotexts, strict=True)],
             "parameters": p,
             "info": json.dumps(info),
             "html_info": "<br>".join(text.replace("\n", "<br>") for text in infotexts),
@@ -706,6 +952,150 @@ def _per_image(job: Prepared) -> list[Any]:
     """img2img: image k of the job uses its batch slot's init image (one image is repeated for every slot)."""
     images = job.init_images
     return [images[k % len(images)] for k in range(len(job.prompts))]
+
+
+def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hires:
+    """A1111's hires target: ``hr_resize_x/y`` (one 0 keeps the aspect ratio; both set: cover then crop in latent
+    space) or ``hr_scale``; the second pass's steps, strength, sampler and prompts."""
+    from gpu_runtime.extras import PIL_FILTERS
+
+    strength = params.get("denoising_strength")
+    if strength is None:
+        raise JobError("enable_hr needs denoising_strength (the strength of the hires pass)")
+    strength = _number(params, "denoising_strength", 0.75, 0.0, 1.0)
+    scale = _number(params, "hr_scale", 2.0, 1.0, 4.0)
+    resize_x, resize_y = _int(params, "hr_resize_x", 0, 0, 8192), _int(params, "hr_resize_y", 0, 0, 8192)
+    width, height = int(job.width * scale), int(job.height * scale)
+    cover = (width // 8 * 8, height // 8 * 8)
+    if resize_x or resize_y:
+        scale = 0.0
+        if not resize_y:
+            width, height = resize_x, resize_x * job.height // job.width
+        elif not resize_x:
+            width, height = resize_y * job.width // job.height, resize_y
+        else:
+            ratio = max(resize_x / job.width, resize_y / job.height)
+            width, height = resize_x, resize_y
+            cover = (int(job.width * ratio) // 8 * 8, int(job.height * ratio) // 8 * 8)
+        if cover[0] < width or cover[1] < height or not (resize_x and resize_y):
+            cover = (width // 8 * 8, height // 8 * 8)
+    width, height = width // 8 * 8, height // 8 * 8
+    if not 64 <= width <= 8192 or not 64 <= height <= 8192 or width * height > 64_000_000:
+        raise JobError(f"the hires size {width}x{height} is outside 64..8192 px")
+    upscaler = str(params.get("hr_upscaler") or "Latent")
+    if upscaler not in LATENT_UPSCALERS and upscaler not in PIL_FILTERS:
+        choices = ", ".join([*LATENT_UPSCALERS, *PIL_FILTERS])
+        raise JobError(f"hr_upscaler {upscaler} is not supported by this runtime; use one of: {choices}")
+    sampler = str(params.get("hr_sampler_name") or job.sampler)
+    try:
+        policy.check_sampler_options({}, policy.sampler_of({"sampler_name": sampler}))
+    except policy.PolicyError as exc:
+        raise JobError(f"hr_sampler_name: {exc}") from None
+    return Hires(
+        width=width,
+        height=height,
+        cover=cover,
+        upscaler=upscaler,
+        steps=_int(params, "hr_second_pass_steps", 0, 0, 150) or job.steps,
+        strength=strength,
+        sampler=sampler,
+        prompt=str(params.get("hr_prompt") or "") or prompt,
+        negative_prompt=str(params.get("hr_negative_prompt") or "") or negative,
+        scale=scale,
+    )
+
+
+def _hires_calls(job: Prepared) -> int:
+    """The hires pass's model calls (second-order samplers take two per step but the last), for progress."""
+    if job.hires is None:
+        return 0
+    from gpu_runtime.samplers import SECOND_ORDER
+
+    steps = job.hires.steps
+    return 2 * steps - 1 if job.hires.sampler in SECOND_ORDER else steps
+
+
+def _cover_crop(image: Any, cover_w: int, cover_h: int, width: int, height: int, method: Any) -> Any:
+    resized = image.resize((cover_w, cover_h), method)
+    left, top = (cover_w - width) // 2, (cover_h - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _randn(seed: int, shape: tuple[int, ...], device: Any) -> Any:
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _slerp(strength: float, low: Any, high: Any) -> Any:
+    """A1111's variation-seed noise: spherical interpolation from the seed's noise (0) to the subseed's (1), with
+    A1111's norms over dim 1 and its near-parallel fallback (whose linear weights are swapped, as there)."""
+    import torch
+
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low + (torch.sin(strength * omega) / so).unsqueeze(
+        1
+    ) * high
+
+
+def _paste_centred(full: Any, noise: Any) -> Any:
+    """Noise drawn at ``seed_resize_from`` size, centred in (or cropped to) the generation's latent size."""
+    dx, dy = (full.shape[2] - noise.shape[2]) // 2, (full.shape[1] - noise.shape[1]) // 2
+    w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+    h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+    tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    full[:, ty : ty + h, tx : tx + w] = noise[:, sy : sy + h, sx : sx + w]
+    return full
+
+
+class _tiled:
+    """Seamless tiling (A1111's ``tiling``): circular padding on every convolution of the UNet and VAE for one
+    call, restored afterwards so the next job is unaffected."""
+
+    def __init__(self, loaded: Loaded, on: bool):
+        self.convs = []
+        if on:
+            import torch
+
+            modules = [loaded.pipe.unet, loaded.pipe.vae]
+            self.convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def __enter__(self) -> None:
+        for conv in self.convs:
+            conv.padding_mode = "circular"
+
+    def __exit__(self, *exc: Any) -> None:
+        for conv in self.convs:
+            conv.padding_mode = "zeros"
+
+
+def _extra_infotext(job: Prepared, index: int) -> str:
+    """The infotext entries of the options this job used (A1111's order: variation seed, seed resize, hires)."""
+    parts = []
+    if job.subseed_strength:
+        parts.append(f"Variation seed: {job.subseeds[index]}, Variation seed strength: {job.subseed_strength:g}")
+    if job.seed_resize:
+        parts.append(f"Seed resize from: {job.seed_resize[0]}x{job.seed_resize[1]}")
+    if job.hires:
+        hires = job.hires
+        parts.append(f"Denoising strength: {hires.strength:g}")
+    if job.ensd:
+        parts.append(f"ENSD: {job.ensd}")
+    if job.tiling:
+        parts.append("Tiling: True")
+    if job.hires:
+        size = f"Hires upscale: {hires.scale:g}" if hires.scale else f"Hires resize: {hires.width}x{hires.height}"
+        parts.append(f"{size}, Hires steps: {hires.steps}, Hires upscaler: {hires.upscaler}")
+        if hires.sampler != job.sampler:
+            parts.append(f"Hires sampler: {hires.sampler}")
+    return "".join(f", {part}" for part in parts)
 
 
 def _a1111_strength(strength: float, steps: int) -> float:

@@ -28,9 +28,16 @@ def decode_image(data: Any) -> Any:
     return image
 
 
-def encode_image(image: Any) -> str:
+def encode_image(image: Any, infotext: str | None = None) -> str:
+    """PNG as base64; ``infotext`` goes into the ``parameters`` text chunk, where A1111's "PNG info" reads it."""
+    from PIL.PngImagePlugin import PngInfo
+
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast: encoding is on every job's critical path
+    info = None
+    if infotext:
+        info = PngInfo()
+        info.add_text("parameters", infotext)
+    image.save(buffer, format="PNG", compress_level=1, pnginfo=info)  # fast: on every job's critical path
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -115,7 +115,7 @@ COMMON: dict[str, Field] = {
     "width": HON,
     "height": HON,
     "restore_faces": Field(UNSUPPORTED, (None, False), issue="14"),
-    "tiling": Field(UNSUPPORTED, (None, False), issue="12"),
+    "tiling": HON,
     "do_not_save_samples": INE,
     "do_not_save_grid": INE,
     "send_images": INE,
@@ -160,7 +160,17 @@ HIRES: dict[str, Field] = {
         )
     },
 }
-TXT2IMG: dict[str, Field] = {**COMMON, **HIRES}
+# txt2img draws its starting noise itself, so A1111's variation seeds, seed resizing and tiling are honoured there.
+# Hires fix is honoured except a second checkpoint, the legacy first-pass size and the v1.9 scheduler field.
+TXT2IMG: dict[str, Field] = {
+    **COMMON,
+    **{name: HON for name in ("subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")},
+    **{name: HON for name in HIRES},
+    "firstphase_width": Field(UNSUPPORTED, (0, None), issue="12"),
+    "firstphase_height": Field(UNSUPPORTED, (0, None), issue="12"),
+    "hr_checkpoint_name": Field(UNSUPPORTED, (None, "", "Use same checkpoint"), issue="12"),
+    "hr_scheduler": Field(UNSUPPORTED, (None, "", "Automatic"), issue="12"),
+}
 IMG2IMG: dict[str, Field] = {
     **COMMON,
     "init_images": HON,
@@ -222,6 +232,7 @@ FIELDS: dict[str, dict[str, Field]] = {
 # override_settings keys (A1111 opts). Honoured ones are read by the engine; the others are accepted only at A1111's
 # default value. Keys that do not change generation (UI and saving options) are ignored and listed.
 HONOURED_OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source")
+TXT2IMG_OVERRIDES = ("eta_noise_seed_delta",)  # re-seeds the per-image generators after the first noise draw
 RANDN_SOURCES = ("GPU", "CPU")
 OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "sd_vae_overrides_per_model_preferences": (True, False),
@@ -321,10 +332,9 @@ ALWAYSON: dict[str, Callable[[list], bool] | None] = {
     "hypertile": lambda args: bool(_arg(args, 0, False)),
 }
 ALWAYSON_ISSUES = {"controlnet": "14", "refiner": "12", "dynamic prompts": "12"}
-# Selectable scripts (``script_name``) this runtime runs: none yet; x/y/z plot is issue 12.
-SCRIPTS: tuple[str, ...] = ()
+# Selectable scripts (``script_name``) this runtime runs (A1111 matches them by lower-cased title).
+SCRIPTS: tuple[str, ...] = ("x/y/z plot",)
 _DYNAMIC_PROMPTS = re.compile(r"^dynamic prompts( v[\d.]+)?$")
-_DYNAMIC_SYNTAX = re.compile(r"\{[^{}]*\|[^{}]*\}|__[\w/.-]+__|\{\d*\$\$")
 
 
 @dataclass
@@ -391,7 +401,7 @@ def check(task: str, params: Mapping[str, Any]) -> Checked:
     if task in ("txt2img", "img2img"):
         for name in ("prompt", "negative_prompt"):
             _check_prompt_syntax(name, params.get(name))
-        _check_overrides(params.get("override_settings"), ignored)
+        _check_overrides(task, params.get("override_settings"), ignored)
         _check_alwayson(params.get("alwayson_scripts"), params, notes)
         _check_script(params)
     return Checked(sorted(ignored), notes)
@@ -418,13 +428,13 @@ def _check_prompt_syntax(name: str, text: Any) -> None:
         raise PolicyError(f"{name}: AND (composable diffusion) is not supported by this runtime")
 
 
-def _check_overrides(overrides: Any, ignored: list[str]) -> None:
+def _check_overrides(task: str, overrides: Any, ignored: list[str]) -> None:
     if overrides is None:
         return
     if not isinstance(overrides, Mapping):
         raise PolicyError("override_settings must be an object")
     for key, value in overrides.items():
-        if key in HONOURED_OVERRIDES:
+        if key in HONOURED_OVERRIDES or (task == "txt2img" and key in TXT2IMG_OVERRIDES):
             if key == "randn_source" and value not in RANDN_SOURCES:
                 raise refusal(f"override_settings.{key}", value)
             continue
@@ -460,32 +470,15 @@ def _check_alwayson(scripts: Any, params: Mapping[str, Any], notes: list[str]) -
 
 
 def _check_dynamic_prompts(name: str, args: list, params: Mapping[str, Any], notes: list[str]) -> None:
-    """Dynamic Prompts in random mode on a prompt without its syntax changes nothing (the prompt is kept and the
-    seeds are seed+i, as without it), which is what ESD's x/y/z payloads send. Anything else needs the extension."""
+    """Dynamic Prompts runs here (variants, wildcards, random and combinatorial modes: gpu_runtime.dynamic_prompts);
+    its options that need a language model or templates are refused by name."""
     if not _arg(args, 0, True):
         return
-    texts = [str(params.get("prompt") or ""), str(params.get("negative_prompt") or "")]
-    if any(_DYNAMIC_SYNTAX.search(text) for text in texts):
-        raise PolicyError(f"always-on script {name}: variant and wildcard syntax is not supported by this runtime")
-    options = {
-        1: "combinatorial mode",
-        3: "magic prompt",
-        4: "I'm feeling lucky",
-        5: "attention grabber",
-        13: "Jinja2 templates",
-        14: "no image generation",
-    }
+    options = {3: "magic prompt", 4: "I'm feeling lucky", 5: "attention grabber", 13: "Jinja2 templates"}
+    options[14] = "no image generation"
     for index, what in options.items():
         if _arg(args, index, False) is True:
             raise PolicyError(f"always-on script {name}: {what} is not supported by this runtime")
-    images = _whole(params.get("batch_size"), 1) * _whole(params.get("n_iter"), 1)
-    if _arg(args, 10, False) is True and images > 1:
-        raise PolicyError(f"always-on script {name}: fixed seed across a batch is not supported by this runtime")
-    notes.append(f"{name}: the prompt has no Dynamic Prompts syntax, so it was used unchanged")
-
-
-def _whole(value: Any, default: int) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 def _check_script(params: Mapping[str, Any]) -> None:
@@ -538,7 +531,7 @@ def capabilities() -> dict[str, Any]:
         "alwayson_scripts": {
             "inert": sorted(name for name, enabled in ALWAYSON.items() if enabled is None),
             "refused_when_enabled": sorted(name for name, enabled in ALWAYSON.items() if enabled is not None),
-            "dynamic prompts": "inert on prompts without its syntax, in random mode",
+            "honoured": ["dynamic prompts"],
         },
         "override_settings": {"honoured": list(HONOURED_OVERRIDES), "default_only": sorted(OVERRIDE_DEFAULTS)},
         "fields": fields,

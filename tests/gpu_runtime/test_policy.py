@@ -39,7 +39,7 @@ def test_full_a1111_txt2img_request_with_disabled_scripts_and_infinity_gets_an_i
     info = json.loads(output["info"])
     assert info["sampler_name"] == "DPM++ 2M Karras" and info["all_seeds"] == [223104262]
     assert info["ignored_parameters"] == ["unknown_client_field"]
-    assert any("Dynamic Prompts" in note for note in info["notes"])
+    assert info["all_prompts"] == ["aws logo"]  # Dynamic Prompts is on, but the prompt has none of its syntax
 
 
 def test_full_a1111_img2img_request_gets_an_image(engine, files):
@@ -57,14 +57,16 @@ def _on(script, args):
 
 
 REFUSED_TXT2IMG = [
-    ({"enable_hr": True}, "enable_hr=true is not supported by this runtime"),
-    ({"enable_hr": True, "hr_scale": 1.5}, "enable_hr=true"),
+    ({"script_name": "Prompts from file or textbox", "script_args": []}, "script Prompts from file or textbox is not"),
+    (
+        {"alwayson_scripts": _on("dynamic prompts v2.17.0", [True, False, 1, True])},
+        "always-on script dynamic prompts v2.17.0: magic prompt is not supported",
+    ),
+    ({"enable_hr": True, "denoising_strength": 0.5, "firstphase_width": 256}, "firstphase_width=256 is not supported"),
+    ({"enable_hr": True, "denoising_strength": 0.5, "hr_scheduler": "Karras"}, 'hr_scheduler="Karras" is not'),
     ({"styles": ["cinematic"]}, 'styles=["cinematic"] is not supported'),
-    ({"subseed_strength": 0.5}, "subseed_strength=0.5 is not supported"),
-    ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_"),
     ({"scheduler": "Karras"}, 'scheduler="Karras" is not supported'),
     ({"restore_faces": True}, "restore_faces=true is not supported"),
-    ({"tiling": True}, "tiling=true is not supported"),
     ({"s_min_uncond": 0.5}, "s_min_uncond=0.5 is not supported"),
     ({"s_churn": 0.3}, "s_churn=0.3 is not supported"),
     ({"s_noise": 0.95}, "s_noise=0.95 is not supported"),
@@ -72,11 +74,9 @@ REFUSED_TXT2IMG = [
     ({"firstpass_image": "aGVsbG8="}, "firstpass_image="),
     ({"infotext": "a cat\nSteps: 20"}, "infotext="),
     ({"eta": 0.5, "sampler_name": "Euler a"}, "eta=0.5 is not supported by this runtime with sampler Euler a"),
-    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta=31337"),
     ({"override_settings": {"emphasis": "No norm"}}, 'override_settings.emphasis="No norm"'),
     ({"override_settings": {"randn_source": "NV"}}, 'override_settings.randn_source="NV"'),
     ({"override_settings": {"k_sched_type": "karras"}}, 'override_settings.k_sched_type="karras"'),
-    ({"script_name": "x/y/z plot", "script_args": [4, "1,2"]}, "script x/y/z plot is not supported"),
     ({"alwayson_scripts": _on("tiled diffusion", [True, "MultiDiffusion"])}, "always-on script tiled diffusion"),
     ({"alwayson_scripts": _on("tiled vae", [True, 2048, 128])}, "always-on script tiled vae is enabled"),
     ({"alwayson_scripts": _on("adetailer", [True, False, {"ad_model": "face_yolov8n.pt"}])}, "script adetailer"),
@@ -89,13 +89,11 @@ REFUSED_TXT2IMG = [
     ({"alwayson_scripts": _on("controlnet", [{"module": "canny", "model": "cn"}])}, "script controlnet is enabled"),
     ({"alwayson_scripts": _on("soft inpainting", [True, 1, 0.5])}, "always-on script soft inpainting"),
     ({"alwayson_scripts": {"regional prompter": {"args": [True]}}}, "always-on script regional prompter is not"),
-    (
-        {"prompt": "a {red|blue} car", "alwayson_scripts": _on("dynamic prompts v2.17.0", [True])},
-        "variant and wildcard syntax is not supported",
-    ),
-    ({"alwayson_scripts": _on("dynamic prompts v2.17.0", [True, True])}, "combinatorial mode is not supported"),
 ]
 REFUSED_IMG2IMG = [
+    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta=31337"),
+    ({"subseed_strength": 0.5}, "subseed_strength=0.5 is not supported"),  # img2img's noise is drawn by diffusers
+    ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_"),
     ({"mask": "aGVsbG8="}, 'mask="aGVsbG8=" is not supported by this runtime'),
     ({"resize_mode": 3}, "resize_mode=3 is not supported"),
     ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier=0.9 is not supported"),
@@ -184,7 +182,8 @@ def test_capabilities_command_prints_the_policy():
     )
     document = json.loads(result.stdout)
     assert document["samplers"] == list(policy.SAMPLER_NAMES) and "txt2img" in document["tasks"]
-    assert "enable_hr" in document["fields"]["txt2img"]["not supported"]
+    assert "mask" in document["fields"]["img2img"]["not supported"]
+    assert "enable_hr" in document["fields"]["txt2img"]["honoured"]
     assert "prompt" in document["fields"]["txt2img"]["honoured"]
     assert "controlnet" in document["alwayson_scripts"]["refused_when_enabled"]
     assert document["digest"] == policy.digest(policy.capabilities())
