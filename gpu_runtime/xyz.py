@@ -678,26 +678,6 @@ def parse_script_args(task: str, script_args: Sequence[Any], rng: random.Random 
     )
 
 
-def models_named(task: str, script_args: Sequence[Any]) -> dict[str, list[str]]:
-    """The model files the axes name, so the control plane can ship them with the job: checkpoint and refiner
-    values under "Stable-diffusion", VAE values under "VAE" (without Automatic/None, which name no file), each
-    in first-mention order without repeats. Invalid arguments raise :class:`XYZError` as the run would."""
-    plan = parse_script_args(task, script_args, rng=random.Random(0))
-    named: dict[str, list[str]] = {"Stable-diffusion": [], "VAE": []}
-    for axis in plan.axes:
-        if axis.option.label in ("Checkpoint name", "Refiner checkpoint"):
-            key, skip = "Stable-diffusion", _NOTHING_VALUES
-        elif axis.option.label == "VAE":
-            key, skip = "VAE", ("Automatic", "None")
-        else:
-            continue
-        for value in axis.values:
-            name = vae_setting(value) if key == "VAE" else value
-            if name not in skip and name not in named[key]:
-                named[key].append(name)
-    return named
-
-
 # ---- assembling the reply -------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from apps.accounts.models import User
+from apps.accounts.models import User, permissions_of
 from apps.endpoints.choices import USABLE, EndpointStatus
 from apps.endpoints.models import Endpoint
 from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
@@ -128,6 +128,46 @@ def upload_url(job: InferenceJob) -> str:
 # --- start and dispatch ----------------------------------------------------------------------------------------------
 
 
+def read_params(job: InferenceJob) -> dict[str, Any]:
+    """The job's A1111 parameters: its ``payload_string``, else the ``api_param.json`` a client uploaded."""
+    raw: str | bytes | None = job.payload_string
+    if raw is None:
+        try:
+            raw = blob_store().read_bytes(params_key(job))
+        except (FileNotFoundError, OSError):
+            return {}
+    try:
+        params = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def add_script_models(job: InferenceJob) -> None:
+    """Models an x/y/z plot's axes name (checkpoints, VAEs, refiners) join the job's models, resolved as the
+    job's owner would see them, so the worker gets their files; a name the owner cannot see is refused."""
+    if job.task_type not in DIFFUSION_TASKS:
+        return
+    from gpu_runtime.protocol.scripts import XYZ_SCRIPT, xyz_model_names
+
+    params = read_params(job)
+    if str(params.get("script_name") or "").lower() != XYZ_SCRIPT:
+        return
+    have = {(t, e["model_name"]) for t, entries in job.used_models.items() for e in entries}
+    wanted = {
+        model_type: [name for name in names if (model_type, name) not in have]
+        for model_type, names in xyz_model_names(job.task_type, params.get("script_args")).items()
+    }
+    wanted = {t: names for t, names in wanted.items() if names}
+    if not wanted:
+        return
+    owner = User.objects.filter(username=job.owner).first()
+    if owner is None:
+        raise BadRequest(f"user {job.owner} of inference job {job.id} no longer exists")
+    for model_type, entries in resolve_models(owner, permissions_of(owner), wanted).items():
+        job.used_models.setdefault(model_type, []).extend(entries)
+
+
 @dataclass(frozen=True)
 class Started:
     job: InferenceJob
@@ -146,11 +186,12 @@ def start_job(job_id: str) -> Started:
         status = endpoint.status if endpoint is not None else EndpointStatus.DELETED
         if status not in USABLE:
             raise BadRequest(f"sagemaker endpoint is not ready with status: {status}")
+        add_script_models(job)
         job.status = InferenceStatus.IN_PROGRESS
         job.start_time = timezone.now()
         if endpoint.backend == "self-hosted":
             job.output_location = blob_store().uri(keys.raw_output(str(job.id)))
-        job.save(update_fields=["status", "start_time", "output_location"])
+        job.save(update_fields=["status", "start_time", "output_location", "used_models"])
         realtime = endpoint.endpoint_type == "Real-time"
         if endpoint.backend == "self-hosted":
             request = build_request(job, self_hosted=True)

@@ -262,18 +262,8 @@ def build_models(data: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def job_params(job: InferenceJob) -> dict[str, Any]:
-    """The job's A1111 parameters: its ``payload_string``, else the ``api_param.json`` a client uploaded."""
-    raw: str | bytes | None = job.payload_string
-    if raw is None:
-        try:
-            raw = blob_store().read_bytes(services.params_key(job))
-        except (FileNotFoundError, OSError):
-            return {}
-    try:
-        params = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return params if isinstance(params, dict) else {}
+    """The job's A1111 parameters (the service reads them for dispatch too)."""
+    return services.read_params(job)
 
 
 def payload_params(job: InferenceJob) -> dict[str, Any]:

@@ -366,18 +366,24 @@ def test_too_large_a_grid_is_refused():
 
 
 def test_models_named_lists_checkpoints_refiners_and_vaes():
+    """The control plane's reading of the axes (gpu_runtime.protocol.scripts) agrees with the plot's own tables."""
+    from gpu_runtime.protocol.scripts import XYZ_MODEL_AXES, xyz_model_names
+
     args = v17(
         x=(11, "", ["a.safetensors", "b.ckpt"]),
         y=(27, "", ["Automatic", "None", "vae.pt"]),
         z=(35, "", ["None", "a.safetensors", "r.safetensors"]),
     )
-    assert xyz.models_named("txt2img", args) == {
+    assert xyz_model_names("txt2img", args) == {
         "Stable-diffusion": ["a.safetensors", "b.ckpt", "r.safetensors"],
         "VAE": ["vae.pt"],
     }
-    assert xyz.models_named("txt2img", v17(x=(4, "1,2", []))) == {"Stable-diffusion": [], "VAE": []}
+    assert xyz_model_names("txt2img", v17(x=(4, "1,2", []))) == {}
     img2img = v17(x=(10, "", ["c.safetensors"]), y=(26, "", ["v.safetensors"]))
-    assert xyz.models_named("img2img", img2img) == {"Stable-diffusion": ["c.safetensors"], "VAE": ["v.safetensors"]}
+    assert xyz_model_names("img2img", img2img) == {"Stable-diffusion": ["c.safetensors"], "VAE": ["v.safetensors"]}
+    for task, axes in XYZ_MODEL_AXES.items():
+        labels = {index: xyz.axis_options(task)[index].label for index in axes}
+        assert set(labels.values()) == {"Checkpoint name", "VAE", "Refiner checkpoint"}, task
 
 
 def test_find_vae_picks_the_shortest_match():

@@ -203,3 +203,35 @@ def test_console_lists_jobs_and_shows_thumbnails(client, api: Api, admin_key, re
     assert f"/blob/out/{job_id}/result/image_0.png?" in detail and "<img" in detail
     client.post("/admin/inference/inferencejob/", {"action": "delete_jobs", "_selected_action": [job_id]})
     assert not InferenceJob.objects.exists()
+
+
+def test_models_named_on_xyz_axes_are_sent_with_the_job(api: Api, admin_key, ready):
+    """An x/y/z plot over checkpoints: the axes' files reach the worker although ``models`` names only one; a name
+    the owner cannot see is refused at start, by name."""
+    import json
+
+    from apps.inference import services
+
+    register("other.safetensors")
+    register("secret.safetensors", owners=("byoc",), creator="someone")
+    register("vae-a.safetensors", checkpoint_type="VAE")
+    axes = [11, "", ["tiny.safetensors", "other.safetensors"], 27, "", ["Automatic", "vae-a.safetensors"]]
+    params = {"prompt": "cat", "script_name": "x/y/z plot", "script_args": [*axes, 0, "", [], True] + [False] * 3}
+    params["script_args"] += [0, False]
+    answer = create(api, admin_key, payload_string=json.dumps(params))
+    assert answer.status == 202, answer.body
+    job_id = answer.body["data"]["inference"]["inference_id"]
+    job = InferenceJob.objects.get(pk=job_id)
+    assert job.status == "inprogress"
+    names = {(t, e["model_name"]) for t, entries in job.used_models.items() for e in entries}
+    assert {("Stable-diffusion", "other.safetensors"), ("VAE", "vae-a.safetensors")} <= names
+    request = services.build_request(job, self_hosted=True)
+    assert any(key.endswith("/other.safetensors") for key in request["urls"]["models"])
+
+    make_role("Painters", ["inference:create", "checkpoint:list"])
+    endpoint("esd-async-p", owners=("Painters",))
+    alice = make_user("alice", roles=("Painters",))
+    hidden = {**params, "script_args": [11, "", ["secret.safetensors"], *params["script_args"][3:]]}
+    answer = create(api, make_key(alice), payload_string=json.dumps(hidden))
+    assert answer.status == 400, answer.body
+    assert "checkpoint with name secret.safetensors, type Stable-diffusion is not found" in answer.body["message"]

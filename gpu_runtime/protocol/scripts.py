@@ -1,0 +1,46 @@
+"""What the control plane must know of a job's selectable script before it dispatches: the model files an x/y/z
+plot's axes name (Checkpoint name, VAE, Refiner checkpoint), so they are resolved for the job's owner and sent with
+the job like the models of ``POST /inferences``. Standard library only; the runtime's ``gpu_runtime.xyz`` runs the
+plot itself and uses these indices too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from typing import Any
+
+XYZ_SCRIPT = "x/y/z plot"
+# A1111 v1.8.0 axis index -> model type, per tab (the img2img list drops the three hires axes before them).
+XYZ_MODEL_AXES: dict[str, dict[int, str]] = {
+    "txt2img": {11: "Stable-diffusion", 27: "VAE", 35: "Stable-diffusion"},
+    "img2img": {10: "Stable-diffusion", 26: "VAE", 34: "Stable-diffusion"},
+}
+_NO_FILE = ("", "None", "Automatic", "Nothing")
+
+
+def xyz_model_names(task: str, script_args: Any) -> dict[str, list[str]]:
+    """Model names per type on the axes of an x/y/z plot's ``script_args`` (15- or 18-argument layout); the
+    values come from the dropdown lists unless ``csv_mode`` (the last argument) is on. Malformed arguments give
+    no names: the runtime refuses them with the reason."""
+    if not isinstance(script_args, Sequence) or isinstance(script_args, str) or len(script_args) not in (15, 18):
+        return {}
+    axes = XYZ_MODEL_AXES.get(task, {})
+    csv_mode = bool(script_args[-1])
+    names: dict[str, list[str]] = {}
+    for offset in (0, 3, 6):
+        kind, text, dropdown = script_args[offset : offset + 3]
+        model_type = axes.get(kind) if isinstance(kind, int) and not isinstance(kind, bool) else None
+        if model_type is None:
+            continue
+        if not csv_mode and isinstance(dropdown, list) and dropdown:
+            values = [str(v) for v in dropdown]
+        else:
+            values = [v.strip() for row in csv.reader(io.StringIO(str(text or ""))) for v in row]
+        for value in values:
+            if model_type == "VAE":
+                value = value.split(" [")[0]
+            if value not in _NO_FILE and value not in names.setdefault(model_type, []):
+                names[model_type].append(value)
+    return {k: v for k, v in names.items() if v}
