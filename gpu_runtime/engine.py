@@ -34,7 +34,7 @@ from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
-from gpu_runtime.samplers import scheduler_for
+from gpu_runtime.samplers import custom_timesteps, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -595,6 +595,10 @@ class Engine:
         }
         if job.eta is not None:
             arguments["eta"] = job.eta
+        timesteps = custom_timesteps(job.sampler, job.steps)
+        if timesteps is not None:
+            arguments["timesteps"] = timesteps
+            arguments["num_inference_steps"] = len(timesteps)
         arguments.update(self._conditioning(pipe, job, prompts, negatives))
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))

@@ -59,11 +59,28 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
             "use_karras_sigmas": False,
         },
     ),
+    # A1111's LCM (sd_samplers_lcm): x0 each step, re-noised to the next timestep, on its own timesteps below.
+    "LCM": (
+        "LCMScheduler",
+        {"original_inference_steps": 50, "set_alpha_to_one": False, "steps_offset": 0, "clip_sample": False},
+    ),
 }
 assert tuple(SAMPLERS) == SAMPLER_NAMES, "the policy's sampler list and the engine's map must agree"
 # Samplers that evaluate the model twice per step (A1111 counts their steps twice for prompt editing and refiner).
 SECOND_ORDER = ("Heun", "DPM2", "DPM2 a", "DPM++ SDE", "DPM++ SDE Karras")
 BROWNIAN = ("DPM++ SDE", "DPM++ SDE Karras")
+
+
+def custom_timesteps(name: str, steps: int) -> list[int] | None:
+    """The timesteps a sampler runs when they are not diffusers' own: A1111's LCM takes ``steps`` points of a
+    50-point grid (t = 20k - 1), evenly from the top: 4 steps give [999, 679, 339, 19] where diffusers' LCM
+    scheduler would give [999, 759, 499, 259]."""
+    if name != "LCM":
+        return None
+    if steps == 1:
+        return [999]
+    grid = [50 - (50 - 1) * i / (steps - 1) for i in range(steps)]
+    return sorted({20 * round(k) - 1 for k in grid}, reverse=True)
 
 
 def model_config(config: Mapping[str, Any]) -> dict[str, Any]:

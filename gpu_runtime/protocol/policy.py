@@ -46,6 +46,7 @@ SAMPLER_NAMES = (
     "DDIM",
     "PLMS",
     "UniPC",
+    "LCM",
 )
 # A1111's API: ``sampler_name or sampler_index``, and ``sampler_index`` defaults to "Euler" (modules/api/models.py).
 DEFAULT_SAMPLER = "Euler"

@@ -122,3 +122,15 @@ def test_sdxl_hires_and_variation_seeds(engine, files):
     }
     output = run(engine, files, params, checkpoint="xl.safetensors")
     assert png_size(output["images"][0]) == (128, 128)
+
+
+def test_lcm_at_4_steps_uses_a1111s_timesteps(engine, files):
+    seen = []
+    output = run(
+        engine, files, {**BASE, "sampler_name": "LCM", "steps": 4, "cfg_scale": 1}, lambda s, t: seen.append(s)
+    )
+    assert pixels(output["images"][0]).std() > 0 and seen == [1, 2, 3, 4]
+    scheduler = next(iter(engine.pipelines.values())).pipe.scheduler
+    assert type(scheduler).__name__ == "LCMScheduler"
+    assert scheduler.timesteps.tolist() == [999, 679, 339, 19]  # A1111's LCM grid (diffusers': 999, 759, 499, 259)
+    assert json.loads(output["info"])["sampler_name"] == "LCM"
