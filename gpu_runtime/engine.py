@@ -580,10 +580,15 @@ class Engine:
         generators = self._generators(job, image_seeds)
         hires_calls = _hires_calls(job)
         calls = {"first": 0}
+        conditioning, switch = self._conditioning(
+            pipe, job, prompts, negatives, _schedule_steps(job.sampler, job.steps)
+        )
 
         def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             calls["first"] = pipeline.num_timesteps
             report(step + 1, pipeline.num_timesteps + hires_calls)
+            if switch is not None:
+                switch(step, kwargs)
             return kwargs
 
         arguments: dict[str, Any] = {
@@ -599,7 +604,9 @@ class Engine:
         if timesteps is not None:
             arguments["timesteps"] = timesteps
             arguments["num_inference_steps"] = len(timesteps)
-        arguments.update(self._conditioning(pipe, job, prompts, negatives))
+        arguments.update(conditioning)
+        if switch is not None:
+            arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
         else:
@@ -654,12 +661,22 @@ class Engine:
         pipe.scheduler = scheduler_for(hires.sampler, loaded.scheduler_config, image_seeds)
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
         total = first_calls + _hires_calls(job)
+        count = len(seeds)
+        conditioning, switch = self._conditioning(
+            pipe,
+            job,
+            [hires.prompt] * count,
+            [hires.negative_prompt] * count,
+            _schedule_steps(hires.sampler, hires.steps),
+            (1.0, _schedule_steps(job.sampler, job.steps)),  # A1111's hires offsets for when-values
+        )
 
         def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             report(min(total, first_calls + step + 1), total)
+            if switch is not None:
+                switch(step, kwargs)
             return kwargs
 
-        count = len(seeds)
         arguments: dict[str, Any] = {
             "image": image,
             "strength": min(1.0, (hires.steps + 1e-3) / schedule),
@@ -668,21 +685,38 @@ class Engine:
             "generator": self._generators(job, image_seeds),
             "callback_on_step_end": on_step,
             "output_type": "latent",
-            **self._conditioning(pipe, job, [hires.prompt] * count, [hires.negative_prompt] * count),
+            **conditioning,
         }
+        if switch is not None:
+            arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
         if job.eta is not None:
             arguments["eta"] = job.eta
         with torch.inference_mode():
             return pipe(**arguments).images
 
-    def _conditioning(self, pipe: Any, job: Prepared, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
+    def _conditioning(
+        self,
+        pipe: Any,
+        job: Prepared,
+        prompts: list[str],
+        negatives: list[str],
+        steps: int,
+        offsets: tuple[float, int] = (0.0, 0),
+    ) -> tuple[dict[str, Any], Callable[[int, dict], None] | None]:
         """A1111's conditioning (chunks, emphasis, BREAK; SDXL's two encoders and pooled vector) as diffusers'
-        ``prompt_embeds`` arguments. Texts of different lengths are padded with empty chunks (A1111's
-        ``pad_cond_uncond``); ``cfg_scale`` 0 is A1111's unconditional prediction."""
+        ``prompt_embeds`` arguments, and - when a prompt has editing or alternation - the step callback that
+        switches the embeddings between model calls. Texts of different lengths are padded with empty chunks
+        (A1111's ``pad_cond_uncond``); ``cfg_scale`` 0 is A1111's unconditional prediction."""
         import torch
 
         from gpu_runtime.conditioning import encode_sd, encode_sdxl, pad_to
+        from gpu_runtime.prompt_schedule import schedule, text_at
 
+        zero_negative = job.xl and not any(negatives)  # A1111 zeroes SDXL's uncond when every negative is empty
+        cond_plans = [schedule(text, steps, *offsets) for text in prompts]
+        uncond_plans = [
+            schedule(text, steps, *offsets) for text in ([""] * len(prompts) if zero_negative else negatives)
+        ]
         cache: dict[str, Any] = {}
 
         def encode(text: str) -> Any:
@@ -691,27 +725,41 @@ class Engine:
                     cache[text] = encode_sdxl(pipe, text) if job.xl else (encode_sd(pipe, text, job.clip_skip), None)
             return cache[text]
 
-        zero_negative = job.xl and not any(negatives)  # A1111 zeroes SDXL's uncond when every negative is empty
-        conds = [encode(text) for text in prompts]
-        unconds = [encode(text) for text in ([""] * len(prompts) if zero_negative else negatives)]
-        longest = max(z.shape[1] for z, _ in conds + unconds)
+        for plan in cond_plans + uncond_plans:
+            for _, text in plan:
+                encode(text)
+        longest = max(z.shape[1] for z, _ in cache.values())
         empty = encode("")[0]
-        cond = torch.cat([pad_to(z, longest, empty) for z, _ in conds])
-        uncond = torch.cat([pad_to(z, longest, empty) for z, _ in unconds])
-        if zero_negative:
-            uncond = torch.zeros_like(uncond)
-        if job.cfg_scale == 0:
-            cond = uncond  # diffusers then skips guidance and predicts from these: A1111's cfg 0
+
+        def at(call: int) -> tuple[Any, Any, Any, Any]:
+            conds = [encode(text_at(plan, call)) for plan in cond_plans]
+            unconds = [encode(text_at(plan, call)) for plan in uncond_plans]
+            cond = torch.cat([pad_to(z, longest, empty) for z, _ in conds])
+            uncond = torch.cat([pad_to(z, longest, empty) for z, _ in unconds])
+            pooled = torch.cat([p for _, p in conds]) if job.xl else None
+            negative_pooled = torch.cat([p for _, p in unconds]) if job.xl else None
+            if zero_negative:
+                uncond, negative_pooled = torch.zeros_like(uncond), torch.zeros_like(negative_pooled)
+            if job.cfg_scale == 0:
+                cond, pooled = uncond, negative_pooled  # diffusers then predicts from these alone: A1111's cfg 0
+            return cond, uncond, pooled, negative_pooled
+
+        cond, uncond, pooled, negative_pooled = at(0)
         arguments: dict[str, Any] = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         if job.xl:
-            pooled = torch.cat([p for _, p in conds])
-            negative_pooled = torch.cat([p for _, p in unconds])
-            if zero_negative:
-                negative_pooled = torch.zeros_like(negative_pooled)
-            if job.cfg_scale == 0:
-                pooled = negative_pooled
             arguments.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
-        return arguments
+        if all(len(plan) == 1 for plan in cond_plans + uncond_plans):
+            return arguments, None
+
+        def switch(call: int, tensors: dict) -> None:
+            """After model call ``call``: the conditioning of call ``call + 1``, in the pipeline's CFG layout."""
+            cond, uncond, pooled, negative_pooled = at(call + 1)
+            guided = pipe.do_classifier_free_guidance
+            tensors["prompt_embeds"] = torch.cat([uncond, cond]) if guided else cond
+            if job.xl:
+                tensors["add_text_embeds"] = torch.cat([negative_pooled, pooled]) if guided else pooled
+
+        return arguments, switch
 
     def _noise(self, pipe: Any, job: Prepared, seeds: list[tuple[int, int | None]], generators: list[Any]) -> Any:
         """Each image's starting noise drawn alone in float32 from its own generator (A1111's ImageRNG), so an
@@ -1007,6 +1055,17 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
         negative_prompt=str(params.get("hr_negative_prompt") or "") or negative,
         scale=scale,
     )
+
+
+def _schedule_steps(sampler: str, steps: int) -> int:
+    """The step count prompt editing is scheduled over: A1111 doubles it for second-order samplers."""
+    from gpu_runtime.samplers import SECOND_ORDER
+
+    return steps * 2 if sampler in SECOND_ORDER else steps
+
+
+def _switched_tensors(job: Prepared) -> list[str]:
+    return ["latents", "prompt_embeds", "add_text_embeds"] if job.xl else ["latents", "prompt_embeds"]
 
 
 def _hires_calls(job: Prepared) -> int:

@@ -408,23 +408,14 @@ def check(task: str, params: Mapping[str, Any]) -> Checked:
     return Checked(sorted(ignored), notes)
 
 
-# A1111 prompt syntax the runtime does not run yet (issue 12): prompt editing and alternation change the text
-# between steps, AND combines several predictions. Emphasis, BREAK and comments are honoured.
-_UNESCAPED = r"(?<!\\)"
-_PROMPT_EDITING = re.compile(_UNESCAPED + r"\[[^\[\]]*:[^\[\]]*\]")
-_ALTERNATION = re.compile(_UNESCAPED + r"\[[^\[\]]*\|[^\[\]]*\]")
+# A1111 prompt syntax the runtime does not run: AND (composable diffusion) combines several predictions. Emphasis,
+# BREAK, comments, prompt editing and alternation are honoured.
 _AND = re.compile(r"\bAND\b")
 
 
 def _check_prompt_syntax(name: str, text: Any) -> None:
     if not isinstance(text, str):
         return
-    if _PROMPT_EDITING.search(text):
-        found = _PROMPT_EDITING.search(text).group(0)
-        raise PolicyError(f"{name}: prompt editing {found} is not supported by this runtime")
-    if _ALTERNATION.search(text):
-        found = _ALTERNATION.search(text).group(0)
-        raise PolicyError(f"{name}: alternation {found} is not supported by this runtime")
     if _AND.search(text):
         raise PolicyError(f"{name}: AND (composable diffusion) is not supported by this runtime")
 

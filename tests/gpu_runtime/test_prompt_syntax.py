@@ -133,13 +133,56 @@ def test_cfg_zero_is_the_unconditional_prediction(engine, files):
         image(engine, files, "a cat", cfg_scale=0.5)
 
 
-def test_prompt_editing_alternation_and_and_are_refused_by_name(engine, files):
-    for prompt, message in (
-        ("a [cat:dog:0.5]", "prompt: prompt editing [cat:dog:0.5] is not supported"),
-        ("a [cat|dog]", "prompt: alternation [cat|dog] is not supported"),
-        ("a cat AND a dog", "AND (composable diffusion) is not supported"),
-    ):
-        with pytest.raises(JobError, match=re.escape(message)):
-            image(engine, files, prompt)
-    info_prompt = image(engine, files, "a \\[cat:dog\\] sign")  # escaped brackets are text
-    assert info_prompt.std() > 0
+def test_prompt_schedules_are_a1111s():
+    from gpu_runtime.prompt_schedule import schedule, text_at
+
+    # A1111 v1.8.0 prompt_parser.get_learned_conditioning_prompt_schedules' documented example
+    prompt = (
+        "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+        "[: in background:0.25] [shoddy:masterful:0.5]"
+    )
+    assert schedule(prompt, 100) == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+    ]
+    assert schedule("a [cat:dog:10] here", 20) == [(10, "a cat here"), (20, "a dog here")]  # absolute steps
+    assert schedule("[a|b]", 4) == [(1, "a"), (2, "b"), (3, "a"), (4, "b")]
+    assert [text_at(schedule("[a|b]", 4), call) for call in range(4)] == ["a", "a", "b", "a"]  # A1111's order
+    assert schedule("(cat:1.2) [dog] \\[x:y:0.5\\]", 10) == [(10, "(cat:1.2) [dog] \\[x:y:0.5\\]")]
+    assert schedule("a [cat:(dog:1.3):0.5]", 10) == [(5, "a cat"), (10, "a (dog:1.3)")]
+    # the hires pass: fractions count from 1.0, absolute steps from the first pass's count
+    assert schedule("[cat:dog:0.5]", 10, 1.0, 20) == [(10, "dog")]
+    assert schedule("[cat:dog:25]", 10, 1.0, 20) == [(5, "cat"), (10, "dog")]
+
+
+def test_prompt_editing_switches_the_embedding_half_way(engine, files):
+    """``[cat:dog:0.5]`` at 10 steps: the UNet sees cat's conditioning for 6 calls and dog's for 4 (A1111)."""
+    from gpu_runtime.conditioning import encode_sd
+
+    image(engine, files, "warm up")
+    pipe = next(iter(engine.pipelines.values())).pipe
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"][-1].clone()), with_kwargs=True
+    )
+    try:
+        edited = image(engine, files, "a photo of a [cat:dog:0.5]", steps=10)
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        cat, dog = encode_sd(pipe, "a photo of a cat")[0], encode_sd(pipe, "a photo of a dog")[0]
+    assert len(seen) == 10
+    assert [torch.equal(z, cat) for z in seen] == [True] * 6 + [False] * 4
+    assert all(torch.equal(z, dog) for z in seen[6:])
+    assert (edited != image(engine, files, "a photo of a cat", steps=10)).any()
+    assert (edited != image(engine, files, "a photo of a dog", steps=10)).any()
+
+
+def test_alternation_changes_the_image_and_and_is_refused(engine, files):
+    assert (image(engine, files, "a [cat|dog]") != image(engine, files, "a cat")).any()
+    with pytest.raises(JobError, match=re.escape("AND (composable diffusion) is not supported")):
+        image(engine, files, "a cat AND a dog")
+    assert image(engine, files, "a \\[cat:dog\\] sign").std() > 0  # escaped brackets are text
