@@ -124,6 +124,7 @@ LATENT_UPSCALERS = {  # A1111's latent_upscale_modes: (F.interpolate mode, antia
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
+assert tuple(LATENT_UPSCALERS) == tuple(n for n in policy.HIRES_UPSCALERS if n.startswith("Latent"))
 
 
 @dataclass(frozen=True)
@@ -1009,8 +1010,6 @@ def _per_image(job: Prepared) -> list[Any]:
 def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hires:
     """A1111's hires target: ``hr_resize_x/y`` (one 0 keeps the aspect ratio; both set: cover then crop in latent
     space) or ``hr_scale``; the second pass's steps, strength, sampler and prompts."""
-    from gpu_runtime.extras import PIL_FILTERS
-
     strength = params.get("denoising_strength")
     if strength is None:
         raise JobError("enable_hr needs denoising_strength (the strength of the hires pass)")
@@ -1035,8 +1034,8 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
     if not 64 <= width <= 8192 or not 64 <= height <= 8192 or width * height > 64_000_000:
         raise JobError(f"the hires size {width}x{height} is outside 64..8192 px")
     upscaler = str(params.get("hr_upscaler") or "Latent")
-    if upscaler not in LATENT_UPSCALERS and upscaler not in PIL_FILTERS:
-        choices = ", ".join([*LATENT_UPSCALERS, *PIL_FILTERS])
+    if upscaler not in policy.HIRES_UPSCALERS:
+        choices = ", ".join(policy.HIRES_UPSCALERS)
         raise JobError(f"hr_upscaler {upscaler} is not supported by this runtime; use one of: {choices}")
     sampler = str(params.get("hr_sampler_name") or job.sampler)
     try:

@@ -134,6 +134,43 @@ class GenerateForm(forms.Form):
         required=False, min_value=0, max_value=1, initial=0.75, widget=forms.NumberInput(attrs={"step": 0.05})
     )
     init_from = forms.UUIDField(required=False, widget=forms.HiddenInput)
+    # txt2img: hires fix, variation seed, tiling (the runtime's policy lists what it honours)
+    enable_hr = forms.BooleanField(label="Hires fix", required=False)
+    hr_scale = forms.FloatField(
+        label="Upscale by",
+        required=False,
+        min_value=1,
+        max_value=4,
+        initial=2,
+        widget=forms.NumberInput({"step": 0.05}),
+    )
+    hr_upscaler = forms.ChoiceField(
+        label="Upscaler", choices=[(n, n) for n in policy.HIRES_UPSCALERS], initial="Latent", required=False
+    )
+    hr_second_pass_steps = forms.IntegerField(
+        label="Hires steps (0: same)", required=False, min_value=0, max_value=150, initial=0
+    )
+    hr_denoising_strength = forms.FloatField(
+        label="Hires denoising",
+        required=False,
+        min_value=0,
+        max_value=1,
+        initial=0.7,
+        widget=forms.NumberInput({"step": 0.05}),
+    )
+    hr_sampler_name = forms.ChoiceField(
+        label="Hires sampler", required=False, choices=[("", "Same as the sampler")] + [(n, n) for n in SAMPLER_NAMES]
+    )
+    subseed = forms.IntegerField(label="Variation seed", required=False, min_value=-1, max_value=2**32 - 1, initial=-1)
+    subseed_strength = forms.FloatField(
+        label="Variation strength",
+        required=False,
+        min_value=0,
+        max_value=1,
+        initial=0,
+        widget=forms.NumberInput({"step": 0.05}),
+    )
+    tiling = forms.BooleanField(label="Tiling (seamless)", required=False)
 
     def __init__(self, *args: Any, choices: Choices, user: User, perms: frozenset[str], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -244,9 +281,24 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
         "n_iter": 1,
         "override_settings": {"sd_model_checkpoint": data["model"], "sd_vae": data["vae"]},
     }
+    if data.get("tiling"):
+        payload["tiling"] = True
     if data["task_type"] == "img2img":
         payload["init_images"] = [data["init_image_b64"]]
         payload["denoising_strength"] = data["denoising_strength"]
+        return payload
+    if data.get("subseed_strength"):
+        payload.update(subseed=data.get("subseed", -1), subseed_strength=data["subseed_strength"])
+    if data.get("enable_hr"):
+        payload.update(
+            enable_hr=True,
+            hr_scale=data.get("hr_scale") or 2,
+            hr_upscaler=data.get("hr_upscaler") or "Latent",
+            hr_second_pass_steps=data.get("hr_second_pass_steps") or 0,
+            denoising_strength=data["hr_denoising_strength"] if data.get("hr_denoising_strength") is not None else 0.7,
+        )
+        if data.get("hr_sampler_name"):
+            payload["hr_sampler_name"] = data["hr_sampler_name"]
     return payload
 
 
@@ -303,9 +355,19 @@ def settings_of(job: InferenceJob) -> tuple[dict[str, Any], list[tuple[str, str]
         "seed",
         "batch_size",
         "denoising_strength",
+        "enable_hr",
+        "hr_scale",
+        "hr_upscaler",
+        "hr_second_pass_steps",
+        "hr_sampler_name",
+        "subseed",
+        "subseed_strength",
+        "tiling",
     ):
         if params.get(name) is not None:
             initial[name] = params[name]
+    if params.get("enable_hr") and params.get("denoising_strength") is not None:
+        initial["hr_denoising_strength"] = params["denoising_strength"]
     if params.get("sampler_name") is None and params.get("sampler_index"):
         initial["sampler_name"] = params["sampler_index"]
     prompt = str(params.get("prompt") or "")

@@ -54,6 +54,17 @@ DEFAULT_STEPS = 50  # StableDiffusionProcessing.steps
 TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
 FAMILIES = ("sd15", "sd2", "sdxl")
 PIL_UPSCALERS = ("None", "Lanczos", "Nearest")
+# hires fix's hr_upscaler names this runtime runs: A1111's latent modes, then the PIL upscalers
+HIRES_UPSCALERS = (
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+    "Lanczos",
+    "Nearest",
+)
 
 
 class PolicyError(ValueError):
@@ -519,6 +530,7 @@ def capabilities() -> dict[str, Any]:
         "samplers": list(SAMPLER_NAMES),
         "default_sampler": DEFAULT_SAMPLER,
         "upscalers": list(PIL_UPSCALERS),
+        "hires_upscalers": list(HIRES_UPSCALERS),
         "scripts": list(SCRIPTS),
         "alwayson_scripts": {
             "inert": sorted(name for name, enabled in ALWAYSON.items() if enabled is None),

@@ -31,12 +31,13 @@
     });
   }
 
-  // --- img2img fields only show for img2img.
+  // --- img2img fields only show for img2img, txt2img ones (hires fix, variation seed) for txt2img.
   const task = form.elements.task_type;
   function showTaskFields() {
-    const img2img = task.value === "img2img";
     // style, not the hidden attribute: the layout classes (.row is display: flex) would win over [hidden].
-    form.querySelectorAll("[data-task='img2img']").forEach((element) => { element.style.display = img2img ? "" : "none"; });
+    form.querySelectorAll("[data-task]").forEach((element) => {
+      element.style.display = element.dataset.task === task.value ? "" : "none";
+    });
   }
   if (task) {
     task.addEventListener("change", showTaskFields);

@@ -335,3 +335,45 @@ def test_permissions(client, ready):
     assert client.get(f"/jobs/{job.id}/").status_code == 200
     client.logout()
     assert client.get("/generate/").status_code == 302  # to the sign-in page
+
+
+def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(client, admin, ready):
+    """The hires upscalers and samplers are the runtime's own lists; the payload carries what was chosen."""
+    from apps.inference.views import build_payload
+    from gpu_runtime.protocol import policy
+
+    client.force_login(admin)
+    page = client.get("/generate/").content.decode()
+    assert 'name="enable_hr"' in page and 'name="hr_upscaler"' in page and 'name="subseed_strength"' in page
+    for name in policy.HIRES_UPSCALERS:
+        assert f'<option value="{name}"' in page
+    assert f'<option value="{policy.SAMPLER_NAMES[-1]}"' in page
+    data = {
+        "task_type": "txt2img",
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "sampler_name": "Euler",
+        "steps": 20,
+        "cfg_scale": 7,
+        "width": 512,
+        "height": 512,
+        "seed": 1,
+        "batch_size": 1,
+        "model": "m.safetensors",
+        "vae": "Automatic",
+        "loras": [],
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Lanczos",
+        "hr_second_pass_steps": 10,
+        "hr_denoising_strength": 0.4,
+        "hr_sampler_name": "",
+        "subseed": 5,
+        "subseed_strength": 0.2,
+        "tiling": True,
+    }
+    payload = build_payload(data)
+    assert (payload["enable_hr"], payload["hr_scale"], payload["hr_upscaler"]) == (True, 1.5, "Lanczos")
+    assert (payload["denoising_strength"], payload["hr_second_pass_steps"]) == (0.4, 10)
+    assert (payload["subseed"], payload["subseed_strength"], payload["tiling"]) == (5, 0.2, True)
+    policy.check("txt2img", payload)  # nothing in it is refused
