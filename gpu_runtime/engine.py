@@ -79,6 +79,7 @@ class Prepared:
     tiling: bool = False
     hires: Hires | None = None
     xyz: Any = None  # the x/y/z plot plan (gpu_runtime.xyz.XYZPlan) when the job is one
+    inpaint: Any = None  # gpu_runtime.masking.Inpaint when an img2img job has a mask
     cells: list[Prepared] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -307,7 +308,13 @@ class Engine:
             if mode == 3:
                 raise JobError("resize_mode=3 is not supported by this runtime")
             decoded = [flatten(decode_image(image)) for image in images]
-            job.init_images = [resize_image(mode, image, job.width, job.height) for image in decoded]
+            if params.get("mask"):
+                from gpu_runtime import masking
+
+                job.inpaint = masking.prepare(params, decoded, job.width, job.height, mode)
+                job.init_images = job.inpaint.images
+            else:
+                job.init_images = [resize_image(mode, image, job.width, job.height) for image in decoded]
             job.strength = _number(params, "denoising_strength", 0.75, 0.0, 1.0)
         if batch_size * n_iter > MAX_IMAGES:
             raise JobError(f"batch_size x n_iter must be at most {MAX_IMAGES}")
@@ -538,6 +545,11 @@ class Engine:
         for job in jobs:
             mine = images[cursor : cursor + len(job.prompts)]
             cursor += len(job.prompts)
+            if job.inpaint is not None:
+                from gpu_runtime.masking import composite
+
+                overlays = job.inpaint.overlays
+                mine = [composite(im, overlays[k % len(overlays)], job.inpaint.paste_to) for k, im in enumerate(mine)]
             outputs.append(self._output(job, mine, elapsed, notes))
         return outputs
 
@@ -608,15 +620,67 @@ class Engine:
         arguments.update(conditioning)
         if switch is not None:
             arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
+        blend = None
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
+            if job.inpaint is not None:
+                blend = self._inpaint_blend(pipe, job, init_images, generators, arguments)
         else:
             arguments.update(width=job.width, height=job.height, latents=self._noise(pipe, job, seeds, generators))
+        if blend is not None:
+            progress_step = on_step
+
+            def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+                kwargs = progress_step(pipeline, step, timestep, kwargs)
+                kwargs["latents"] = blend(pipeline, step, kwargs["latents"])
+                return kwargs
+
+            arguments["callback_on_step_end"] = on_step
+            arguments["callback_on_step_end_tensor_inputs"] = sorted(
+                {"latents", *arguments.get("callback_on_step_end_tensor_inputs", [])}
+            )
         with torch.inference_mode(), _tiled(loaded, job.tiling):
             latents = pipe(**arguments).images
             if job.hires is not None:
                 latents = self._hires(loaded, job, latents, seeds, report, calls["first"], notes)
             return self._decode(pipe, latents, notes)
+
+    def _inpaint_blend(
+        self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any], arguments: dict
+    ) -> Callable[[Any, int, Any], Any]:
+        """Inpainting on the checkpoint's own UNet: the init images are encoded here (so ``inpainting_fill`` 2/3
+        can replace the masked latents with noise or nothing, as A1111 does), and after every step the area
+        outside the mask is put back - re-noised to the next step, and clean after the last one. (A1111 blends
+        the x0 prediction inside its denoiser instead; the composite of the original outside the mask at the end
+        is A1111's either way.)"""
+        import torch
+
+        processed = pipe.image_processor.preprocess(images).to(self.device, pipe.vae.dtype)
+        with torch.inference_mode():
+            encoded = pipe.vae.encode(processed).latent_dist
+            samples = [_sample(encoded, index, generator) for index, generator in enumerate(generators)]
+            init = torch.cat(samples) * pipe.vae.config.scaling_factor
+        keep = 1 - torch.tensor(job.inpaint.latent_mask, device=self.device, dtype=init.dtype)[None, None]
+        noise = torch.stack(
+            [torch.randn(init.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
+        ).to(self.device, init.dtype)
+        if job.inpaint.fill == 2:
+            init = init * keep + noise * (1 - keep)
+        elif job.inpaint.fill == 3:
+            init = init * keep
+        arguments["image"] = init
+
+        def blend(pipeline: Any, step: int, latents: Any) -> Any:
+            scheduler = pipeline.scheduler
+            last = step + 1 >= pipeline.num_timesteps
+            if last:
+                background = init
+            else:
+                next_t = scheduler.timesteps[min(step + 1, len(scheduler.timesteps) - 1)]
+                background = scheduler.add_noise(init, noise, torch.tensor([next_t]))
+            return latents * (1 - keep) + background.to(latents.dtype) * keep
+
+        return blend
 
     def _generators(self, job: Prepared, seeds: list[int]) -> list[Any]:
         import torch
@@ -999,6 +1063,15 @@ def _parse_constant(name: str) -> float:
     if name == "NaN":
         raise JobError("NaN is not a valid parameter value")
     return float(name)  # Infinity, -Infinity
+
+
+def _sample(distribution: Any, index: int, generator: Any) -> Any:
+    """Image ``index``'s latent drawn from the VAE's distribution with that image's generator."""
+    import torch
+
+    mean, std = distribution.mean[index : index + 1], distribution.std[index : index + 1]
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return mean + std * noise.to(mean.device, mean.dtype)
 
 
 def _per_image(job: Prepared) -> list[Any]:

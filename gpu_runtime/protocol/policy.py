@@ -190,11 +190,11 @@ IMG2IMG: dict[str, Field] = {
     "resize_mode": Field(UNSUPPORTED, (0, 1, 2, None), issue="12"),  # 0-2 honoured; 3 (latent resize) is not
     "image_cfg_scale": INE,  # only InstructPix2Pix models use it; A1111 sets it to None for every other model
     "include_init_images": INE,  # only echoes the inputs in ``parameters``, which are always echoed here
-    "mask": Field(UNSUPPORTED, (None, ""), issue="12"),
+    "mask": HON,  # inpainting with the checkpoint's own UNet (9-channel inpainting checkpoints: not yet)
     "latent_mask": Field(UNSUPPORTED, (None, ""), issue="12"),
     "initial_noise_multiplier": Field(UNSUPPORTED, (None, 1), issue="12"),
     **{
-        name: Field(UNSUPPORTED, unless=_MASK, issue="12")
+        name: HON
         for name in (
             "mask_blur",
             "mask_blur_x",

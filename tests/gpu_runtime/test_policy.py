@@ -94,7 +94,6 @@ REFUSED_IMG2IMG = [
     ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta=31337"),
     ({"subseed_strength": 0.5}, "subseed_strength=0.5 is not supported"),  # img2img's noise is drawn by diffusers
     ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_"),
-    ({"mask": "aGVsbG8="}, 'mask="aGVsbG8=" is not supported by this runtime'),
     ({"resize_mode": 3}, "resize_mode=3 is not supported"),
     ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier=0.9 is not supported"),
     ({"latent_mask": "aGVsbG8="}, "latent_mask="),
@@ -182,7 +181,8 @@ def test_capabilities_command_prints_the_policy():
     )
     document = json.loads(result.stdout)
     assert document["samplers"] == list(policy.SAMPLER_NAMES) and "txt2img" in document["tasks"]
-    assert "mask" in document["fields"]["img2img"]["not supported"]
+    assert "latent_mask" in document["fields"]["img2img"]["not supported"]
+    assert "mask" in document["fields"]["img2img"]["honoured"]
     assert "enable_hr" in document["fields"]["txt2img"]["honoured"]
     assert "prompt" in document["fields"]["txt2img"]["honoured"]
     assert "controlnet" in document["alwayson_scripts"]["refused_when_enabled"]

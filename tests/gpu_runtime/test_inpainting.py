@@ -1,0 +1,91 @@
+"""img2img inpainting as A1111 does it (issue 12): the mask's rules, and the image outside the mask kept."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+from PIL import Image
+
+from gpu_runtime import masking
+from gpu_runtime.errors import JobError
+from tests.gpu_runtime.conftest import make_request, pixels, png_size
+
+BASE = {"prompt": "a photo of a cat", "seed": 4, "steps": 6, "width": 64, "height": 64, "sampler_name": "Euler"}
+
+
+def b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def source(size=(64, 64)):
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def square_mask(size=(64, 64), box=(16, 16, 48, 48)):
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+def run(engine, files, params):
+    request = make_request(files, "i", params, task="img2img", types=("Stable-diffusion",))
+    return engine.run([engine.prepare("i", request)])[0]
+
+
+def test_binary_mask_blur_and_crop_follow_a1111():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.putpixel((2, 2), (0, 0, 0, 200))
+    rgba.putpixel((3, 3), (0, 0, 0, 100))
+    binary = masking.binary_mask(rgba)
+    assert binary.getpixel((2, 2)) == 255 and binary.getpixel((3, 3)) == 0  # alpha thresholded at 128
+    assert masking.binary_mask(Image.new("RGB", (4, 4), (255, 255, 255))).getpixel((0, 0)) == 255
+    assert masking._gaussian_kernel(4).size == 2 * int(2.5 * 4 + 0.5) + 1
+    blurred = np.asarray(masking.blur(square_mask(), 4, 4))
+    assert blurred[32, 32] == 255 and blurred[0, 0] == 0 and 0 < blurred[32, 14] < 255  # soft edges
+    assert masking.crop_region(square_mask(), 4) == (12, 12, 52, 52)
+    assert masking.expand_to_ratio((10, 20, 30, 30), 64, 32, 100, 100) == (10, 20, 30, 30)
+    assert masking.expand_to_ratio((10, 10, 30, 50), 64, 64, 100, 100) == (0, 10, 40, 50)
+
+
+@pytest.mark.parametrize("full_res", [False, True])
+def test_inpainted_image_equals_the_input_outside_the_mask(engine, files, full_res):
+    original = source()
+    params = {**BASE, "init_images": [b64(original)], "mask": b64(square_mask()), "denoising_strength": 0.9}
+    params.update(inpaint_full_res=full_res, inpaint_full_res_padding=8, mask_blur=0, inpainting_fill=1)
+    output = run(engine, files, params)
+    result = pixels(output["images"][0])
+    kept = np.asarray(original).astype(int)
+    outside = np.ones((64, 64), bool)
+    outside[16:48, 16:48] = False
+    assert (result[outside] == kept[outside]).all()  # A1111's final composite of the original
+    assert np.abs(result[~outside] - kept[~outside]).mean() > 5  # and the masked square was repainted
+
+
+def test_mask_invert_fill_modes_and_full_res_size(engine, files):
+    original = source((96, 64))
+    base = {**BASE, "init_images": [b64(original)], "mask": b64(square_mask((96, 64), (8, 8, 40, 40)))}
+    base.update(denoising_strength=0.8, mask_blur=0)
+    full = run(engine, files, {**base, "inpaint_full_res": True})
+    assert png_size(full["images"][0]) == (96, 64)  # full resolution: the original's size comes back
+    square = {**base, "init_images": [b64(source())], "mask": b64(square_mask()), "inpaint_full_res": False}
+    inverted = pixels(run(engine, files, {**square, "inpainting_mask_invert": 1})["images"][0])
+    kept = np.asarray(source()).astype(int)
+    assert (inverted[18:46, 18:46] == kept[18:46, 18:46]).all()  # inverted: the square is what is kept
+    images = [
+        pixels(run(engine, files, {**base, "inpaint_full_res": False, "inpainting_fill": f})["images"][0])
+        for f in (0, 1, 2, 3)
+    ]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (images[a] != images[b]).any(), (a, b)  # each masked-content mode starts differently
+    with pytest.raises(JobError, match="the mask is empty"):
+        run(engine, files, {**base, "mask": b64(Image.new("L", (96, 64), 0))})
+    assert json.loads(full["info"])["denoising_strength"] == 0.8
