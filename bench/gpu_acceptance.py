@@ -15,7 +15,8 @@ and checks (one PASS/FAIL line each):
 * vae_failure_recovery: a decode that raises leaves the VAE in its dtype and the next job equal to the reference;
 * oom: SDXL 2048x2048 batch 8 under a memory fraction fails with "out of GPU memory" (or succeeds in halves) and
   the next normal job succeeds;
-* lora: a LoRA changes the image, disabling it restores the plain image exactly; overhead active/disabled.
+* lora: a LoRA changes the image, disabling it restores the plain image exactly; overhead active/disabled;
+* prompt_embedding: A1111-style conditioning of a long weighted prompt costs under 5 % of a 20-step 512x512 job.
 
 It prints one JSON document (all numbers) and then the PASS/FAIL lines; exit status 1 if any check failed.
 ``--tiny`` runs the same script on the tiny models on the CPU in seconds (CI runs it: tests/gpu_runtime)::
@@ -335,6 +336,27 @@ def check_correctness(bench: Bench, runtime: Runtime, size: int) -> None:
     }
 
 
+def measure_prompt_embedding(bench: Bench, runtime: Runtime) -> None:
+    """The cost of A1111-style conditioning (chunks, emphasis, mean restoration) against a whole job: a 20-step
+    512x512 SD1.5 job (on the CPU tiny model with --tiny). Target: under 5 %."""
+    size = 512
+    params = runtime.params(0, size, steps=20, prompt="a (very:1.2) detailed [photo] of a cat, " * 6)
+    job_s = statistics.median(bench.timed(lambda: runtime.run("sd15", [params])) for _ in range(bench.args.runs))
+    prepared = runtime.engine.prepare("embed", runtime.request("sd15", params))
+    loaded = runtime.engine.load(prepared.checkpoint, prepared.family)
+    runtime.engine.files.release(prepared.files)
+
+    def encode() -> None:
+        runtime.engine._conditioning(loaded.pipe, prepared, prepared.prompts, prepared.negative_prompts, 20)
+
+    encode()
+    embed_s = statistics.median(bench.timed(encode) for _ in range(max(3, bench.args.runs)))
+    share = embed_s / job_s
+    bench.numbers["prompt_embedding"] = {"seconds": round(embed_s, 4), "job_seconds": round(job_s, 3)}
+    bench.numbers["prompt_embedding"]["share_of_job"] = round(share, 4)
+    bench.check("prompt_embedding", share < 0.05, f"{share:.2%} of a 20-step {size}x{size} job (< 5 %)")
+
+
 def check_oom(bench: Bench, runtime: Runtime) -> None:
     """SDXL 2048x2048 batch 8 under a memory fraction (a simulated OOM on the CPU), then a normal job."""
     from gpu_runtime.errors import JobError
@@ -408,6 +430,7 @@ def main() -> int:
         bench.numbers["sd15"]["ours"] = ours(bench, runtime, "sd15", sd15_size, [8, 16])
         runtime.engine.max_batch = 8
         check_correctness(bench, runtime, sd15_size)
+        measure_prompt_embedding(bench, runtime)
         bench.numbers["sdxl"]["ours"] = ours(bench, runtime, "sdxl", sdxl_size, [4])
         check_oom(bench, runtime)
     finally:

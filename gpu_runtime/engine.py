@@ -596,20 +596,12 @@ class Engine:
         conditioning, switch = self._conditioning(
             pipe, job, prompts, negatives, _schedule_steps(job.sampler, job.steps)
         )
-
-        def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            calls["first"] = pipeline.num_timesteps
-            report(step + 1, pipeline.num_timesteps + hires_calls)
-            if switch is not None:
-                switch(step, kwargs)
-            return kwargs
-
         arguments: dict[str, Any] = {
             "num_inference_steps": job.steps,
             "guidance_scale": job.cfg_scale,
             "generator": generators,
-            "callback_on_step_end": on_step,
             "output_type": "latent",
+            **conditioning,
         }
         if job.eta is not None:
             arguments["eta"] = job.eta
@@ -617,9 +609,6 @@ class Engine:
         if timesteps is not None:
             arguments["timesteps"] = timesteps
             arguments["num_inference_steps"] = len(timesteps)
-        arguments.update(conditioning)
-        if switch is not None:
-            arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
         blend = None
         if job.task == "img2img":
             arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
@@ -627,18 +616,20 @@ class Engine:
                 blend = self._inpaint_blend(pipe, job, init_images, generators, arguments)
         else:
             arguments.update(width=job.width, height=job.height, latents=self._noise(pipe, job, seeds, generators))
-        if blend is not None:
-            progress_step = on_step
 
-            def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-                kwargs = progress_step(pipeline, step, timestep, kwargs)
+        def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            """Progress; the next call's conditioning (prompt editing); the inpainting blend."""
+            calls["first"] = pipeline.num_timesteps
+            report(step + 1, pipeline.num_timesteps + hires_calls)
+            if switch is not None:
+                switch(step, kwargs)
+            if blend is not None:
                 kwargs["latents"] = blend(pipeline, step, kwargs["latents"])
-                return kwargs
+            return kwargs
 
-            arguments["callback_on_step_end"] = on_step
-            arguments["callback_on_step_end_tensor_inputs"] = sorted(
-                {"latents", *arguments.get("callback_on_step_end_tensor_inputs", [])}
-            )
+        arguments["callback_on_step_end"] = on_step
+        tensors = {"latents"} | (set(_switched_tensors(job)) if switch is not None else set())
+        arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
         with torch.inference_mode(), _tiled(loaded, job.tiling):
             latents = pipe(**arguments).images
             if job.hires is not None:

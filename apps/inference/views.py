@@ -134,6 +134,18 @@ class GenerateForm(forms.Form):
         required=False, min_value=0, max_value=1, initial=0.75, widget=forms.NumberInput(attrs={"step": 0.05})
     )
     init_from = forms.UUIDField(required=False, widget=forms.HiddenInput)
+    # img2img inpainting: a mask image (white = repaint), A1111's mask options
+    mask = forms.FileField(label="Inpaint mask", required=False, widget=forms.ClearableFileInput({"accept": "image/*"}))
+    mask_blur = forms.IntegerField(label="Mask blur", required=False, min_value=0, max_value=64, initial=4)
+    inpainting_fill = forms.TypedChoiceField(
+        label="Masked content",
+        required=False,
+        coerce=int,
+        choices=[(0, "fill"), (1, "original"), (2, "latent noise"), (3, "latent nothing")],
+        initial=1,
+    )
+    inpaint_full_res = forms.BooleanField(label="Inpaint only the masked area", required=False, initial=True)
+    inpainting_mask_invert = forms.BooleanField(label="Invert mask", required=False)
     # txt2img: hires fix, variation seed, tiling (the runtime's policy lists what it honours)
     enable_hr = forms.BooleanField(label="Hires fix", required=False)
     hr_scale = forms.FloatField(
@@ -236,6 +248,7 @@ class GenerateForm(forms.Form):
         data["loras"] = list(loras.items())
         if data.get("task_type") == "img2img":
             data["init_image_b64"] = self._init_image(data)
+            data["mask_b64"] = self._mask(data)
             if data.get("denoising_strength") is None:
                 data["denoising_strength"] = 0.75
         if not self.errors:
@@ -245,6 +258,15 @@ class GenerateForm(forms.Form):
             except policy.PolicyError as exc:
                 self.add_error(None, str(exc))
         return data
+
+    def _mask(self, data: dict[str, Any]) -> str | None:
+        upload = data.get("mask")
+        if not upload:
+            return None
+        if upload.size > MAX_INIT_IMAGE_BYTES:
+            self.add_error("mask", f"the mask must be at most {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
+            return None
+        return base64.b64encode(upload.read()).decode("ascii")
 
     def _init_image(self, data: dict[str, Any]) -> str | None:
         """The uploaded image as base64 (what A1111's ``init_images`` takes), or the image of the job the settings
@@ -286,6 +308,14 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
     if data["task_type"] == "img2img":
         payload["init_images"] = [data["init_image_b64"]]
         payload["denoising_strength"] = data["denoising_strength"]
+        if data.get("mask_b64"):
+            payload.update(
+                mask=data["mask_b64"],
+                mask_blur=data["mask_blur"] if data.get("mask_blur") is not None else 4,
+                inpainting_fill=data["inpainting_fill"] if data.get("inpainting_fill") not in (None, "") else 1,
+                inpaint_full_res=bool(data.get("inpaint_full_res")),
+                inpainting_mask_invert=1 if data.get("inpainting_mask_invert") else 0,
+            )
         return payload
     if data.get("subseed_strength"):
         payload.update(subseed=data.get("subseed", -1), subseed_strength=data["subseed_strength"])

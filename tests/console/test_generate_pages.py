@@ -377,3 +377,20 @@ def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(
     assert (payload["denoising_strength"], payload["hr_second_pass_steps"]) == (0.4, 10)
     assert (payload["subseed"], payload["subseed_strength"], payload["tiling"]) == (5, 0.2, True)
     policy.check("txt2img", payload)  # nothing in it is refused
+
+
+def test_img2img_with_an_uploaded_mask_sends_the_inpainting_fields(
+    client, admin, ready, django_capture_on_commit_callbacks
+):
+    client.force_login(admin)
+    image = SimpleUploadedFile("in.png", PNG, content_type="image/png")
+    mask = SimpleUploadedFile("mask.png", PNG, content_type="image/png")
+    body = form_body(task_type="img2img", init_image=image, mask=mask, mask_blur="2", inpainting_fill="0")
+    body.update(inpaint_full_res="on", inpainting_mask_invert="on")
+    with django_capture_on_commit_callbacks():
+        assert client.post("/generate/", body).status_code == 302
+    payload = json.loads(InferenceJob.objects.get().payload_string)
+    assert base64.b64decode(payload["mask"]) == PNG
+    assert (payload["mask_blur"], payload["inpainting_fill"]) == (2, 0)
+    assert (payload["inpaint_full_res"], payload["inpainting_mask_invert"]) == (True, 1)
+    assert 'name="mask"' in page(client.get("/generate/"))

@@ -10,7 +10,16 @@ import pytest
 pytest.importorskip("diffusers")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_acceptance.py"
-CHECKS = ("batch_vs_solo", "repeat", "sampler_leak", "nan_recovery", "vae_failure_recovery", "lora", "oom")
+CHECKS = (
+    "batch_vs_solo",
+    "repeat",
+    "sampler_leak",
+    "nan_recovery",
+    "vae_failure_recovery",
+    "lora",
+    "prompt_embedding",
+    "oom",
+)
 
 
 def test_gpu_acceptance_tiny_mode_passes_every_check():
