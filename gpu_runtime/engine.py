@@ -80,6 +80,8 @@ class Prepared:
     hires: Hires | None = None
     xyz: Any = None  # the x/y/z plot plan (gpu_runtime.xyz.XYZPlan) when the job is one
     inpaint: Any = None  # gpu_runtime.masking.Inpaint when an img2img job has a mask
+    refiner: Path | None = None  # refiner_checkpoint: takes over at refiner_switch_at of the (last) pass
+    refiner_switch_at: float = 0.8
     cells: list[Prepared] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -110,6 +112,8 @@ class Prepared:
             self.ensd,
             self.tiling,
             self.hires,
+            str(self.refiner),
+            self.refiner_switch_at,
         )
 
     @property
@@ -355,6 +359,21 @@ class Engine:
             raise JobError(f"override_settings.sd_model_checkpoint {wanted} was not sent with the job")
         job.checkpoint = self._checkpoint_file(request, chosen or checkpoints[0], job)
         job.family = self._family(job.checkpoint)
+        refiner = params.get("refiner_checkpoint")
+        if refiner not in (None, "", "None"):
+            match = next((m for m in checkpoints if _same_name(m["model_name"], str(refiner))), None)
+            if match is None:
+                raise JobError(f"refiner_checkpoint {refiner} was not sent with the job")
+            job.refiner = self._checkpoint_file(request, match, job)
+            refiner_family = self._family(job.refiner)
+            if refiner_family != job.family:
+                raise JobError(
+                    f"refiner_checkpoint {refiner} is a {refiner_family} checkpoint and the model {job.family}: "
+                    "this runtime refines with a checkpoint of the same family"
+                )
+            # A1111: a null switch point with a refiner set switches at the first model call
+            switch = params.get("refiner_switch_at")
+            job.refiner_switch_at = 0.0 if switch is None else _number(params, "refiner_switch_at", 0.8, 0.0, 1.0)
         if job.clip_skip > 1 and "sd15" not in job.family:
             job.notes.append("Clip skip is ignored for SD 2.x and SDXL checkpoints, as A1111 does")
             job.clip_skip = 1
@@ -515,6 +534,13 @@ class Engine:
         first = jobs[0]
         loaded = self.load(first.checkpoint, first.family)
         self._configure(loaded, first)
+        refiner = None
+        if first.refiner is not None:
+            refiner = self.load(first.refiner, first.family, protect=((str(first.checkpoint), first.family),))
+            self._sync_embeddings(refiner, first)
+            refiner.set_vae(refiner.default_vae)
+            if refiner.adapters:
+                refiner.pipe.disable_lora()
         prompts = [p for job in jobs for p in job.prompts]
         negatives = [n for job in jobs for n in job.negative_prompts]
         seeds = [(s, job.subseeds[k] if job.subseeds else None) for job in jobs for k, s in enumerate(job.seeds)]
@@ -531,7 +557,7 @@ class Engine:
                     progress(offset * per_call + step, per_call * len(starts))
 
             images += self._call_with_oom_retry(
-                loaded,
+                (loaded, refiner),
                 first,
                 prompts[start:end],
                 negatives[start:end],
@@ -553,7 +579,7 @@ class Engine:
             outputs.append(self._output(job, mine, elapsed, notes))
         return outputs
 
-    def _call_with_oom_retry(self, loaded: Loaded, job: Prepared, *chunk: Any) -> list[Any]:
+    def _call_with_oom_retry(self, loaded: tuple[Loaded, Loaded | None], job: Prepared, *chunk: Any) -> list[Any]:
         """One pipeline call; out of GPU memory, free the cache and retry once in two halves, else a clear error."""
         import torch
 
@@ -575,7 +601,7 @@ class Engine:
 
     def _call(
         self,
-        loaded: Loaded,
+        models: tuple[Loaded, Loaded | None],
         job: Prepared,
         prompts: list[str],
         negatives: list[str],
@@ -587,14 +613,16 @@ class Engine:
         """One batched pipeline call (two with hires fix), returning PIL images (decoded by :meth:`_decode`)."""
         import torch
 
+        loaded, refiner = models
         pipe = loaded.img2img if job.task == "img2img" else loaded.pipe
         image_seeds = [seed for seed, _ in seeds]
         pipe.scheduler = scheduler_for(job.sampler, loaded.scheduler_config, image_seeds)
         generators = self._generators(job, image_seeds)
         hires_calls = _hires_calls(job)
         calls = {"first": 0}
-        conditioning, switch = self._conditioning(
-            pipe, job, prompts, negatives, _schedule_steps(job.sampler, job.steps)
+        handover = refiner if job.hires is None else None  # with hires fix the refiner runs in the second pass
+        conditioning, switch = self._pass_conditioning(
+            pipe, job, prompts, negatives, _schedule_steps(job.sampler, job.steps), (0.0, 0), handover
         )
         arguments: dict[str, Any] = {
             "num_inference_steps": job.steps,
@@ -618,7 +646,7 @@ class Engine:
             arguments.update(width=job.width, height=job.height, latents=self._noise(pipe, job, seeds, generators))
 
         def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-            """Progress; the next call's conditioning (prompt editing); the inpainting blend."""
+            """Progress; the next call's conditioning (prompt editing, refiner); the inpainting blend."""
             calls["first"] = pipeline.num_timesteps
             report(step + 1, pipeline.num_timesteps + hires_calls)
             if switch is not None:
@@ -630,11 +658,16 @@ class Engine:
         arguments["callback_on_step_end"] = on_step
         tensors = {"latents"} | (set(_switched_tensors(job)) if switch is not None else set())
         arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
-        with torch.inference_mode(), _tiled(loaded, job.tiling):
-            latents = pipe(**arguments).images
-            if job.hires is not None:
-                latents = self._hires(loaded, job, latents, seeds, report, calls["first"], notes)
-            return self._decode(pipe, latents, notes)
+        unet = pipe.unet
+        try:
+            with torch.inference_mode(), _tiled(loaded, job.tiling):
+                latents = pipe(**arguments).images
+                if job.hires is not None:
+                    latents = self._hires(models, job, latents, seeds, report, calls["first"], notes)
+                # after the hand-over the refiner is the model: its VAE decodes (as A1111's swapped model does)
+                return self._decode(refiner.pipe if refiner is not None else pipe, latents, notes)
+        finally:
+            pipe.unet = unet
 
     def _inpaint_blend(
         self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any], arguments: dict
@@ -681,7 +714,7 @@ class Engine:
 
     def _hires(
         self,
-        loaded: Loaded,
+        models: tuple[Loaded, Loaded | None],
         job: Prepared,
         latents: Any,
         seeds: list[tuple[int, int | None]],
@@ -695,6 +728,7 @@ class Engine:
         import torch
         import torch.nn.functional as F
 
+        loaded, refiner = models
         hires = job.hires
         pipe = loaded.img2img
         cover_w, cover_h = hires.cover
@@ -718,13 +752,14 @@ class Engine:
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
         total = first_calls + _hires_calls(job)
         count = len(seeds)
-        conditioning, switch = self._conditioning(
+        conditioning, switch = self._pass_conditioning(
             pipe,
             job,
             [hires.prompt] * count,
             [hires.negative_prompt] * count,
             _schedule_steps(hires.sampler, hires.steps),
             (1.0, _schedule_steps(job.sampler, job.steps)),  # A1111's hires offsets for when-values
+            refiner,
         )
 
         def on_step(pipeline: Any, step: int, timestep: Any, kwargs: dict) -> dict:
@@ -747,8 +782,45 @@ class Engine:
             arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
         if job.eta is not None:
             arguments["eta"] = job.eta
-        with torch.inference_mode():
-            return pipe(**arguments).images
+        unet = pipe.unet
+        try:
+            with torch.inference_mode():
+                return pipe(**arguments).images
+        finally:
+            pipe.unet = unet
+
+    def _pass_conditioning(
+        self,
+        pipe: Any,
+        job: Prepared,
+        prompts: list[str],
+        negatives: list[str],
+        steps: int,
+        offsets: tuple[float, int],
+        refiner: Loaded | None,
+    ) -> tuple[dict[str, Any], Callable[[int, dict], None] | None]:
+        """One pass's conditioning, and its step callback: prompt editing, and A1111's refiner hand-over - at the
+        first model call ``c`` with ``c / steps >= refiner_switch_at`` the refiner's UNet takes over the same
+        schedule, with the conditioning of its own text encoders."""
+        arguments, switch = self._conditioning(pipe, job, prompts, negatives, steps, offsets)
+        if refiner is None:
+            return arguments, switch
+        refined, refined_switch = self._conditioning(refiner.pipe, job, prompts, negatives, steps, offsets)
+        if job.refiner_switch_at <= 0:  # from the first call on
+            pipe.unet = refiner.pipe.unet
+            return refined, refined_switch
+        state = {"refining": False}
+
+        def handover(call: int, tensors: dict) -> None:
+            if not state["refining"] and (call + 1) / steps >= job.refiner_switch_at:
+                state["refining"] = True
+                pipe.unet = refiner.pipe.unet
+                _set_embeds(pipe, job, tensors, refined)
+            active = refined_switch if state["refining"] else switch
+            if active is not None:
+                active(call, tensors)
+
+        return arguments, handover
 
     def _conditioning(
         self,
@@ -867,7 +939,7 @@ class Engine:
         return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
     # --- models ----------------------------------------------------------------------------------------------------
-    def load(self, checkpoint: Path, family: str) -> Loaded:
+    def load(self, checkpoint: Path, family: str, protect: tuple = ()) -> Loaded:
         """The loaded pipelines of a checkpoint, loading it (offline, with the family's config dir) if needed;
         room is made *before* loading so two checkpoints never sit in memory beyond the budget."""
         key = (str(checkpoint), family)
@@ -878,7 +950,7 @@ class Engine:
 
         from gpu_runtime.families import config_dir_for
 
-        self._evict(incoming=checkpoint.stat().st_size)
+        self._evict(incoming=checkpoint.stat().st_size, protect=protect)
         xl = "sdxl" in family
         text_cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
         image_cls = diffusers.StableDiffusionXLImg2ImgPipeline if xl else diffusers.StableDiffusionImg2ImgPipeline
@@ -900,24 +972,26 @@ class Engine:
         loaded.img2img.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) in %.1f s", checkpoint.name, family, time.monotonic() - started)
         self.pipelines[key] = loaded
-        self._evict()
+        self._evict(protect=protect)
         return loaded
 
     def used_bytes(self) -> int:
         """What the memory budget counts: pipelines with their adapters, and the loaded VAEs."""
         return sum(p.total_bytes for p in self.pipelines.values()) + sum(size for _, size in self.vaes.values())
 
-    def _evict(self, incoming: int = 0) -> None:
+    def _evict(self, incoming: int = 0, protect: tuple = ()) -> None:
         """Least recently used first: VAEs not in use, then pipelines, until ``incoming`` more bytes fit (the most
-        recent pipeline stays unless something new is coming)."""
+        recent pipeline stays unless something new is coming; ``protect`` keys - a job's base model while its
+        refiner loads - stay too)."""
         keep = 0 if incoming else 1
         while self.used_bytes() + incoming > self.memory_budget:
-            if len(self.vaes) > 0 and (len(self.pipelines) <= keep or incoming):
+            candidates = [key for key in self.pipelines if key not in protect]
+            if len(self.vaes) > 0 and (len(candidates) <= keep or incoming):
                 self.vaes.popitem(last=False)
-            elif len(self.pipelines) > keep:
-                key, loaded = self.pipelines.popitem(last=False)
+            elif len(candidates) > keep:
+                loaded = self.pipelines.pop(candidates[0])
                 loaded.unload()
-                log.info("unloaded %s to make room", key[0])
+                log.info("unloaded %s to make room", candidates[0][0])
             else:
                 break
             _free_device_memory(self.device)
@@ -1127,6 +1201,18 @@ def _schedule_steps(sampler: str, steps: int) -> int:
     return steps * 2 if sampler in SECOND_ORDER else steps
 
 
+def _set_embeds(pipe: Any, job: Prepared, tensors: dict, arguments: dict) -> None:
+    """Put a pass's conditioning arguments into the pipeline's loop tensors (its CFG layout: uncond first)."""
+    import torch
+
+    guided = pipe.do_classifier_free_guidance
+    cond, uncond = arguments["prompt_embeds"], arguments["negative_prompt_embeds"]
+    tensors["prompt_embeds"] = torch.cat([uncond, cond]) if guided else cond
+    if job.xl:
+        pooled, negative = arguments["pooled_prompt_embeds"], arguments["negative_pooled_prompt_embeds"]
+        tensors["add_text_embeds"] = torch.cat([negative, pooled]) if guided else pooled
+
+
 def _switched_tensors(job: Prepared) -> list[str]:
     return ["latents", "prompt_embeds", "add_text_embeds"] if job.xl else ["latents", "prompt_embeds"]
 
@@ -1214,6 +1300,9 @@ def _extra_infotext(job: Prepared, index: int) -> str:
         parts.append(f"Denoising strength: {hires.strength:g}")
     if job.ensd:
         parts.append(f"ENSD: {job.ensd}")
+    if job.refiner is not None:
+        name = job.refiner.name.removesuffix(".converted.safetensors")
+        parts.append(f"Refiner: {Path(name).stem}, Refiner switch at: {job.refiner_switch_at:g}")
     if job.tiling:
         parts.append("Tiling: True")
     if job.hires:

@@ -143,20 +143,18 @@ def read_params(job: InferenceJob) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-def add_script_models(job: InferenceJob) -> None:
-    """Models an x/y/z plot's axes name (checkpoints, VAEs, refiners) join the job's models, resolved as the
-    job's owner would see them, so the worker gets their files; a name the owner cannot see is refused."""
+def add_named_models(job: InferenceJob) -> None:
+    """Models the parameters name besides ``models`` - the refiner checkpoint, and what an x/y/z plot's axes name
+    (checkpoints, VAEs, refiners) - join the job's models, resolved as the job's owner would see them, so the
+    worker gets their files; a name the owner cannot see is refused."""
     if job.task_type not in DIFFUSION_TASKS:
         return
-    from gpu_runtime.protocol.scripts import XYZ_SCRIPT, xyz_model_names
+    from gpu_runtime.protocol.scripts import named_models
 
-    params = read_params(job)
-    if str(params.get("script_name") or "").lower() != XYZ_SCRIPT:
-        return
     have = {(t, e["model_name"]) for t, entries in job.used_models.items() for e in entries}
     wanted = {
         model_type: [name for name in names if (model_type, name) not in have]
-        for model_type, names in xyz_model_names(job.task_type, params.get("script_args")).items()
+        for model_type, names in named_models(job.task_type, read_params(job)).items()
     }
     wanted = {t: names for t, names in wanted.items() if names}
     if not wanted:
@@ -186,7 +184,7 @@ def start_job(job_id: str) -> Started:
         status = endpoint.status if endpoint is not None else EndpointStatus.DELETED
         if status not in USABLE:
             raise BadRequest(f"sagemaker endpoint is not ready with status: {status}")
-        add_script_models(job)
+        add_named_models(job)
         job.status = InferenceStatus.IN_PROGRESS
         job.start_time = timezone.now()
         if endpoint.backend == "self-hosted":

@@ -173,6 +173,15 @@ class GenerateForm(forms.Form):
     hr_sampler_name = forms.ChoiceField(
         label="Hires sampler", required=False, choices=[("", "Same as the sampler")] + [(n, n) for n in SAMPLER_NAMES]
     )
+    refiner = forms.ChoiceField(label="Refiner", required=False)
+    refiner_switch_at = forms.FloatField(
+        label="Switch at",
+        required=False,
+        min_value=0,
+        max_value=1,
+        initial=0.8,
+        widget=forms.NumberInput({"step": 0.05}),
+    )
     subseed = forms.IntegerField(label="Variation seed", required=False, min_value=-1, max_value=2**32 - 1, initial=-1)
     subseed_strength = forms.FloatField(
         label="Variation strength",
@@ -189,6 +198,7 @@ class GenerateForm(forms.Form):
         self.choices, self.user, self.perms = choices, user, perms
         self.fields["model"].choices = [(name, name) for name in choices.models]
         self.fields["vae"].choices = [("Automatic", "Automatic")] + [(name, name) for name in choices.vaes]
+        self.fields["refiner"].choices = [("", "None")] + [(name, name) for name in choices.models]
         self.fields["endpoint"].choices = [("", "Automatic: any usable endpoint of the type")] + [
             (e.name, f"{e.name} ({e.endpoint_type})") for e in choices.endpoints
         ]
@@ -305,6 +315,9 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
     }
     if data.get("tiling"):
         payload["tiling"] = True
+    if data.get("refiner"):
+        switch = data.get("refiner_switch_at")
+        payload.update(refiner_checkpoint=data["refiner"], refiner_switch_at=0.8 if switch is None else switch)
     if data["task_type"] == "img2img":
         payload["init_images"] = [data["init_image_b64"]]
         payload["denoising_strength"] = data["denoising_strength"]
@@ -335,6 +348,8 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
 def build_models(data: dict[str, Any]) -> dict[str, list[str]]:
     """The ``models`` of ``POST /inferences``: the runtime only loads LoRAs listed here, whatever the prompt says."""
     models = {"Stable-diffusion": [data["model"]], "VAE": [data["vae"]]}
+    if data.get("refiner") and data["refiner"] != data["model"]:
+        models["Stable-diffusion"].append(data["refiner"])
     if data["loras"]:
         models["Lora"] = [name for name, _ in data["loras"]]
     return models
@@ -393,9 +408,12 @@ def settings_of(job: InferenceJob) -> tuple[dict[str, Any], list[tuple[str, str]
         "subseed",
         "subseed_strength",
         "tiling",
+        "refiner_switch_at",
     ):
         if params.get(name) is not None:
             initial[name] = params[name]
+    if params.get("refiner_checkpoint"):
+        initial["refiner"] = params["refiner_checkpoint"]
     if params.get("enable_hr") and params.get("denoising_strength") is not None:
         initial["hr_denoising_strength"] = params["denoising_strength"]
     if params.get("sampler_name") is None and params.get("sampler_index"):

@@ -97,10 +97,6 @@ def _number_or_zero(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
-def _has_refiner(params: Mapping[str, Any]) -> bool:
-    return params.get("refiner_checkpoint") not in (None, "", "None")
-
-
 def _has_script(params: Mapping[str, Any]) -> bool:
     return params.get("script_name") not in (None, "", "None")
 
@@ -140,8 +136,8 @@ COMMON: dict[str, Field] = {
     "s_noise": Field(UNSUPPORTED, (None, 1), issue="12"),
     "override_settings": HON,  # key by key: OVERRIDES
     "override_settings_restore_afterwards": INE,  # every job starts from the same settings here
-    "refiner_checkpoint": Field(UNSUPPORTED, (None, "", "None"), issue="12"),
-    "refiner_switch_at": Field(UNSUPPORTED, unless=_has_refiner, issue="12"),
+    "refiner_checkpoint": HON,  # a checkpoint of the model's family (SDXL refiner checkpoints: not yet)
+    "refiner_switch_at": HON,
     "disable_extra_networks": HON,
     "firstpass_image": Field(UNSUPPORTED, (None, ""), issue="12"),
     "comments": INE,  # A1111 resets it

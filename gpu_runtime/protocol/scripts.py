@@ -1,7 +1,7 @@
-"""What the control plane must know of a job's selectable script before it dispatches: the model files an x/y/z
-plot's axes name (Checkpoint name, VAE, Refiner checkpoint), so they are resolved for the job's owner and sent with
-the job like the models of ``POST /inferences``. Standard library only; the runtime's ``gpu_runtime.xyz`` runs the
-plot itself and uses these indices too.
+"""What the control plane must know of a job's parameters before it dispatches: the model files they name outside
+``models`` (the refiner; an x/y/z plot's Checkpoint name, VAE and Refiner checkpoint axes), so they are resolved
+for the job's owner and sent with the job like the models of ``POST /inferences``. Standard library only; the
+runtime's ``gpu_runtime.xyz`` runs the plot itself and uses these indices too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,23 @@ XYZ_MODEL_AXES: dict[str, dict[int, str]] = {
     "img2img": {10: "Stable-diffusion", 26: "VAE", 34: "Stable-diffusion"},
 }
 _NO_FILE = ("", "None", "Automatic", "Nothing")
+
+
+def named_models(task: str, params: Any) -> dict[str, list[str]]:
+    """Every model file the A1111 parameters name outside ``models``: ``refiner_checkpoint`` and an x/y/z
+    plot's checkpoint, VAE and refiner axes."""
+    if not isinstance(params, dict):
+        return {}
+    names: dict[str, list[str]] = {}
+    refiner = params.get("refiner_checkpoint")
+    if isinstance(refiner, str) and refiner.split(" [")[0] not in _NO_FILE:
+        names["Stable-diffusion"] = [refiner.split(" [")[0]]
+    if str(params.get("script_name") or "").lower() == XYZ_SCRIPT:
+        for model_type, found in xyz_model_names(task, params.get("script_args")).items():
+            for name in found:
+                if name not in names.setdefault(model_type, []):
+                    names[model_type].append(name)
+    return names
 
 
 def xyz_model_names(task: str, script_args: Any) -> dict[str, list[str]]:

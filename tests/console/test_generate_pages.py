@@ -345,6 +345,7 @@ def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(
     client.force_login(admin)
     page = client.get("/generate/").content.decode()
     assert 'name="enable_hr"' in page and 'name="hr_upscaler"' in page and 'name="subseed_strength"' in page
+    assert 'name="refiner"' in page and 'name="refiner_switch_at"' in page
     for name in policy.HIRES_UPSCALERS:
         assert f'<option value="{name}"' in page
     assert f'<option value="{policy.SAMPLER_NAMES[-1]}"' in page
@@ -371,8 +372,14 @@ def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(
         "subseed": 5,
         "subseed_strength": 0.2,
         "tiling": True,
+        "refiner": "r.safetensors",
+        "refiner_switch_at": 0.7,
     }
     payload = build_payload(data)
+    assert (payload["refiner_checkpoint"], payload["refiner_switch_at"]) == ("r.safetensors", 0.7)
+    from apps.inference.views import build_models
+
+    assert build_models(data)["Stable-diffusion"] == ["m.safetensors", "r.safetensors"]
     assert (payload["enable_hr"], payload["hr_scale"], payload["hr_upscaler"]) == (True, 1.5, "Lanczos")
     assert (payload["denoising_strength"], payload["hr_second_pass_steps"]) == (0.4, 10)
     assert (payload["subseed"], payload["subseed_strength"], payload["tiling"]) == (5, 0.2, True)

@@ -134,3 +134,55 @@ def test_lcm_at_4_steps_uses_a1111s_timesteps(engine, files):
     assert type(scheduler).__name__ == "LCMScheduler"
     assert scheduler.timesteps.tolist() == [999, 679, 339, 19]  # A1111's LCM grid (diffusers': 999, 759, 499, 259)
     assert json.loads(output["info"])["sampler_name"] == "LCM"
+
+
+def _count_calls(engine, names):
+    """Forward pre-hooks counting each loaded checkpoint's UNet calls."""
+    counts, hooks = {}, []
+    for key, loaded in engine.pipelines.items():
+        name = key[0].rsplit("/", 1)[-1]
+        if name in names:
+            counts[name] = 0
+            hooks.append(
+                loaded.pipe.unet.register_forward_pre_hook(lambda m, a, n=name: counts.__setitem__(n, counts[n] + 1))
+            )
+    return counts, hooks
+
+
+def _refined(engine, files, **changes):
+    from tests.gpu_runtime.conftest import model
+
+    params = {**BASE, "steps": 10, "refiner_checkpoint": "other.safetensors", **changes}
+    request = make_request(files, "r", params, types=("Stable-diffusion",))
+    model(files, request, "Stable-diffusion", "c-other", "other.safetensors")
+    return request
+
+
+def test_refiner_runs_for_the_last_part_of_the_steps(engine, files):
+    request = _refined(engine, files, refiner_switch_at=0.6)
+    engine.run([engine.prepare("r", request)])  # loads both
+    counts, hooks = _count_calls(engine, {"tiny.safetensors", "other.safetensors"})
+    try:
+        output = engine.run([engine.prepare("r", _refined(engine, files, refiner_switch_at=0.6))])[0]
+        assert counts == {"tiny.safetensors": 6, "other.safetensors": 4}  # the last 1 - 0.6 of 10 calls
+        for name in counts:
+            counts[name] = 0
+        engine.run([engine.prepare("r", _refined(engine, files, refiner_switch_at=None))])
+        assert counts == {"tiny.safetensors": 0, "other.safetensors": 10}  # null: from the first call (A1111)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert "Refiner: other, Refiner switch at: 0.6" in json.loads(output["info"])["infotexts"][0]
+    plain = image(engine, files, {**BASE, "steps": 10})
+    assert (pixels(output["images"][0]) != plain).any()
+    with pytest.raises(JobError, match=r"refiner_checkpoint missing\.safetensors was not sent with the job"):
+        run(engine, files, {**BASE, "refiner_checkpoint": "missing.safetensors"})
+
+
+def test_refiner_of_another_family_is_refused(engine, files):
+    from tests.gpu_runtime.conftest import model
+
+    request = make_request(files, "f", {**BASE, "refiner_checkpoint": "xl.safetensors"}, types=("Stable-diffusion",))
+    model(files, request, "Stable-diffusion", "c-xl", "xl.safetensors")
+    with pytest.raises(JobError, match="is a tiny-sdxl checkpoint and the model tiny-sd15"):
+        engine.prepare("f", request)

@@ -70,7 +70,6 @@ REFUSED_TXT2IMG = [
     ({"s_min_uncond": 0.5}, "s_min_uncond=0.5 is not supported"),
     ({"s_churn": 0.3}, "s_churn=0.3 is not supported"),
     ({"s_noise": 0.95}, "s_noise=0.95 is not supported"),
-    ({"refiner_checkpoint": "sd_xl_refiner_1.0.safetensors"}, 'refiner_checkpoint="sd_xl_refiner_1.0.safetensors"'),
     ({"firstpass_image": "aGVsbG8="}, "firstpass_image="),
     ({"infotext": "a cat\nSteps: 20"}, "infotext="),
     ({"eta": 0.5, "sampler_name": "Euler a"}, "eta=0.5 is not supported by this runtime with sampler Euler a"),

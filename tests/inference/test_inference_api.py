@@ -205,7 +205,7 @@ def test_console_lists_jobs_and_shows_thumbnails(client, api: Api, admin_key, re
     assert not InferenceJob.objects.exists()
 
 
-def test_models_named_on_xyz_axes_are_sent_with_the_job(api: Api, admin_key, ready):
+def test_models_named_by_the_refiner_or_xyz_axes_are_sent_with_the_job(api: Api, admin_key, ready):
     """An x/y/z plot over checkpoints: the axes' files reach the worker although ``models`` names only one; a name
     the owner cannot see is refused at start, by name."""
     import json
@@ -227,6 +227,11 @@ def test_models_named_on_xyz_axes_are_sent_with_the_job(api: Api, admin_key, rea
     assert {("Stable-diffusion", "other.safetensors"), ("VAE", "vae-a.safetensors")} <= names
     request = services.build_request(job, self_hosted=True)
     assert any(key.endswith("/other.safetensors") for key in request["urls"]["models"])
+
+    refined = {"prompt": "cat", "refiner_checkpoint": "other.safetensors [abc123]", "refiner_switch_at": 0.8}
+    answer = create(api, admin_key, payload_string=json.dumps(refined))
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert "other.safetensors" in [e["model_name"] for e in job.used_models["Stable-diffusion"]]
 
     make_role("Painters", ["inference:create", "checkpoint:list"])
     endpoint("esd-async-p", owners=("Painters",))
