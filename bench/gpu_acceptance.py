@@ -43,16 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-PROMPTS = [
-    "a photo of an astronaut riding a horse on mars",
-    "a watercolor painting of a lighthouse at dawn",
-    "a red sports car in the rain, cinematic",
-    "a bowl of ramen, studio lighting",
-    "a castle on a hill, oil painting",
-    "portrait of an old fisherman, 85mm",
-    "a cat wearing a tiny hat",
-    "a futuristic city skyline at night",
-]
+from bench.gpu_bench import PROMPTS
 
 
 class Bench:

@@ -114,6 +114,7 @@ class Prepared:
             self.hires,
             str(self.refiner),
             self.refiner_switch_at,
+            self.xl and not any(self.negative_prompts),  # SDXL zeroes an all-empty negative: never mixed
         )
 
     @property
@@ -302,12 +303,10 @@ class Engine:
             if not isinstance(images, list) or not images:
                 raise JobError("img2img needs init_images")
             if len(images) > 1:
-                if len(images) < batch_size:
-                    # A1111 repeats one image or takes one per slot; a shorter list would leave slots undefined.
-                    raise JobError(f"init_images has {len(images)} images for batch_size {batch_size}")
-                if len(images) > max(batch_size, 1) and batch_size > 1:
+                # A1111: one image is repeated; 2..batch_size images make the batch one per image; more is an error
+                if len(images) > batch_size:
                     raise JobError(f"init_images has more images ({len(images)}) than batch_size ({batch_size})")
-                batch_size = len(images)  # A1111: the batch is one image per slot
+                batch_size = len(images)
             mode = _int(params, "resize_mode", 0, 0, 3)
             if mode == 3:
                 raise JobError("resize_mode=3 is not supported by this runtime")
@@ -365,6 +364,9 @@ class Engine:
             if match is None:
                 raise JobError(f"refiner_checkpoint {refiner} was not sent with the job")
             job.refiner = self._checkpoint_file(request, match, job)
+            if job.refiner == job.checkpoint:
+                job.refiner = None  # refining with the model itself changes nothing
+        if job.refiner is not None:
             refiner_family = self._family(job.refiner)
             if refiner_family != job.family:
                 raise JobError(
@@ -414,6 +416,9 @@ class Engine:
         options = dynamic_prompts.parse_args(entry["args"])
         if not options.is_enabled:
             return
+        raw = str(params.get("prompt") or "")
+        if dynamic_prompts.uses_syntax(raw) and re.search(r"<(lora|lyco):", raw, re.IGNORECASE):
+            raise JobError("<lora:...> tags together with Dynamic Prompts syntax are not supported by this runtime")
         expansion = dynamic_prompts.expand(
             job.prompts[0],
             job.negative_prompts[0],
@@ -621,6 +626,7 @@ class Engine:
         hires_calls = _hires_calls(job)
         calls = {"first": 0}
         handover = refiner if job.hires is None else None  # with hires fix the refiner runs in the second pass
+        unet = pipe.unet  # the refiner may take it over: restored whatever happens
         conditioning, switch = self._pass_conditioning(
             pipe, job, prompts, negatives, _schedule_steps(job.sampler, job.steps), (0.0, 0), handover
         )
@@ -658,12 +664,11 @@ class Engine:
         arguments["callback_on_step_end"] = on_step
         tensors = {"latents"} | (set(_switched_tensors(job)) if switch is not None else set())
         arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
-        unet = pipe.unet
         try:
-            with torch.inference_mode(), _tiled(loaded, job.tiling):
+            with torch.inference_mode(), _tiled([m for m in models if m is not None], job.tiling):
                 latents = pipe(**arguments).images
                 if job.hires is not None:
-                    latents = self._hires(models, job, latents, seeds, report, calls["first"], notes)
+                    latents = self._hires(models, job, latents, prompts, negatives, seeds, report, calls["first"])
                 # after the hand-over the refiner is the model: its VAE decodes (as A1111's swapped model does)
                 return self._decode(refiner.pipe if refiner is not None else pipe, latents, notes)
         finally:
@@ -700,7 +705,8 @@ class Engine:
             if last:
                 background = init
             else:
-                next_t = scheduler.timesteps[min(step + 1, len(scheduler.timesteps) - 1)]
+                begin = scheduler.begin_index or 0  # the img2img schedule starts part-way
+                next_t = scheduler.timesteps[min(begin + step + 1, len(scheduler.timesteps) - 1)]
                 background = scheduler.add_noise(init, noise, torch.tensor([next_t]))
             return latents * (1 - keep) + background.to(latents.dtype) * keep
 
@@ -717,10 +723,11 @@ class Engine:
         models: tuple[Loaded, Loaded | None],
         job: Prepared,
         latents: Any,
+        prompts: list[str],
+        negatives: list[str],
         seeds: list[tuple[int, int | None]],
         report: Callable[[int, int], None],
         first_calls: int,
-        notes: list[str],
     ) -> Any:
         """A1111's hires pass: upscale the first pass (in latent space, or decoded and resized with a PIL
         upscaler), crop to the target, then img2img with fresh noise from the same seeds for exactly the hires
@@ -745,18 +752,19 @@ class Engine:
             from PIL import Image
 
             method = Image.Resampling.NEAREST if hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
-            first = self._decode(loaded.pipe, latents, notes)
+            first = self._decode(loaded.pipe, latents, [])
             image = [_cover_crop(picture, cover_w, cover_h, hires.width, hires.height, method) for picture in first]
         image_seeds = [seed for seed, _ in seeds]
         pipe.scheduler = scheduler_for(hires.sampler, loaded.scheduler_config, image_seeds)
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
         total = first_calls + _hires_calls(job)
         count = len(seeds)
+        unet = pipe.unet  # the refiner may take it over: restored whatever happens
         conditioning, switch = self._pass_conditioning(
             pipe,
             job,
-            [hires.prompt] * count,
-            [hires.negative_prompt] * count,
+            [hires.prompt] * count if hires.prompt else prompts,
+            [hires.negative_prompt] * count if hires.negative_prompt else negatives,
             _schedule_steps(hires.sampler, hires.steps),
             (1.0, _schedule_steps(job.sampler, job.steps)),  # A1111's hires offsets for when-values
             refiner,
@@ -780,9 +788,8 @@ class Engine:
         }
         if switch is not None:
             arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
-        if job.eta is not None:
-            arguments["eta"] = job.eta
-        unet = pipe.unet
+        if hires.sampler in policy.ETA_SAMPLERS and job.params.get("eta") is not None:
+            arguments["eta"] = _number(job.params, "eta", 0.0, 0.0, 1.0)
         try:
             with torch.inference_mode():
                 return pipe(**arguments).images
@@ -858,6 +865,10 @@ class Engine:
                 encode(text)
         longest = max(z.shape[1] for z, _ in cache.values())
         empty = encode("")[0]
+        if len({z.shape[1] for z, _ in cache.values()}) > 1:
+            note = "prompts of different lengths were padded with empty chunks (A1111's pad_cond_uncond)"
+            if note not in job.notes:
+                job.notes.append(note)
 
         def at(call: int) -> tuple[Any, Any, Any, Any]:
             conds = [encode(text_at(plan, call)) for plan in cond_plans]
@@ -1060,6 +1071,7 @@ class Engine:
             while len(self.vaes) > 4:
                 self.vaes.popitem(last=False)
             self._evict()
+            return vae  # in use by this job even if the budget already pushed it out of the cache
         self.vaes.move_to_end(key)
         return self.vaes[key][0]
 
@@ -1152,6 +1164,19 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
     if strength is None:
         raise JobError("enable_hr needs denoising_strength (the strength of the hires pass)")
     strength = _number(params, "denoising_strength", 0.75, 0.0, 1.0)
+    if strength <= 0:
+        raise JobError("enable_hr with denoising_strength 0 is not supported by this runtime (use 0.01 to 1)")
+    if job.subseed_strength or job.seed_resize or job.ensd:
+        raise JobError(
+            "enable_hr with a variation seed, seed resize or eta_noise_seed_delta is not supported by this runtime"
+        )
+    hr_prompt = str(params.get("hr_prompt") or "")
+    try:
+        hr_prompt, hr_tags = extract_loras(hr_prompt)
+    except ValueError as exc:
+        raise JobError(f"hr_prompt: {exc}") from None
+    if hr_tags:
+        raise JobError("hr_prompt: <lora:...> tags are not supported by this runtime (the prompt's LoRAs apply)")
     scale = _number(params, "hr_scale", 2.0, 1.0, 4.0)
     resize_x, resize_y = _int(params, "hr_resize_x", 0, 0, 8192), _int(params, "hr_resize_y", 0, 0, 8192)
     width, height = int(job.width * scale), int(job.height * scale)
@@ -1177,9 +1202,11 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
         raise JobError(f"hr_upscaler {upscaler} is not supported by this runtime; use one of: {choices}")
     sampler = str(params.get("hr_sampler_name") or job.sampler)
     try:
-        policy.check_sampler_options({}, policy.sampler_of({"sampler_name": sampler}))
+        policy.check_sampler_options(params, policy.sampler_of({"sampler_name": sampler}))
     except policy.PolicyError as exc:
         raise JobError(f"hr_sampler_name: {exc}") from None
+    if sampler == "LCM":
+        raise JobError("hires fix with the LCM sampler is not supported by this runtime")
     return Hires(
         width=width,
         height=height,
@@ -1188,8 +1215,8 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
         steps=_int(params, "hr_second_pass_steps", 0, 0, 150) or job.steps,
         strength=strength,
         sampler=sampler,
-        prompt=str(params.get("hr_prompt") or "") or prompt,
-        negative_prompt=str(params.get("hr_negative_prompt") or "") or negative,
+        prompt=hr_prompt,  # "" = each image's own prompt (its Dynamic Prompts variant included), as in A1111
+        negative_prompt=str(params.get("hr_negative_prompt") or ""),
         scale=scale,
     )
 
@@ -1271,12 +1298,12 @@ class _tiled:
     """Seamless tiling (A1111's ``tiling``): circular padding on every convolution of the UNet and VAE for one
     call, restored afterwards so the next job is unaffected."""
 
-    def __init__(self, loaded: Loaded, on: bool):
+    def __init__(self, loaded: list[Loaded], on: bool):
         self.convs = []
         if on:
             import torch
 
-            modules = [loaded.pipe.unet, loaded.pipe.vae]
+            modules = [part for model in loaded for part in (model.pipe.unet, model.pipe.vae)]
             self.convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
 
     def __enter__(self) -> None:

@@ -253,7 +253,7 @@ OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "use_old_scheduling": (False,),
     "use_old_emphasis_implementation": (False,),
     "enable_prompt_comments": (True,),
-    "pad_cond_uncond": (False,),
+    "pad_cond_uncond": (False, True),  # the runtime pads (the True behaviour) and notes it in info when it does
     "sdxl_crop_top": (0,),
     "sdxl_crop_left": (0,),
     "sdxl_refiner_low_aesthetic_score": (2.5,),

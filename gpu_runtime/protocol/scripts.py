@@ -56,8 +56,7 @@ def xyz_model_names(task: str, script_args: Any) -> dict[str, list[str]]:
         else:
             values = [v.strip() for row in csv.reader(io.StringIO(str(text or ""))) for v in row]
         for value in values:
-            if model_type == "VAE":
-                value = value.split(" [")[0]
+            value = value.split(" [")[0]  # A1111's titles: "name.safetensors [hash]"
             if value not in _NO_FILE and value not in names.setdefault(model_type, []):
                 names[model_type].append(value)
     return {k: v for k, v in names.items() if v}

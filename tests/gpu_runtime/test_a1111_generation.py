@@ -101,6 +101,10 @@ def test_hires_options_change_the_second_pass(engine, files):
 def test_hires_without_strength_or_with_a_second_checkpoint_is_refused(engine, files):
     with pytest.raises(JobError, match="enable_hr needs denoising_strength"):
         run(engine, files, {**BASE, "enable_hr": True, "denoising_strength": None})
+    with pytest.raises(JobError, match="denoising_strength 0 is not supported"):
+        run(engine, files, {**BASE, "enable_hr": True, "denoising_strength": 0})
+    with pytest.raises(JobError, match="enable_hr with a variation seed"):
+        run(engine, files, {**BASE, "enable_hr": True, "denoising_strength": 0.5, "subseed_strength": 0.5})
     with pytest.raises(JobError, match=r'hr_checkpoint_name="other\.safetensors" is not supported'):
         run(
             engine,
@@ -117,11 +121,12 @@ def test_sdxl_hires_and_variation_seeds(engine, files):
         "enable_hr": True,
         "hr_scale": 2,
         "denoising_strength": 0.5,
-        "subseed": 3,
-        "subseed_strength": 0.4,
     }
     output = run(engine, files, params, checkpoint="xl.safetensors")
     assert png_size(output["images"][0]) == (128, 128)
+    varied = run(engine, files, {**BASE, "subseed": 3, "subseed_strength": 0.4}, checkpoint="xl.safetensors")
+    plain = run(engine, files, BASE, checkpoint="xl.safetensors")
+    assert (pixels(varied["images"][0]) != pixels(plain["images"][0])).any()
 
 
 def test_lcm_at_4_steps_uses_a1111s_timesteps(engine, files):
@@ -159,6 +164,7 @@ def _refined(engine, files, **changes):
 
 
 def test_refiner_runs_for_the_last_part_of_the_steps(engine, files):
+    plain = image(engine, files, {**BASE, "steps": 10})
     request = _refined(engine, files, refiner_switch_at=0.6)
     engine.run([engine.prepare("r", request)])  # loads both
     counts, hooks = _count_calls(engine, {"tiny.safetensors", "other.safetensors"})
@@ -173,8 +179,8 @@ def test_refiner_runs_for_the_last_part_of_the_steps(engine, files):
         for hook in hooks:
             hook.remove()
     assert "Refiner: other, Refiner switch at: 0.6" in json.loads(output["info"])["infotexts"][0]
-    plain = image(engine, files, {**BASE, "steps": 10})
     assert (pixels(output["images"][0]) != plain).any()
+    assert (image(engine, files, {**BASE, "steps": 10}) == plain).all()  # the base UNet is back after the hand-over
     with pytest.raises(JobError, match=r"refiner_checkpoint missing\.safetensors was not sent with the job"):
         run(engine, files, {**BASE, "refiner_checkpoint": "missing.safetensors"})
 
