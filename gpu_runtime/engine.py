@@ -684,11 +684,20 @@ class Engine:
         is A1111's either way.)"""
         import torch
 
-        processed = pipe.image_processor.preprocess(images).to(self.device, pipe.vae.dtype)
-        with torch.inference_mode():
-            encoded = pipe.vae.encode(processed).latent_dist
-            samples = [_sample(encoded, index, generator) for index, generator in enumerate(generators)]
-            init = torch.cat(samples) * pipe.vae.config.scaling_factor
+        vae = pipe.vae
+        dtype = vae.dtype
+        upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE: fp16 NaNs
+        try:
+            if upcast:
+                vae.to(torch.float32)
+            processed = pipe.image_processor.preprocess(images).to(self.device, vae.dtype)
+            with torch.inference_mode():
+                encoded = vae.encode(processed).latent_dist
+                samples = [_sample(encoded, index, generator) for index, generator in enumerate(generators)]
+                init = (torch.cat(samples) * vae.config.scaling_factor).to(dtype)
+        finally:
+            if vae.dtype != dtype:
+                vae.to(dtype)
         keep = 1 - torch.tensor(job.inpaint.latent_mask, device=self.device, dtype=init.dtype)[None, None]
         noise = torch.stack(
             [torch.randn(init.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
