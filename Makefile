@@ -14,8 +14,11 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[runtime]"
 	touch $@
 
+# k-diffusion (the samplers A1111 runs) is the test oracle for gpu_runtime.kdiffusion; only its sampling code is
+# loaded, so it is installed without its training dependencies (torchvision, CLIP, wandb).
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev,runtime]"
+	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
 	touch $@
 
 ## Set up and start the embedded server on http://127.0.0.1:8000 (HTTP and background work in one process).

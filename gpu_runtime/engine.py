@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -34,7 +35,7 @@ from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
-from gpu_runtime.samplers import custom_timesteps, scheduler_for
+from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Prepared:
     negative_prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     sampler: str = policy.DEFAULT_SAMPLER
+    schedule: str = "automatic"  # the v1.9 ``scheduler`` field ("automatic": the sampler's own)
+    sampler_options: tuple[tuple[str, float], ...] = ()  # eta, s_churn, s_tmin, s_tmax, s_noise as asked
+    discard: bool = False  # always_discard_next_to_last_sigma
     steps: int = policy.DEFAULT_STEPS
     cfg_scale: float = 7.0
     eta: float | None = None
@@ -99,6 +103,9 @@ class Prepared:
             loras,
             embeddings,
             self.sampler,
+            self.schedule,
+            self.sampler_options,
+            self.discard,
             self.steps,
             self.cfg_scale,
             self.eta,
@@ -144,6 +151,7 @@ class Hires:
     steps: int
     strength: float
     sampler: str
+    schedule: str
     prompt: str
     negative_prompt: str
     scale: float
@@ -282,9 +290,16 @@ class Engine:
         # Values first (cheap), files second: a bad request costs no download.
         try:
             job.sampler = policy.sampler_of(params)
-            policy.check_sampler_options(params, job.sampler)
+            job.schedule = policy.schedule_of(params, job.sampler)
         except policy.PolicyError as exc:
             raise JobError(str(exc)) from None
+        job.sampler_options = _sampler_options(params, job.sampler, job.notes)
+        k_sched = overrides.get("k_sched_type") or "Automatic"
+        if k_sched != "Automatic":  # v1.8: the override replaces every k-diffusion sampler's schedule
+            if not is_k_diffusion(job.sampler):
+                raise JobError(f"override_settings.k_sched_type={k_sched} does not apply to sampler {job.sampler}")
+            job.schedule = k_sched
+        job.discard = bool(overrides.get("always_discard_next_to_last_sigma")) and is_k_diffusion(job.sampler)
         job.steps = _int(params, "steps", policy.DEFAULT_STEPS, 1, 150)
         job.cfg_scale = _number(params, "cfg_scale", 7.0, 0.0, 30.0)
         if 0 < job.cfg_scale < 1:
@@ -621,9 +636,21 @@ class Engine:
         loaded, refiner = models
         pipe = loaded.img2img if job.task == "img2img" else loaded.pipe
         image_seeds = [seed for seed, _ in seeds]
-        pipe.scheduler = scheduler_for(job.sampler, loaded.scheduler_config, image_seeds)
         generators = self._generators(job, image_seeds)
-        hires_calls = _hires_calls(job)
+        k_diffusion = is_k_diffusion(job.sampler)
+        # img2img on a k-diffusion sampler: A1111's cut of the full schedule, the pipeline at strength 1
+        denoise = int(min(job.strength, 0.999) * job.steps) + 1 if job.task == "img2img" and k_diffusion else None
+        pipe.scheduler = scheduler_for(
+            job.sampler,
+            loaded.scheduler_config,
+            image_seeds,
+            generators=generators,
+            options=dict(job.sampler_options),
+            schedule=job.schedule,
+            discard=job.discard,
+            denoise=denoise,
+        )
+        hires_calls = self._hires_calls(loaded, job)
         calls = {"first": 0}
         handover = refiner if job.hires is None else None  # with hires fix the refiner runs in the second pass
         unet = pipe.unet  # the refiner may take it over: restored whatever happens
@@ -645,7 +672,8 @@ class Engine:
             arguments["num_inference_steps"] = len(timesteps)
         blend = None
         if job.task == "img2img":
-            arguments.update(image=init_images, strength=_a1111_strength(job.strength, job.steps))
+            strength = 1.0 if k_diffusion else _a1111_strength(job.strength, job.steps)
+            arguments.update(image=init_images, strength=strength)
             if job.inpaint is not None:
                 blend = self._inpaint_blend(pipe, job, init_images, generators, arguments)
         else:
@@ -678,10 +706,10 @@ class Engine:
         self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any], arguments: dict
     ) -> Callable[[Any, int, Any], Any]:
         """Inpainting on the checkpoint's own UNet: the init images are encoded here (so ``inpainting_fill`` 2/3
-        can replace the masked latents with noise or nothing, as A1111 does), and after every step the area
-        outside the mask is put back - re-noised to the next step, and clean after the last one. (A1111 blends
-        the x0 prediction inside its denoiser instead; the composite of the original outside the mask at the end
-        is A1111's either way.)"""
+        can replace the masked latents with noise or nothing, as A1111 does). On the k-diffusion samplers every x0
+        prediction keeps the original outside the mask, as A1111's denoiser does; on DDIM/PLMS/UniPC/LCM the area
+        outside the mask is put back after every step, re-noised to the next one. The latents are blended with the
+        original after the last step, and the image composited with it, as in A1111."""
         import torch
 
         vae = pipe.vae
@@ -708,9 +736,15 @@ class Engine:
             init = init * keep
         arguments["image"] = init
 
+        scheduler = pipe.scheduler
+        if is_k_diffusion(job.sampler):
+            # A1111's CFGDenoiser: every x0 prediction keeps the original outside the mask
+            scheduler.on_denoised = lambda denoised: init.float() * keep + (1 - keep) * denoised
+
         def blend(pipeline: Any, step: int, latents: Any) -> Any:
-            scheduler = pipeline.scheduler
             last = step + 1 >= pipeline.num_timesteps
+            if is_k_diffusion(job.sampler) and not last:
+                return latents
             if last:
                 background = init
             else:
@@ -720,6 +754,26 @@ class Engine:
             return latents * (1 - keep) + background.to(latents.dtype) * keep
 
         return blend
+
+    @staticmethod
+    def _hires_calls(loaded: Loaded, job: Prepared) -> int:
+        """The hires pass's model calls, for progress (a k-diffusion sampler's plan of its cut schedule)."""
+        hires = job.hires
+        if hires is None:
+            return 0
+        if not is_k_diffusion(hires.sampler):
+            return hires.steps
+        schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
+        options = dict(job.sampler_options)
+        scheduler = scheduler_for(
+            hires.sampler,
+            loaded.scheduler_config,
+            options=options,
+            schedule=hires.schedule,
+            discard=job.discard,
+            denoise=hires.steps,
+        )
+        return model_calls(scheduler, schedule)
 
     def _generators(self, job: Prepared, seeds: list[int]) -> list[Any]:
         import torch
@@ -764,9 +818,20 @@ class Engine:
             first = self._decode(loaded.pipe, latents, [])
             image = [_cover_crop(picture, cover_w, cover_h, hires.width, hires.height, method) for picture in first]
         image_seeds = [seed for seed, _ in seeds]
-        pipe.scheduler = scheduler_for(hires.sampler, loaded.scheduler_config, image_seeds)
+        generators = self._generators(job, image_seeds)
+        k_diffusion = is_k_diffusion(hires.sampler)
+        pipe.scheduler = scheduler_for(
+            hires.sampler,
+            loaded.scheduler_config,
+            image_seeds,
+            generators=generators,
+            options=dict(job.sampler_options),
+            schedule=hires.schedule,
+            discard=job.discard,
+            denoise=hires.steps if k_diffusion else None,
+        )
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
-        total = first_calls + _hires_calls(job)
+        total = first_calls + self._hires_calls(loaded, job)
         count = len(seeds)
         unet = pipe.unet  # the refiner may take it over: restored whatever happens
         conditioning, switch = self._pass_conditioning(
@@ -787,10 +852,10 @@ class Engine:
 
         arguments: dict[str, Any] = {
             "image": image,
-            "strength": min(1.0, (hires.steps + 1e-3) / schedule),
+            "strength": 1.0 if k_diffusion else min(1.0, (hires.steps + 1e-3) / schedule),
             "num_inference_steps": schedule,
             "guidance_scale": job.cfg_scale,
-            "generator": self._generators(job, image_seeds),
+            "generator": generators,
             "callback_on_step_end": on_step,
             "output_type": "latent",
             **conditioning,
@@ -1211,9 +1276,18 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
         raise JobError(f"hr_upscaler {upscaler} is not supported by this runtime; use one of: {choices}")
     sampler = str(params.get("hr_sampler_name") or job.sampler)
     try:
-        policy.check_sampler_options(params, policy.sampler_of({"sampler_name": sampler}))
+        policy.sampler_of({"sampler_name": sampler})
+        hr_scheduler = params.get("hr_scheduler")
+        if hr_scheduler in (None, "", "Use same scheduler"):  # A1111: the first pass's
+            hr_scheduler = params.get("scheduler")
+        schedule = policy.schedule_of({"hr_scheduler": hr_scheduler}, sampler, "hr_scheduler")
+        k_sched = (params.get("override_settings") or {}).get("k_sched_type") or "Automatic"
+        if k_sched != "Automatic" and is_k_diffusion(sampler):
+            schedule = k_sched
     except policy.PolicyError as exc:
-        raise JobError(f"hr_sampler_name: {exc}") from None
+        raise JobError(f"hires fix: {exc}") from None
+    if sampler != job.sampler:
+        _sampler_options(params, sampler, job.notes)
     if sampler == "LCM":
         raise JobError("hires fix with the LCM sampler is not supported by this runtime")
     return Hires(
@@ -1224,10 +1298,38 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
         steps=_int(params, "hr_second_pass_steps", 0, 0, 150) or job.steps,
         strength=strength,
         sampler=sampler,
+        schedule=schedule,
         prompt=hr_prompt,  # "" = each image's own prompt (its Dynamic Prompts variant included), as in A1111
         negative_prompt=str(params.get("hr_negative_prompt") or ""),
         scale=scale,
     )
+
+
+def _sampler_options(params: dict, sampler: str, notes: list[str]) -> tuple[tuple[str, float], ...]:
+    """``eta`` and the ``s_*`` parameters, checked, for the k-diffusion sampler that takes them (A1111's
+    defaults where the request leaves them out; ``s_tmax`` 0 is infinity). A1111 ignores the ones a sampler does
+    not take: so does the engine, but it says so in ``info.notes``."""
+    from gpu_runtime.samplers import K_SAMPLERS
+
+    ranges = {"eta": (0.0, 1.0), "s_churn": (0.0, 100.0), "s_tmin": (0.0, math.inf), "s_noise": (0.0, 2.0)}
+    values: dict[str, float] = {}
+    for name, (low, high) in ranges.items():
+        if params.get(name) is not None:
+            values[name] = _number(params, name, 0.0, low, high)
+    if params.get("s_tmax") is not None:
+        values["s_tmax"] = _number(params, "s_tmax", 0.0, 0.0, math.inf) or math.inf
+    defaults = {"eta": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+    if sampler in policy.ETA_SAMPLERS:
+        defaults["eta"] = values.get("eta", 0.0)  # DDIM's own eta (job.eta)
+    takes = K_SAMPLERS[sampler].takes if sampler in K_SAMPLERS else ("eta",) if sampler in policy.ETA_SAMPLERS else ()
+    unused = [name for name, value in values.items() if name not in takes and value != defaults[name]]
+    if unused and not values.get("s_churn") and set(unused) <= {"s_tmin", "s_tmax"}:
+        unused = []  # the churn window means nothing without churn, in A1111 too
+    if unused:
+        note = f"{', '.join(unused)} had no effect: A1111's sampler {sampler} does not take them"
+        if note not in notes:
+            notes.append(note)
+    return tuple(sorted((name, value) for name, value in values.items() if name in takes))
 
 
 def _schedule_steps(sampler: str, steps: int) -> int:
@@ -1251,16 +1353,6 @@ def _set_embeds(pipe: Any, job: Prepared, tensors: dict, arguments: dict) -> Non
 
 def _switched_tensors(job: Prepared) -> list[str]:
     return ["latents", "prompt_embeds", "add_text_embeds"] if job.xl else ["latents", "prompt_embeds"]
-
-
-def _hires_calls(job: Prepared) -> int:
-    """The hires pass's model calls (second-order samplers take two per step but the last), for progress."""
-    if job.hires is None:
-        return 0
-    from gpu_runtime.samplers import SECOND_ORDER
-
-    steps = job.hires.steps
-    return 2 * steps - 1 if job.hires.sampler in SECOND_ORDER else steps
 
 
 def _cover_crop(image: Any, cover_w: int, cover_h: int, width: int, height: int, method: Any) -> Any:
@@ -1327,6 +1419,16 @@ class _tiled:
 def _extra_infotext(job: Prepared, index: int) -> str:
     """The infotext entries of the options this job used (A1111's order: variation seed, seed resize, hires)."""
     parts = []
+    if job.schedule != "automatic":
+        label = next((k for k, v in policy.SCHEDULERS.items() if v == job.schedule), job.schedule)
+        parts.append(f"Schedule type: {label}")
+    options = dict(job.sampler_options)
+    if options.get("eta", 1.0) != 1.0:
+        parts.append(f"Eta: {options['eta']:g}")
+    if job.eta:
+        parts.append(f"Eta DDIM: {job.eta:g}")
+    if job.discard:
+        parts.append("Discard penultimate sigma: True")
     if job.subseed_strength:
         parts.append(f"Variation seed: {job.subseeds[index]}, Variation seed strength: {job.subseed_strength:g}")
     if job.seed_resize:

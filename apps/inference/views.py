@@ -119,6 +119,12 @@ class GenerateForm(forms.Form):
     sampler_name = forms.ChoiceField(
         label="Sampler", choices=[(name, name) for name in SAMPLER_NAMES], initial=DEFAULT_SAMPLER
     )
+    scheduler = forms.ChoiceField(
+        label="Schedule type",
+        choices=[(label, label) for label in policy.SCHEDULERS],
+        initial="Automatic",
+        required=False,
+    )
     steps = forms.IntegerField(min_value=1, max_value=150, initial=20)
     cfg_scale = forms.FloatField(
         label="CFG scale", min_value=0, max_value=30, initial=7, widget=forms.NumberInput(attrs={"step": 0.5})
@@ -313,6 +319,8 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
         "n_iter": 1,
         "override_settings": {"sd_model_checkpoint": data["model"], "sd_vae": data["vae"]},
     }
+    if data.get("scheduler") not in (None, "", "Automatic"):
+        payload["scheduler"] = data["scheduler"]
     if data.get("tiling"):
         payload["tiling"] = True
     if data.get("refiner"):
@@ -393,6 +401,7 @@ def settings_of(job: InferenceJob) -> tuple[dict[str, Any], list[tuple[str, str]
     for name in (
         "negative_prompt",
         "sampler_name",
+        "scheduler",
         "steps",
         "cfg_scale",
         "width",

@@ -27,27 +27,48 @@ from typing import Any
 
 HONOURED, INERT, UNSUPPORTED = "honoured", "inert", "not supported"
 
-# A1111 v1.8.0 sampler names this runtime runs (the v1.8 names carry the schedule; the v1.9 ``scheduler`` field is
-# refused unless it is "Automatic"). The engine maps each to a diffusers scheduler (gpu_runtime.samplers).
-SAMPLER_NAMES = (
+# A1111 v1.8.0's sampler names, in its order (the names carry their sigma schedule); the engine runs the
+# k-diffusion ones on A1111's own loops and the last four on diffusers' schedulers (gpu_runtime.samplers).
+K_DIFFUSION_SAMPLERS = (
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DPM++ 2M SDE Exponential",
+    "DPM++ 2M SDE Karras",
     "Euler a",
     "Euler",
     "LMS",
-    "LMS Karras",
     "Heun",
     "DPM2",
     "DPM2 a",
+    "DPM++ 2S a",
     "DPM++ 2M",
-    "DPM++ 2M Karras",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Karras",
     "DPM++ SDE",
-    "DPM++ SDE Karras",
-    "DDIM",
-    "PLMS",
-    "UniPC",
-    "LCM",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Heun",
+    "DPM++ 2M SDE Heun Karras",
+    "DPM++ 2M SDE Heun Exponential",
+    "DPM++ 3M SDE",
+    "DPM++ 3M SDE Karras",
+    "DPM++ 3M SDE Exponential",
+    "DPM fast",
+    "LMS Karras",
+    "DPM2 Karras",
+    "DPM2 a Karras",
+    "DPM++ 2S a Karras",
+    "Restart",
 )
+SAMPLER_NAMES = (*K_DIFFUSION_SAMPLERS, "DDIM", "PLMS", "UniPC", "LCM")
+# The v1.9 ``scheduler`` field (label or name) -> the sigma schedule; "Automatic" keeps the sampler's own. A schedule
+# suffix in the sampler's name wins over the field, as in A1111 v1.9's get_sampler_and_scheduler.
+SCHEDULERS = {
+    "Automatic": "automatic",
+    "Uniform": "uniform",
+    "Karras": "karras",
+    "Exponential": "exponential",
+    "Polyexponential": "polyexponential",
+    "SGM Uniform": "sgm_uniform",
+}
+_SCHEDULE_SUFFIXES = (" Karras", " Exponential")
 # A1111's API: ``sampler_name or sampler_index``, and ``sampler_index`` defaults to "Euler" (modules/api/models.py).
 DEFAULT_SAMPLER = "Euler"
 DEFAULT_STEPS = 50  # StableDiffusionProcessing.steps
@@ -101,7 +122,7 @@ def _has_script(params: Mapping[str, Any]) -> bool:
     return params.get("script_name") not in (None, "", "None")
 
 
-_HR, _MASK, _CHURN = _on("enable_hr"), _on("mask"), _positive("s_churn")
+_HR, _MASK = _on("enable_hr"), _on("mask")
 HON, INE = Field(HONOURED), Field(INERT)
 
 COMMON: dict[str, Field] = {
@@ -115,7 +136,7 @@ COMMON: dict[str, Field] = {
     "seed_resize_from_w": Field(UNSUPPORTED, (-1, 0, None), issue="12"),
     "sampler_name": HON,
     "sampler_index": HON,
-    "scheduler": Field(UNSUPPORTED, (None, "", "Automatic"), issue="12"),
+    "scheduler": HON,  # schedule_of
     "batch_size": HON,
     "n_iter": HON,
     "steps": HON,
@@ -130,10 +151,8 @@ COMMON: dict[str, Field] = {
     "save_images": INE,
     "eta": HON,  # checked against the sampler by check_sampler_options
     "s_min_uncond": Field(UNSUPPORTED, (None, 0), issue="12"),
-    "s_churn": Field(UNSUPPORTED, (None, 0), issue="12"),
-    "s_tmin": Field(UNSUPPORTED, unless=_CHURN, issue="12"),
-    "s_tmax": Field(UNSUPPORTED, unless=_CHURN, issue="12"),
-    "s_noise": Field(UNSUPPORTED, (None, 1), issue="12"),
+    # the samplers A1111 passes them to use them (gpu_runtime.samplers.K_SAMPLERS.takes); the others ignore them
+    **{name: HON for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")},
     "override_settings": HON,  # key by key: OVERRIDES
     "override_settings_restore_afterwards": INE,  # every job starts from the same settings here
     "refiner_checkpoint": HON,  # a checkpoint of the model's family (SDXL refiner checkpoints: not yet)
@@ -169,7 +188,7 @@ HIRES: dict[str, Field] = {
     },
 }
 # txt2img draws its starting noise itself, so A1111's variation seeds, seed resizing and tiling are honoured there.
-# Hires fix is honoured except a second checkpoint, the legacy first-pass size and the v1.9 scheduler field.
+# Hires fix is honoured except a second checkpoint and the legacy first-pass size.
 TXT2IMG: dict[str, Field] = {
     **COMMON,
     **{name: HON for name in ("subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")},
@@ -177,7 +196,6 @@ TXT2IMG: dict[str, Field] = {
     "firstphase_width": Field(UNSUPPORTED, (0, None), issue="12"),
     "firstphase_height": Field(UNSUPPORTED, (0, None), issue="12"),
     "hr_checkpoint_name": Field(UNSUPPORTED, (None, "", "Use same checkpoint"), issue="12"),
-    "hr_scheduler": Field(UNSUPPORTED, (None, "", "Automatic"), issue="12"),
 }
 IMG2IMG: dict[str, Field] = {
     **COMMON,
@@ -239,7 +257,15 @@ FIELDS: dict[str, dict[str, Field]] = {
 
 # override_settings keys (A1111 opts). Honoured ones are read by the engine; the others are accepted only at A1111's
 # default value. Keys that do not change generation (UI and saving options) are ignored and listed.
-HONOURED_OVERRIDES = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source")
+HONOURED_OVERRIDES = (
+    "sd_model_checkpoint",
+    "sd_vae",
+    "CLIP_stop_at_last_layers",
+    "randn_source",
+    "k_sched_type",  # v1.8's schedule override for every k-diffusion sampler (the xyz "Schedule type" axis)
+    "always_discard_next_to_last_sigma",
+)
+K_SCHED_TYPES = ("Automatic", "karras", "exponential", "polyexponential")
 TXT2IMG_OVERRIDES = ("eta_noise_seed_delta",)  # re-seeds the per-image generators after the first noise draw
 RANDN_SOURCES = ("GPU", "CPU")
 OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -270,11 +296,9 @@ OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "s_tmin": (0.0,),
     "s_tmax": (0.0,),
     "s_noise": (1.0,),
-    "k_sched_type": ("Automatic",),
     "sigma_min": (0.0,),
     "sigma_max": (0.0,),
     "rho": (0.0,),
-    "always_discard_next_to_last_sigma": (False,),
     "sgm_noise_multiplier": (False,),
     "uni_pc_variant": ("bh1",),
     "uni_pc_skip_type": ("time_uniform",),
@@ -412,6 +436,7 @@ def check(task: str, params: Mapping[str, Any]) -> Checked:
         _check_overrides(task, params.get("override_settings"), ignored)
         _check_alwayson(params.get("alwayson_scripts"), params, notes)
         _check_script(params)
+        schedule_of(params, sampler_of(params))
     return Checked(sorted(ignored), notes)
 
 
@@ -435,6 +460,10 @@ def _check_overrides(task: str, overrides: Any, ignored: list[str]) -> None:
     for key, value in overrides.items():
         if key in HONOURED_OVERRIDES or (task == "txt2img" and key in TXT2IMG_OVERRIDES):
             if key == "randn_source" and value not in RANDN_SOURCES:
+                raise refusal(f"override_settings.{key}", value)
+            if key == "k_sched_type" and value not in K_SCHED_TYPES:
+                raise refusal(f"override_settings.{key}", value)
+            if key == "always_discard_next_to_last_sigma" and not isinstance(value, bool):
                 raise refusal(f"override_settings.{key}", value)
             continue
         allowed = OVERRIDE_DEFAULTS.get(key)
@@ -488,27 +517,34 @@ def _check_script(params: Mapping[str, Any]) -> None:
         raise PolicyError(f"script {name} is not supported by this runtime")
 
 
-def sampler_of(params: Mapping[str, Any]) -> str:
+def sampler_of(params: Mapping[str, Any], field: str = "sampler_name") -> str:
     """The sampler A1111's API would use: ``sampler_name or sampler_index`` (default "Euler")."""
-    name = params.get("sampler_name") or params.get("sampler_index") or DEFAULT_SAMPLER
+    name = params.get(field) or params.get("sampler_index") or DEFAULT_SAMPLER
     if name not in SAMPLER_NAMES:
         raise PolicyError(f"sampler {name} is not supported; use one of: {', '.join(SAMPLER_NAMES)}")
     return str(name)
 
 
-# ``eta``: DDIM takes it here as in A1111. A1111's ancestral and SDE samplers scale their noise by it (default 1.0,
-# ``eta_ancestral``), which their diffusers schedulers cannot; every other sampler ignores it in A1111 too.
+def schedule_of(params: Mapping[str, Any], sampler: str, field: str = "scheduler") -> str:
+    """The sigma schedule the v1.9 ``scheduler`` field asks for ("automatic": the sampler's own). A sampler name
+    that carries its schedule keeps it; DDIM, PLMS, UniPC and LCM have fixed timesteps and refuse any other."""
+    value = params.get(field)
+    if value in (None, ""):
+        return "automatic"
+    by_name = {label.lower(): key for label, key in SCHEDULERS.items()} | {k: k for k in SCHEDULERS.values()}
+    schedule = by_name.get(str(value).lower())
+    if schedule is None:
+        choices = ", ".join(SCHEDULERS)
+        raise PolicyError(f"{field}={render(value)} is not supported by this runtime; use one of: {choices}")
+    if schedule == "automatic" or sampler.endswith(_SCHEDULE_SUFFIXES):
+        return "automatic"
+    if sampler not in K_DIFFUSION_SAMPLERS:
+        raise PolicyError(f"{field}={render(value)} is not supported with sampler {sampler} (fixed timesteps)")
+    return schedule
+
+
+# ``eta``: DDIM takes it as ``eta_ddim``; the ancestral, SDE and DPM fast samplers as ``eta_ancestral``.
 ETA_SAMPLERS = ("DDIM",)
-ETA_FIXED_AT_ONE = ("Euler a", "DPM2 a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras")
-
-
-def check_sampler_options(params: Mapping[str, Any], sampler: str) -> None:
-    """Refuse an ``eta`` the chosen sampler would not apply here although A1111 would."""
-    eta = params.get("eta")
-    if eta is None or sampler in ETA_SAMPLERS or sampler not in ETA_FIXED_AT_ONE:
-        return
-    if not _is_inert(eta, (1.0,)):
-        raise PolicyError(f"eta={render(eta)} is not supported by this runtime with sampler {sampler}")
 
 
 def capabilities() -> dict[str, Any]:
@@ -524,6 +560,7 @@ def capabilities() -> dict[str, Any]:
         "tasks": list(TASKS),
         "families": list(FAMILIES),
         "samplers": list(SAMPLER_NAMES),
+        "schedulers": list(SCHEDULERS),
         "default_sampler": DEFAULT_SAMPLER,
         "upscalers": list(PIL_UPSCALERS),
         "hires_upscalers": list(HIRES_UPSCALERS),

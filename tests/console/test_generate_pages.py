@@ -401,3 +401,23 @@ def test_img2img_with_an_uploaded_mask_sends_the_inpainting_fields(
     assert (payload["mask_blur"], payload["inpainting_fill"]) == (2, 0)
     assert (payload["inpaint_full_res"], payload["inpainting_mask_invert"]) == (True, 1)
     assert 'name="mask"' in page(client.get("/generate/"))
+
+
+def test_generate_offers_the_runtimes_schedule_types_and_refuses_a_wrong_pair(client, admin, ready):
+    """The v1.9 schedule types come from the runtime's policy; a schedule the chosen sampler cannot take (DDIM has
+    fixed timesteps) is an error on the form, before any job exists."""
+    from apps.inference.views import build_payload
+    from gpu_runtime.protocol import policy
+
+    client.force_login(admin)
+    page_text = client.get("/generate/").content.decode()
+    for label in policy.SCHEDULERS:
+        assert f'<option value="{label}"' in page_text
+    assert policy.capabilities()["schedulers"] == list(policy.SCHEDULERS)
+    response = client.post("/generate/", form_body(sampler_name="DDIM", scheduler="Karras"))
+    assert response.status_code == 200 and "is not supported with sampler DDIM" in page(response)
+    assert not InferenceJob.objects.exists()
+    data = {"prompt": "a cat", "sampler_name": "DPM++ 2M", "scheduler": "Karras", "loras": [], "task_type": "txt2img"}
+    data.update(steps=20, cfg_scale=7, width=512, height=512, seed=1, batch_size=1, model="m", vae="Automatic")
+    assert build_payload(data)["scheduler"] == "Karras"
+    assert "scheduler" not in build_payload({**data, "scheduler": "Automatic"})

@@ -34,7 +34,7 @@ def test_txt2img_output_shape_and_determinism(engine, files):
     assert info["all_seeds"] == [42, 43] and info["sd_model_name"] == "tiny" and info["steps"] == 3
     assert output["parameters"]["prompt"] == "a photo of a cat"
     assert "Seed: 42" in output["html_info"]
-    again = run(engine, files, "j2", BASE)
+    again = run(engine, files, "j2", {**BASE, "batch_size": 2})
     assert (pixels(again["images"][0]) == pixels(output["images"][0])).all()  # same seed -> same image
     other_prompt = run(engine, files, "j3", {**BASE, "prompt": "a painting of a red dog"})
     assert (pixels(other_prompt["images"][0]) != pixels(output["images"][0])).any()

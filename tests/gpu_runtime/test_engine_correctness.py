@@ -43,7 +43,7 @@ def test_euler_after_dpmpp_2m_sde_karras_job_does_not_keep_karras_sigmas(engine,
     after = image(engine, files, euler)
     assert (after == before).all()
     scheduler = engine.pipelines[next(iter(engine.pipelines))].pipe.scheduler
-    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas
+    assert scheduler.config.loop == "euler" and scheduler.config.schedule == "automatic"
 
 
 @pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ SDE Karras"])
@@ -77,18 +77,17 @@ def test_ddim_and_plms_use_stability_scheduler_settings(engine, files):
 
 
 def test_k_diffusion_schedules_start_at_sigma_max_like_a1111(engine, files):
-    from gpu_runtime.samplers import SAMPLERS, scheduler_for
+    from gpu_runtime.samplers import K_SAMPLERS, scheduler_for
 
     config = engine.load(*_checkpoint(engine, files)).scheduler_config
-    for name in ("Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM++ SDE"):
+    for name in K_SAMPLERS:
         scheduler = scheduler_for(name, config)
         scheduler.set_timesteps(20)
-        assert scheduler.config.timestep_spacing == "linspace", name
         assert float(scheduler.sigmas[0]) == pytest.approx(14.6146, abs=1e-3), name  # CompVis sigma_max for SD
         assert float(scheduler.timesteps[0]) == pytest.approx(999.0), name
-    assert {SAMPLERS[n][0] for n in SAMPLERS if "Karras" in n}
-    karras = scheduler_for("DPM++ 2M Karras", config)
-    assert karras.config.use_karras_sigmas and karras.config.final_sigmas_type == "zero"
+        assert float(scheduler.sigmas[-1]) == 0 and float(scheduler.sigmas[-2]) > 0, name
+    assert scheduler_for("DPM++ 2M Karras", config).schedule_kind == "karras"
+    assert scheduler_for("DPM++ 2M", config, schedule="karras").schedule_kind == "karras"  # v1.9 field
 
 
 def test_defaults_are_a1111s_sampler_euler_and_50_steps(engine, files):

@@ -105,15 +105,18 @@ def test_lora_tags_are_extracted():
 
 def test_samplers_map_and_refuse_unknown_names():
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, PNDMScheduler
 
+    from gpu_runtime.kdiffusion import KDiffusionScheduler
     from gpu_runtime.samplers import SAMPLERS, scheduler_for
 
     config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
     # A1111's API default is ``sampler_name or sampler_index`` and sampler_index defaults to "Euler".
-    assert isinstance(scheduler_for(None, config), EulerDiscreteScheduler)
+    default = scheduler_for(None, config)
+    assert isinstance(default, KDiffusionScheduler) and default.loop == "euler"
     karras = scheduler_for("DPM++ 2M Karras", config)
-    assert isinstance(karras, DPMSolverMultistepScheduler) and karras.config.use_karras_sigmas
+    assert karras.loop == "dpmpp_2m" and karras.schedule_kind == "karras"
+    assert isinstance(scheduler_for("PLMS", config), PNDMScheduler)
     for name in SAMPLERS:
         scheduler_for(name, config)  # every advertised sampler can be built here
     with pytest.raises(JobError, match="sampler Foo is not supported"):

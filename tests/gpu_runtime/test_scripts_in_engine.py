@@ -56,8 +56,8 @@ def test_esd_xyz_checkpoint_payload_runs_each_checkpoint(engine, files):
 
 
 def test_xyz_axes_are_checked_like_jobs(engine, files):
-    args = [13, "0.1,0.2", [], 0, "", [], 0, "", [], True, False, False, False, 0, False]  # Sigma Churn
-    with pytest.raises(JobError, match=r"x/y/z plot cell 1: s_churn=0\.1 is not supported"):
+    args = [12, "0.1,0.2", [], 0, "", [], 0, "", [], True, False, False, False, 0, False]  # Neg. Guidance min sigma
+    with pytest.raises(JobError, match=r"x/y/z plot cell 1: s_min_uncond=0\.1 is not supported"):
         run(engine, files, {**BASE, "script_name": "x/y/z plot", "script_args": args})
     with pytest.raises(JobError, match="x/y/z plot"):
         run(engine, files, {**BASE, "script_name": "x/y/z plot", "script_args": [4, "1"]})
