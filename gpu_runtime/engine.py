@@ -33,6 +33,7 @@ from gpu_runtime import transfer
 from gpu_runtime.errors import JobError
 from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
+from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, is_inpainting
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
 from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
@@ -692,6 +693,8 @@ class Engine:
         arguments["callback_on_step_end"] = on_step
         tensors = {"latents"} | (set(_switched_tensors(job)) if switch is not None else set())
         arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
+        if is_inpainting(unet):
+            pipe.unet = self._conditioned(pipe, unet, job, init_images, len(prompts), job.width, job.height)
         try:
             with torch.inference_mode(), _tiled([m for m in models if m is not None], job.tiling):
                 latents = pipe(**arguments).images
@@ -754,6 +757,25 @@ class Engine:
             return latents * (1 - keep) + background.to(latents.dtype) * keep
 
         return blend
+
+    def _conditioned(
+        self,
+        pipe: Any,
+        unet: Any,
+        job: Prepared,
+        images: list[Any],
+        count: int,
+        width: int,
+        height: int,
+        masked: bool = True,
+    ) -> Any:
+        """An inpainting checkpoint's UNet with A1111's image conditioning for this call (txt2img: all masked)."""
+        if job.task == "txt2img" and masked:
+            conditioning = image_conditioning(pipe.vae, None, None, count, width, height, self.device)
+        else:
+            masks = [job.inpaint.model_mask] * count if masked and job.inpaint is not None else None
+            conditioning = image_conditioning(pipe.vae, list(images), masks, count, width, height, self.device)
+        return ConditionedUNet(unet, conditioning)
 
     @staticmethod
     def _hires_calls(loaded: Loaded, job: Prepared) -> int:
@@ -864,6 +886,11 @@ class Engine:
             arguments["callback_on_step_end_tensor_inputs"] = _switched_tensors(job)
         if hires.sampler in policy.ETA_SAMPLERS and job.params.get("eta") is not None:
             arguments["eta"] = _number(job.params, "eta", 0.0, 0.0, 1.0)
+        if is_inpainting(unet):  # A1111's hires pass: a full mask, nothing of the image (img2img_image_conditioning)
+            from PIL import Image
+
+            blank = [Image.new("RGB", (hires.width, hires.height))] * count
+            pipe.unet = self._conditioned(pipe, unet, job, blank, count, hires.width, hires.height, masked=False)
         try:
             with torch.inference_mode():
                 return pipe(**arguments).images
@@ -980,7 +1007,7 @@ class Engine:
         slerped toward its variation seed's noise by ``subseed_strength``; ENSD re-seeds the generators after."""
         import torch
 
-        channels = pipe.unet.config.in_channels
+        channels = pipe.vae.config.latent_channels  # an inpainting UNet takes 5 more, not noise
         shape = (channels, job.height // 8, job.width // 8)
         drawn_shape = shape if job.seed_resize is None else (channels, job.seed_resize[1] // 8, job.seed_resize[0] // 8)
         noises = []

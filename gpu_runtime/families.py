@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "FAMILIES",
     "TINY_FAMILIES",
     "TINY_FAMILY",
+    "TINY_INPAINT_FAMILY",
     "TINY_SDXL_FAMILY",
     "FamilySpec",
     "UnknownModelFamily",
@@ -58,7 +59,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 FAMILY_METADATA_KEY = "esd_family"
 TINY_FAMILY = "tiny-sd15"
 TINY_SDXL_FAMILY = "tiny-sdxl"
-TINY_FAMILIES = (TINY_FAMILY, TINY_SDXL_FAMILY)
+TINY_INPAINT_FAMILY = "tiny-sd15-inpainting"
+TINY_FAMILIES = (TINY_FAMILY, TINY_SDXL_FAMILY, TINY_INPAINT_FAMILY)
 # Bump when the way a config dir is written changes, so that existing dirs are rewritten.
 _FORMAT_VERSION = 1
 _MARKER = "esd_config.json"
@@ -216,12 +218,29 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
 }
 
+# Inpainting checkpoints: the same architectures with a 9-channel UNet input (latents, mask, masked image); the
+# runtime adds A1111's image conditioning to every UNet call (gpu_runtime.inpainting_models). SD 2's inpainting
+# model is the 512 px epsilon-prediction one.
+FAMILIES["sd15-inpainting"] = replace(FAMILIES["sd15"], name="sd15-inpainting", unet={**SD15_UNET, "in_channels": 9})
+FAMILIES["sd2-inpainting"] = replace(
+    FAMILIES["sd2"],
+    name="sd2-inpainting",
+    unet={**SD2_UNET, "sample_size": 64, "in_channels": 9},
+    vae={**SD_VAE, "sample_size": 512},
+    scheduler=SD_SCHEDULER,
+)
+FAMILIES["sdxl-inpainting"] = replace(FAMILIES["sdxl"], name="sdxl-inpainting", unet={**SDXL_UNET, "in_channels": 9})
+
 # diffusers' model type -> our family. Everything else is refused with a named reason.
-_SUPPORTED_TYPES = {"v1": "sd15", "v2": "sd2", "xl_base": "sdxl"}
+_SUPPORTED_TYPES = {
+    "v1": "sd15",
+    "v2": "sd2",
+    "xl_base": "sdxl",
+    "inpainting": "sd15-inpainting",
+    "inpainting_v2": "sd2-inpainting",
+    "xl_inpaint": "sdxl-inpainting",
+}
 _UNSUPPORTED_HINTS = {
-    "inpainting": "SD 1.x inpainting (9-channel UNet input)",
-    "inpainting_v2": "SD 2.x inpainting (9-channel UNet input)",
-    "xl_inpaint": "SDXL inpainting (9-channel UNet input)",
     "xl_refiner": "SDXL refiner",
     "instruct-pix2pix": "InstructPix2Pix (8-channel UNet input)",
     "upscale": "SD x4 upscaler",

@@ -113,6 +113,7 @@ class Inpaint:
 
     images: list[Any]  # the init images as the pipeline sees them (cropped, resized, pre-filled)
     latent_mask: np.ndarray  # [h/8, w/8] of 0/1: 1 = repaint
+    model_mask: Any  # the blurred mask at the generation size (an inpainting model's conditioning rounds it)
     overlays: list[Any]  # RGBA originals with the repainted area transparent
     paste_to: tuple[int, int, int, int] | None  # (x, y, w, h) in the original for full-resolution inpainting
     fill: int
@@ -166,7 +167,7 @@ def prepare(params: dict, init_images: list[Any], width: int, height: int, resiz
         images.append(image)
     small = model_mask.resize((width // 8, height // 8))
     latent_mask = np.around(np.asarray(small, dtype=np.float32) / 255)
-    return Inpaint(images, latent_mask, overlays, paste_to, fill_mode)
+    return Inpaint(images, latent_mask, model_mask, overlays, paste_to, fill_mode)
 
 
 def composite(result: Any, overlay: Any, paste_to: tuple[int, int, int, int] | None) -> Any:

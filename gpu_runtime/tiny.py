@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from gpu_runtime.families import (
     FAMILY_METADATA_KEY,
     SD_SCHEDULER,
     TINY_FAMILY,
+    TINY_INPAINT_FAMILY,
     TINY_SDXL_FAMILY,
     FamilySpec,
     clip_tokenizer,
@@ -47,6 +49,7 @@ __all__ = [
     "save_single_file",
     "tiny_config_dir",
     "write_tiny_embedding",
+    "write_tiny_inpainting_model",
     "write_tiny_lora",
     "write_tiny_model",
     "write_tiny_sdxl_embedding",
@@ -100,6 +103,9 @@ TINY_SPEC = FamilySpec(
         "requires_safety_checker": False,
     },
 )
+
+# A tiny inpainting checkpoint: the same with a 9-channel UNet input (latents, mask, masked image latents).
+TINY_INPAINT_SPEC = replace(TINY_SPEC, name=TINY_INPAINT_FAMILY, unet={**TINY_UNET, "in_channels": 9})
 
 # A tiny SDXL-architecture model: two text encoders (the second wider, which is how diffusers tells them apart),
 # size conditioning through ``addition_embed_type="text_time"``, and SDXL's zeroed empty negative prompt.
@@ -157,7 +163,7 @@ def build_tiny_vae(seed: int = 1) -> AutoencoderKL:
         return AutoencoderKL(**TINY_VAE).eval()
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def build_tiny_pipeline(seed: int = 0, inpainting: bool = False) -> StableDiffusionPipeline:
     """A random tiny SD 1.5-architecture pipeline with the real CLIP tokenizer and an Euler scheduler.
 
     Deterministic for a seed (the global RNG is left as it was). Same configs as :func:`tiny_config_dir`, so a
@@ -165,7 +171,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET)
+        unet = UNet2DConditionModel(**(TINY_INPAINT_SPEC.unet if inpainting else TINY_UNET))
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
     pipe = StableDiffusionPipeline(
@@ -184,7 +190,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_config_dir(root: Path, family: str = TINY_FAMILY) -> Path:
     """The offline config dir of a tiny family, ``root/<family>`` (written once, like ``families.config_dir``)."""
-    return materialize_config_dir(TINY_SDXL_SPEC if family == TINY_SDXL_FAMILY else TINY_SPEC, root)
+    specs = {TINY_SDXL_FAMILY: TINY_SDXL_SPEC, TINY_INPAINT_FAMILY: TINY_INPAINT_SPEC}
+    return materialize_config_dir(specs.get(family, TINY_SPEC), root)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
@@ -217,6 +224,14 @@ def write_tiny_sdxl_model(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     metadata = {FAMILY_METADATA_KEY: TINY_SDXL_FAMILY}
     save_single_file(build_tiny_sdxl_pipeline(seed), path, dtype=torch.float32, metadata=metadata)
+    return path
+
+
+def write_tiny_inpainting_model(path: Path, seed: int = 0) -> Path:
+    """The tiny pipeline with a 9-channel (inpainting) UNet, marked ``esd_family=tiny-sd15-inpainting``."""
+    path = Path(path)
+    metadata = {FAMILY_METADATA_KEY: TINY_INPAINT_FAMILY}
+    save_single_file(build_tiny_pipeline(seed, inpainting=True), path, dtype=torch.float32, metadata=metadata)
     return path
 
 

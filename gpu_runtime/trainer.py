@@ -759,6 +759,8 @@ def _load_model(model_path: Path, config_root: Path, device: str, weight_dtype: 
         family = family_of_file(Path(model_path))
     except UnknownModelFamily as exc:
         raise TrainingError(str(exc)) from None
+    if "inpainting" in family:
+        raise TrainingError(f"the base model is an inpainting checkpoint ({family}): LoRA training needs a base model")
     class_name = pipeline_class_of(family)
     pipeline_class = getattr(diffusers, class_name)
     try:

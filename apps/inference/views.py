@@ -7,6 +7,7 @@ stays in ``apps.inference.services``, so a job made here is exactly a one-call `
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import uuid
@@ -142,6 +143,8 @@ class GenerateForm(forms.Form):
     init_from = forms.UUIDField(required=False, widget=forms.HiddenInput)
     # img2img inpainting: a mask image (white = repaint), A1111's mask options
     mask = forms.FileField(label="Inpaint mask", required=False, widget=forms.ClearableFileInput({"accept": "image/*"}))
+    # or a mask drawn on the input image in the browser: a PNG data URL written by generate.js on submit
+    mask_drawing = forms.CharField(required=False, widget=forms.HiddenInput, max_length=MAX_INIT_IMAGE_BYTES * 2)
     mask_blur = forms.IntegerField(label="Mask blur", required=False, min_value=0, max_value=64, initial=4)
     inpainting_fill = forms.TypedChoiceField(
         label="Masked content",
@@ -276,13 +279,33 @@ class GenerateForm(forms.Form):
         return data
 
     def _mask(self, data: dict[str, Any]) -> str | None:
+        """The mask as base64: an uploaded file, else the one drawn in the browser (checked to be a PNG)."""
         upload = data.get("mask")
         if not upload:
-            return None
+            return self._drawn_mask(data.get("mask_drawing") or "")
         if upload.size > MAX_INIT_IMAGE_BYTES:
             self.add_error("mask", f"the mask must be at most {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
             return None
         return base64.b64encode(upload.read()).decode("ascii")
+
+    def _drawn_mask(self, drawing: str) -> str | None:
+        if not drawing:
+            return None
+        prefix = "data:image/png;base64,"
+        try:
+            if not drawing.startswith(prefix):
+                raise ValueError
+            raw = base64.b64decode(drawing[len(prefix) :], validate=True)
+            from PIL import Image
+
+            with Image.open(io.BytesIO(raw)) as image:
+                if image.format != "PNG":
+                    raise ValueError
+                image.verify()
+        except Exception:  # binascii.Error, PIL's errors: a forged or broken field
+            self.add_error("mask", "the drawn mask is not a PNG image")
+            return None
+        return base64.b64encode(raw).decode("ascii")
 
     def _init_image(self, data: dict[str, Any]) -> str | None:
         """The uploaded image as base64 (what A1111's ``init_images`` takes), or the image of the job the settings

@@ -73,7 +73,7 @@ _SCHEDULE_SUFFIXES = (" Karras", " Exponential")
 DEFAULT_SAMPLER = "Euler"
 DEFAULT_STEPS = 50  # StableDiffusionProcessing.steps
 TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd15-inpainting", "sd2-inpainting", "sdxl-inpainting")
 PIL_UPSCALERS = ("None", "Lanczos", "Nearest")
 # hires fix's hr_upscaler names this runtime runs: A1111's latent modes, then the PIL upscalers
 HIRES_UPSCALERS = (
@@ -204,7 +204,7 @@ IMG2IMG: dict[str, Field] = {
     "resize_mode": Field(UNSUPPORTED, (0, 1, 2, None), issue="12"),  # 0-2 honoured; 3 (latent resize) is not
     "image_cfg_scale": INE,  # only InstructPix2Pix models use it; A1111 sets it to None for every other model
     "include_init_images": INE,  # only echoes the inputs in ``parameters``, which are always echoed here
-    "mask": HON,  # inpainting with the checkpoint's own UNet (9-channel inpainting checkpoints: not yet)
+    "mask": HON,  # inpainting with any checkpoint; 9-channel inpainting checkpoints get A1111's image conditioning
     "latent_mask": Field(UNSUPPORTED, (None, ""), issue="12"),
     "initial_noise_multiplier": Field(UNSUPPORTED, (None, 1), issue="12"),
     **{

@@ -162,3 +162,46 @@ def test_designer_without_user_all_does_not_see_users(offline_page, live_server)
     response = page.goto(f"{base}/users/")
     assert response.status == 403
     shot(page, "07-designer-forbidden")
+
+
+def test_designer_draws_an_inpainting_mask_on_the_input_image(offline_page, live_server, disk_store, tmp_path):
+    """The Generate page's mask painter: strokes on the chosen input image become the job's black-and-white mask,
+    at the image's own size, white where painted."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from apps.inference.models import InferenceJob
+    from tests.conftest import make_user
+    from tests.inference.test_inference_api import endpoint
+    from tests.models_registry.test_checkpoints import register
+
+    register("tiny.safetensors")
+    endpoint("esd-async-a")
+    make_user("ann", roles=("IT Operator",), password="ann-password-1", is_staff=True)
+    source = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (40, 90, 160)).save(source)
+    page, base = offline_page, live_server.url
+    sign_in(page, base, "ann", "ann-password-1")
+    page.goto(f"{base}/generate/")
+    page.select_option("[name=task_type]", "img2img")
+    page.set_input_files("[name=init_image]", str(source))
+    canvas = page.locator("#mask-canvas")
+    canvas.wait_for(state="visible")
+    page.fill("#mask-brush", "16")
+    box = canvas.bounding_box()
+    # one stroke across the middle of the image's left half
+    page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    shot(page, "08-mask-drawn")
+    page.fill("[name=steps]", "3")
+    page.click("#generate-submit")
+    page.wait_for_url(re.compile(r".*/jobs/[0-9a-f-]+/$"))
+    payload = json.loads(InferenceJob.objects.get().payload_string)
+    mask = Image.open(io.BytesIO(base64.b64decode(payload["mask"]))).convert("L")
+    assert mask.size == (96, 64)
+    assert mask.getpixel((24, 32)) == 255 and mask.getpixel((90, 5)) == 0 and mask.getpixel((24, 5)) == 0

@@ -421,3 +421,21 @@ def test_generate_offers_the_runtimes_schedule_types_and_refuses_a_wrong_pair(cl
     data.update(steps=20, cfg_scale=7, width=512, height=512, seed=1, batch_size=1, model="m", vae="Automatic")
     assert build_payload(data)["scheduler"] == "Karras"
     assert "scheduler" not in build_payload({**data, "scheduler": "Automatic"})
+
+
+def test_a_mask_drawn_in_the_browser_is_sent_and_a_forged_one_refused(
+    client, admin, ready, django_capture_on_commit_callbacks
+):
+    """generate.js writes the drawn mask as a PNG data URL; the server sends the PNG as A1111's ``mask``."""
+    client.force_login(admin)
+    drawn = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    image = SimpleUploadedFile("in.png", PNG, content_type="image/png")
+    with django_capture_on_commit_callbacks():
+        response = client.post("/generate/", form_body(task_type="img2img", init_image=image, mask_drawing=drawn))
+    assert response.status_code == 302
+    assert base64.b64decode(json.loads(InferenceJob.objects.get().payload_string)["mask"]) == PNG
+    for forged in ("data:image/png;base64,bm90IGEgcG5n", "data:text/html;base64,PGI+", "javascript:alert(1)"):
+        image = SimpleUploadedFile("in.png", PNG, content_type="image/png")
+        response = client.post("/generate/", form_body(task_type="img2img", init_image=image, mask_drawing=forged))
+        assert response.status_code == 200 and "the drawn mask is not a PNG image" in page(response)
+    assert InferenceJob.objects.count() == 1

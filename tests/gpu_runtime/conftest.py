@@ -50,6 +50,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     from gpu_runtime.tiny import (
         build_tiny_pipeline,
         write_tiny_embedding,
+        write_tiny_inpainting_model,
         write_tiny_lora,
         write_tiny_model,
         write_tiny_sdxl_embedding,
@@ -67,6 +68,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     write_tiny_embedding(root / "b" / "mystyle.safetensors", seed=9)  # another user's file of the same name
     write_tiny_sdxl_model(root / "xl.safetensors", seed=0)
     write_tiny_sdxl_embedding(root / "xlstyle.safetensors")
+    write_tiny_inpainting_model(root / "inpaint.safetensors", seed=0)
     return root
 
 

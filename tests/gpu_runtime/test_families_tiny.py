@@ -225,6 +225,15 @@ def test_family_of_real_key_sets(ldm_shapes, family):
     assert len(shapes) == {"sd15": 1130, "sd2": 1214, "sdxl": 2513}[family]
 
 
+@pytest.mark.parametrize("family", ["sd15-inpainting", "sd2-inpainting", "sdxl-inpainting"])
+def test_inpainting_checkpoints_are_their_own_families(ldm_shapes, family):
+    """The same keys as their base model; the 9-channel UNet input (a shape) is what tells them apart."""
+    shapes = ldm_shapes[family]
+    assert shapes["model.diffusion_model.input_blocks.0.0.weight"][1] == 9
+    assert family_of(shapes.keys(), shapes) == family
+    assert family_of(shapes.keys()) == family.removesuffix("-inpainting")  # names alone cannot tell
+
+
 def test_family_of_real_key_names(ldm_shapes):
     """The keys diffusers checks really are in what our writer produces (and thus in real files)."""
     assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in ldm_shapes["sd15"]
@@ -237,10 +246,8 @@ def test_family_of_real_key_names(ldm_shapes):
 
 def test_family_of_rejects_other_models(ldm_shapes, tmp_path):
     inpainting = {**ldm_shapes["sd15"], "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
-    with pytest.raises(UnknownModelFamily, match="inpainting"):
-        family_of(inpainting.keys(), inpainting)
-    with pytest.raises(UnknownModelFamily, match="inpainting"):
-        family_of({k: torch.empty(s, device="meta") for k, s in inpainting.items()})  # a state dict
+    assert family_of(inpainting.keys(), inpainting) == "sd15-inpainting"  # a 9-channel UNet input
+    assert family_of({k: torch.empty(s, device="meta") for k, s in inpainting.items()}) == "sd15-inpainting"
 
     prefix = "conditioner.embedders.1.model."
     refiner = {  # SDXL refiner: OpenCLIP-G only, as conditioner.embedders.0

@@ -89,3 +89,64 @@ def test_mask_invert_fill_modes_and_full_res_size(engine, files):
     with pytest.raises(JobError, match="the mask is empty"):
         run(engine, files, {**base, "mask": b64(Image.new("L", (96, 64), 0))})
     assert json.loads(full["info"])["denoising_strength"] == 0.8
+
+
+# --- inpainting checkpoints (9-channel UNet) ---------------------------------------------------------------------
+
+
+def _capture_unet_inputs(engine, monkeypatch):
+    """Record what the checkpoint's own UNet receives (the wrapper's concatenated input)."""
+    from gpu_runtime import inpainting_models
+
+    seen = []
+    original = inpainting_models.ConditionedUNet.forward
+
+    def forward(self, sample, timestep, *args, **kwargs):
+        extra = self.conditioning.to(sample.device, sample.dtype)
+        seen.append(torch.cat([sample, extra.repeat(sample.shape[0] // extra.shape[0], 1, 1, 1)], dim=1))
+        return original(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(inpainting_models.ConditionedUNet, "forward", forward)
+    return seen
+
+
+def _inpaint_request(files, params, task):
+    return make_request(files, "p", params, task=task, types=("Stable-diffusion",), checkpoint="inpaint.safetensors")
+
+
+import torch  # noqa: E402
+
+
+def test_an_inpainting_checkpoint_gets_a1111s_image_conditioning(engine, files, monkeypatch):
+    seen = _capture_unet_inputs(engine, monkeypatch)
+    job = engine.prepare("p", _inpaint_request(files, {**BASE, "steps": 3}, "txt2img"))
+    assert job.family == "tiny-sd15-inpainting"
+    output = engine.run([job])[0]
+    assert png_size(output["images"][0]) == (64, 64)
+    # txt2img: every UNet call has 9 channels - the latents, an all-ones mask, the latents of a mid-grey image
+    assert seen and all(x.shape[1] == 9 for x in seen) and all((x[:, 4] == 1).all() for x in seen)
+
+    seen.clear()
+    original = source()
+    mask = square_mask(box=(0, 0, 32, 64))  # the left half is repainted
+    params = {**BASE, "init_images": [b64(original)], "mask": b64(mask), "mask_blur": 0, "denoising_strength": 0.9}
+    params.update(inpaint_full_res=False, inpainting_fill=1)
+    result = pixels(engine.run([engine.prepare("p", _inpaint_request(files, params, "img2img"))])[0]["images"][0])
+    channel = seen[0][0, 4]
+    assert (channel[:, :4] == 1).all() and (channel[:, 4:] == 0).all()  # the mask at latent size: left half
+    assert (result[:, 40:] == np.asarray(original)[:, 40:]).all()  # kept outside the mask (and its blur-free edge)
+
+    # the masked image's latents are conditioning: another picture outside the mask changes the inpainted half
+    seen.clear()
+    other = np.asarray(original).copy()
+    other[:, 32:] = 255 - other[:, 32:]
+    changed = {**params, "init_images": [b64(Image.fromarray(other))]}
+    again = pixels(engine.run([engine.prepare("p", _inpaint_request(files, changed, "img2img"))])[0]["images"][0])
+    assert abs(again[:, :24].astype(int) - result[:, :24].astype(int)).mean() > 0.5
+
+
+def test_an_inpainting_checkpoint_cannot_be_trained_on(tmp_path, files):
+    from gpu_runtime.trainer import TrainingError, _load_model
+
+    with pytest.raises(TrainingError, match="inpainting checkpoint"):
+        _load_model(files.root / "inpaint.safetensors", tmp_path, "cpu", torch.float32)
