@@ -75,6 +75,8 @@ class Prepared:
     clip_skip: int = 1
     randn_source: str = "GPU"
     strength: float = 0.75
+    noise_multiplier: float = 1.0  # img2img's initial_noise_multiplier
+    latent_resize: bool = False  # img2img resize_mode 3: the init latents are resized, not the images
     init_images: list[Any] = field(default_factory=list)
     chunks: int = 1  # conditioning length in 75-token chunks (prompt or negative, the longer)
     subseeds: list[int] = field(default_factory=list)
@@ -324,10 +326,13 @@ class Engine:
                     raise JobError(f"init_images has more images ({len(images)}) than batch_size ({batch_size})")
                 batch_size = len(images)
             mode = _int(params, "resize_mode", 0, 0, 3)
-            if mode == 3:
-                raise JobError("resize_mode=3 is not supported by this runtime")
+            job.latent_resize = mode == 3
+            if mode == 3 and params.get("mask"):
+                raise JobError("resize_mode=3 (latent upscale) with a mask is not supported by this runtime")
             decoded = [flatten(decode_image(image)) for image in images]
-            if params.get("mask"):
+            if mode == 3:  # A1111: encoded at their own size, the latents resized (bilinear) in _call
+                job.init_images = decoded
+            elif params.get("mask"):
                 from gpu_runtime import masking
 
                 job.inpaint = masking.prepare(params, decoded, job.width, job.height, mode)
@@ -335,6 +340,9 @@ class Engine:
             else:
                 job.init_images = [resize_image(mode, image, job.width, job.height) for image in decoded]
             job.strength = _number(params, "denoising_strength", 0.75, 0.0, 1.0)
+            job.noise_multiplier = _number(params, "initial_noise_multiplier", 1.0, 0.0, 1.5)
+            if job.noise_multiplier != 1.0 and not is_k_diffusion(job.sampler):
+                raise JobError(f"initial_noise_multiplier with sampler {job.sampler} is not supported by this runtime")
         if batch_size * n_iter > MAX_IMAGES:
             raise JobError(f"batch_size x n_iter must be at most {MAX_IMAGES}")
         seed = _int(params, "seed", -1, -1, 2**32 - 1)
@@ -675,6 +683,10 @@ class Engine:
         if job.task == "img2img":
             strength = 1.0 if k_diffusion else _a1111_strength(job.strength, job.steps)
             arguments.update(image=init_images, strength=strength)
+            if k_diffusion:
+                pipe.scheduler.noise_multiplier = job.noise_multiplier
+            if job.latent_resize:
+                arguments["image"] = self._resized_latents(pipe, job, init_images, generators)
             if job.inpaint is not None:
                 blend = self._inpaint_blend(pipe, job, init_images, generators, arguments)
         else:
@@ -796,6 +808,23 @@ class Engine:
             denoise=hires.steps,
         )
         return model_calls(scheduler, schedule)
+
+    def _resized_latents(self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any]) -> Any:
+        """img2img ``resize_mode`` 3 (A1111's "Just resize (latent upscale)"): each image encoded at its own size,
+        its latents resized to the generation's with bilinear interpolation."""
+        import torch
+        import torch.nn.functional as F
+
+        vae = pipe.vae
+        latents = []
+        for image, generator in zip(images, generators, strict=True):
+            width, height = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
+            pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(self.device, vae.dtype)
+            with torch.inference_mode():
+                encoded = _sample(vae.encode(pixels).latent_dist, 0, generator) * vae.config.scaling_factor
+            size = (job.height // 8, job.width // 8)
+            latents.append(F.interpolate(encoded.float(), size=size, mode="bilinear").to(encoded.dtype))
+        return torch.cat(latents)
 
     def _generators(self, job: Prepared, seeds: list[int]) -> list[Any]:
         import torch
@@ -1463,6 +1492,8 @@ def _extra_infotext(job: Prepared, index: int) -> str:
     if job.hires:
         hires = job.hires
         parts.append(f"Denoising strength: {hires.strength:g}")
+    if job.noise_multiplier != 1.0:
+        parts.append(f"Noise multiplier: {job.noise_multiplier:g}")
     if job.ensd:
         parts.append(f"ENSD: {job.ensd}")
     if job.refiner is not None:

@@ -522,6 +522,7 @@ class KDiffusionScheduler:
 
     order = 1
     init_noise_sigma = 1.0
+    noise_multiplier = 1.0  # img2img's initial_noise_multiplier (A1111 scales the noise before adding it)
 
     def __init__(
         self,
@@ -564,7 +565,7 @@ class KDiffusionScheduler:
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """img2img's start: the init latents plus noise at the cut schedule's first sigma."""
-        return (original.float() + noise.float() * self.sigmas[0]).to(original.dtype)
+        return (original.float() + noise.float() * self.noise_multiplier * self.sigmas[0]).to(original.dtype)
 
     def _start(self, x: torch.Tensor) -> None:
         noise = Noise(self.generators, self.seeds)

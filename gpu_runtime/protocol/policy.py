@@ -201,12 +201,12 @@ IMG2IMG: dict[str, Field] = {
     **COMMON,
     "init_images": HON,
     "denoising_strength": HON,
-    "resize_mode": Field(UNSUPPORTED, (0, 1, 2, None), issue="12"),  # 0-2 honoured; 3 (latent resize) is not
+    "resize_mode": HON,  # 0-2 resize the image, 3 its latents
     "image_cfg_scale": INE,  # only InstructPix2Pix models use it; A1111 sets it to None for every other model
     "include_init_images": INE,  # only echoes the inputs in ``parameters``, which are always echoed here
     "mask": HON,  # inpainting with any checkpoint; 9-channel inpainting checkpoints get A1111's image conditioning
     "latent_mask": Field(UNSUPPORTED, (None, ""), issue="12"),
-    "initial_noise_multiplier": Field(UNSUPPORTED, (None, 1), issue="12"),
+    "initial_noise_multiplier": HON,  # k-diffusion samplers
     **{
         name: HON
         for name in (

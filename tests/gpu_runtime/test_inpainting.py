@@ -150,3 +150,25 @@ def test_an_inpainting_checkpoint_cannot_be_trained_on(tmp_path, files):
 
     with pytest.raises(TrainingError, match="inpainting checkpoint"):
         _load_model(files.root / "inpaint.safetensors", tmp_path, "cpu", torch.float32)
+
+
+def test_resize_mode_3_resizes_the_latents_and_noise_multiplier_scales_the_noise(engine, files):
+    """A1111's "Just resize (latent upscale)": the image is encoded at its own size and its latents resized; at
+    the same size that is exactly resize mode 0. ``initial_noise_multiplier`` scales img2img's starting noise."""
+    original = source()
+    params = {**BASE, "init_images": [b64(original)], "denoising_strength": 0.6}
+    plain = pixels(run(engine, files, params)["images"][0])
+    assert (pixels(run(engine, files, {**params, "resize_mode": 3})["images"][0]) == plain).all()
+    small = {**params, "init_images": [b64(source((32, 48)))]}
+    latent = run(engine, files, {**small, "resize_mode": 3})
+    assert png_size(latent["images"][0]) == (64, 64)
+    assert abs(pixels(latent["images"][0]).astype(int) - pixels(run(engine, files, small)["images"][0])).mean() > 1
+
+    assert (pixels(run(engine, files, {**params, "initial_noise_multiplier": 1.0})["images"][0]) == plain).all()
+    quieter = run(engine, files, {**params, "initial_noise_multiplier": 0.5})
+    assert abs(pixels(quieter["images"][0]).astype(int) - plain).mean() > 1
+    assert "Noise multiplier: 0.5" in json.loads(quieter["info"])["infotexts"][0]
+    with pytest.raises(JobError, match="initial_noise_multiplier with sampler DDIM"):
+        run(engine, files, {**params, "sampler_name": "DDIM", "initial_noise_multiplier": 0.5})
+    with pytest.raises(JobError, match=r"resize_mode=3 .* with a mask"):
+        run(engine, files, {**params, "resize_mode": 3, "mask": b64(square_mask())})

@@ -92,8 +92,6 @@ REFUSED_IMG2IMG = [
     ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta=31337"),
     ({"subseed_strength": 0.5}, "subseed_strength=0.5 is not supported"),  # img2img's noise is drawn by diffusers
     ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_"),
-    ({"resize_mode": 3}, "resize_mode=3 is not supported"),
-    ({"initial_noise_multiplier": 0.9}, "initial_noise_multiplier=0.9 is not supported"),
     ({"latent_mask": "aGVsbG8="}, "latent_mask="),
 ]
 
