@@ -12,13 +12,24 @@ MODEL_DATA = "data/model.tar.gz"
 _FORBIDDEN = ("/", "\\")
 
 
+# Bidirectional overrides and isolates make a name read differently from what it is ("gnp.exe" shown as
+# "exe.png"): refused like the C0/C1 control characters.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0, DEL, C1) or a bidirectional formatting character."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in BIDI_CONTROLS for ch in text)
+
+
 def is_segment(name: str) -> bool:
-    """One path segment: no separators, not ``.``/``..``, no control characters, at most 255 characters."""
+    """One path segment: no separators, not ``.``/``..``, no control characters, at most 255 bytes in UTF-8
+    (what file systems and S3 key segments allow; 255 characters of CJK would be 765)."""
     return (
-        0 < len(name) <= 255
+        0 < len(name.encode("utf-8", "surrogatepass")) <= 255
         and name not in (".", "..")
         and not any(sep in name for sep in _FORBIDDEN)
-        and not any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+        and not has_control(name)
     )
 
 

@@ -6,6 +6,7 @@ presigned URL; no session, key or CSRF token. Bodies stream to disk in 1 MiB chu
 
 from __future__ import annotations
 
+import errno
 import mimetypes
 import re
 
@@ -24,7 +25,7 @@ CORS = {
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _s3_error(status: int, code: str, message: str) -> HttpResponse:
+def s3_error(status: int, code: str, message: str) -> HttpResponse:
     body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
     return HttpResponse(body, status=status, content_type="application/xml", headers=CORS)
 
@@ -33,22 +34,26 @@ def _s3_error(status: int, code: str, message: str) -> HttpResponse:
 def blob(request: HttpRequest, key: str) -> HttpResponse:
     store = blob_store()
     if not isinstance(store, LocalBlobStore):
-        return _s3_error(404, "NoSuchKey", "Objects are served by S3 in this deployment.")
+        return s3_error(404, "NoSuchKey", "Objects are served by S3 in this deployment.")
     if request.method == "OPTIONS":
         return HttpResponse(status=200, headers=CORS)
     method = "GET" if request.method == "HEAD" else request.method
     if method not in ("GET", "PUT"):
-        return _s3_error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        return s3_error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
     if not store.verify(method, key, request.GET.dict()):
-        return _s3_error(403, "AccessDenied", "Request has expired or the signature does not match.")
+        return s3_error(403, "AccessDenied", "Request has expired or the signature does not match.")
     try:
         if method == "PUT":
             return _put(request, store, key)
         return _get(request, store, key)
     except FileNotFoundError:
-        return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return s3_error(404, "NoSuchKey", "The specified key does not exist.")
     except StorageError as exc:
-        return _s3_error(400, "InvalidRequest", str(exc))
+        return s3_error(400, "InvalidRequest", str(exc))
+    except OSError as exc:  # a key segment longer than the file system allows, ...
+        if exc.errno == errno.ENAMETOOLONG:
+            return s3_error(400, "KeyTooLongError", "Your key is too long.")
+        raise
 
 
 def _put(request: HttpRequest, store: LocalBlobStore, key: str) -> HttpResponse:
@@ -60,7 +65,7 @@ def _put(request: HttpRequest, store: LocalBlobStore, key: str) -> HttpResponse:
     if upload_id:
         part = int(request.GET.get("partNumber", "0") or 0)
         if not 1 <= part <= 10_000 or store.upload_key(upload_id) != key:
-            return _s3_error(404, "NoSuchUpload", "The specified upload does not exist.")
+            return s3_error(404, "NoSuchUpload", "The specified upload does not exist.")
         etag = store.receive_part(upload_id, part, request, length)
     else:
         etag = store.receive_object(key, request, length)

@@ -15,7 +15,7 @@ from django.urls import reverse
 
 from apps.accounts import services
 from apps.accounts.models import ApiKey, Role, User, esd_permission_queryset, permissions_of
-from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS
+from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS, first_not_covered
 from esd.api.errors import EsdError
 
 admin.site.site_header = "ESD Server"
@@ -97,16 +97,59 @@ class EsdUserAdmin(EsdPermissionsAdmin, UserAdmin):
             kwargs["queryset"] = Group.objects.order_by("name")
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
+    def get_readonly_fields(self, request: HttpRequest, obj: User | None = None):
+        # Only a superuser makes superusers or staff; the others would sign in to the admin with rights they lack.
+        if request.user.is_superuser:
+            return self.readonly_fields
+        return (*self.readonly_fields, "is_staff", "is_superuser")
+
+    def _may_manage(self, request: HttpRequest, obj: User | None) -> bool:
+        if obj is None:
+            return True
+        try:
+            services.check_may_manage(
+                actor=request.user.get_username(), actor_permissions=request_permissions(request), target=obj
+            )
+        except EsdError:
+            return False
+        return True
+
+    def has_change_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
+        return super().has_change_permission(request, obj) and self._may_manage(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
+        return super().has_delete_permission(request, obj) and self._may_manage(request, obj)
+
+    def get_form(self, request: HttpRequest, obj: User | None = None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        actor_permissions = request_permissions(request)
+
+        def clean_groups(self) -> QuerySet:
+            """The roles given must carry only permissions the actor holds (as ``save_user`` checks)."""
+            groups = self.cleaned_data.get("groups")
+            wanted = sorted({p.codename for group in groups or () for p in group.permissions.all()})
+            lacking = first_not_covered(actor_permissions, [p for p in wanted if p in ALL_PERMISSIONS])
+            if lacking is not None:
+                raise forms.ValidationError(f"creator has no permission to assign permission [{lacking}] to others")
+            return groups
+
+        return type(form.__name__, (form,), {"clean_groups": clean_groups}) if "groups" in form.base_fields else form
+
     def save_model(self, request: HttpRequest, obj: User, form, change: bool) -> None:
         if not change and not obj.creator:
             obj.creator = request.user.get_username()
         super().save_model(request, obj, form, change)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        services.delete_users(list(queryset))
+        actor = request.user.get_username()
+        try:
+            services.delete_users(list(queryset), actor=actor, actor_permissions=request_permissions(request))
+        except EsdError as exc:
+            self.message_user(request, f"Nothing deleted: {exc.message}", messages.ERROR)
 
     def delete_model(self, request: HttpRequest, obj: User) -> None:
-        services.delete_users([obj])
+        actor = request.user.get_username()
+        services.delete_users([obj], actor=actor, actor_permissions=request_permissions(request))
 
 
 class RoleForm(forms.ModelForm):
@@ -199,20 +242,34 @@ class RoleAdmin(EsdPermissionsAdmin):
         """The service already set the permissions; there are no inlines."""
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        services.delete_roles([r.name for r in queryset if not r.is_protected], visible=list(queryset))
+        services.delete_roles(
+            [r.name for r in queryset if not r.is_protected],
+            visible=list(queryset),
+            actor_permissions=request_permissions(request),
+        )
 
     def delete_model(self, request: HttpRequest, obj: Role) -> None:
-        services.delete_roles([obj.name], visible=[obj])
+        services.delete_roles([obj.name], visible=[obj], actor_permissions=request_permissions(request))
 
 
 class ApiKeyForm(forms.ModelForm):
     expires_days = forms.IntegerField(
         required=False, min_value=1, help_text="Leave empty for a key that does not expire."
     )
+    issuer: User  # set by ApiKeyAdmin.get_form
 
     class Meta:
         model = ApiKey
         fields = ("user", "name", "kind")
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("user") is not None and data.get("kind"):
+            try:
+                services.check_key_issue(issuer=self.issuer, owner=data["user"], kind=data["kind"])
+            except EsdError as exc:
+                raise forms.ValidationError(exc.message) from exc
+        return data
 
 
 @admin.register(ApiKey)
@@ -241,12 +298,17 @@ class ApiKeyAdmin(EsdPermissionsAdmin):
         # Keys are immutable apart from revocation; the change page is a read-only detail view.
         return obj is None and super().has_change_permission(request, obj)
 
+    def get_form(self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"issuer": request.user})
+
     def save_model(self, request: HttpRequest, obj: ApiKey, form: ApiKeyForm, change: bool) -> None:
         key, raw = services.issue_api_key(
             form.cleaned_data["user"],
             kind=form.cleaned_data["kind"],
             name=form.cleaned_data["name"],
             expires_days=form.cleaned_data.get("expires_days"),
+            issuer=request.user,
         )
         form.instance = key
         obj.pk = key.pk

@@ -23,9 +23,11 @@ from apps.accounts.models import (
     Role,
     User,
     esd_permission_queryset,
+    permissions_of,
 )
 from apps.accounts.permissions import first_not_covered
 from esd.api.errors import BadRequest, Forbidden
+from esd.keys import has_control
 
 
 def is_first_run() -> bool:
@@ -50,20 +52,62 @@ def _create_or_lock(model: type[Model], defaults: dict, **lookup: str) -> tuple[
         return model.objects.select_for_update().get(**lookup), False
 
 
+# --- who may manage whom (one rule for the API, the console, the admin and the commands) ---------------------
+
+
+def is_superuser(username: str) -> bool:
+    return User.objects.filter(username=username, is_superuser=True).exists()
+
+
+def check_may_manage(*, actor: str, actor_permissions: frozenset[str], target: User) -> None:
+    """A caller may change, delete or issue keys for only a user it covers: a superuser only by a superuser,
+    anybody else only if every permission they hold is one the caller holds. Raises ``Forbidden``.
+
+    Without it, ``user:all`` alone resets an administrator's password and signs in as them.
+    """
+    if actor == target.username or is_superuser(actor):
+        return
+    if target.is_superuser:
+        raise Forbidden(f"only a superuser may manage superuser {target.username}")
+    lacking = first_not_covered(actor_permissions, sorted(permissions_of(target)))
+    if lacking is not None:
+        raise Forbidden(f"creator has no permission to manage user {target.username}, who holds [{lacking}]")
+
+
+def check_key_issue(*, issuer: User | None, owner: User, kind: str) -> None:
+    """Who may issue which key. A service key acts for any user it names, so only a superuser issues one (in the
+    console and the admin; ``manage.py create_api_key`` runs with the server's own rights). A key for somebody
+    else needs the right to manage them."""
+    if issuer is None:
+        return
+    if kind == ApiKeyKind.SERVICE and not issuer.is_superuser:
+        raise Forbidden("service keys are issued only by superusers")
+    if issuer.pk != owner.pk:
+        if "user:all" not in permissions_of(issuer):
+            raise Forbidden("keys for other users need the user:all permission")
+        check_may_manage(actor=issuer.get_username(), actor_permissions=permissions_of(issuer), target=owner)
+
+
 # --- roles --------------------------------------------------------------------------------------------------
 
 
 def check_role(
     *, actor: str, actor_permissions: frozenset[str], name: str, permissions: list[str], existing: Role | None
 ) -> None:
-    """The rules of ``POST /roles`` (contract §9.2), in order; raises ``BadRequest``."""
+    """The rules of ``POST /roles`` (contract §9.2), in order; raises ``BadRequest``.
+
+    Nobody grants a permission they do not hold - ``role:all`` included, and also on a role they belong to - nor
+    rewrites a role that holds more than they do (that would change its members' rights).
+    """
     if name == ADMIN_ROLE:
         raise BadRequest("cannot update default role")
-    if "role:all" in actor_permissions:
-        return
-    if existing is not None and existing.creator != actor:
+    if has_control(name):
+        raise BadRequest(f"role name {name!r} is not allowed: it holds a control character")
+    if "role:all" not in actor_permissions and existing is not None and existing.creator != actor:
         raise BadRequest(f"creator {actor} not have permission to update role {name}")
     lacking = first_not_covered(actor_permissions, permissions)
+    if lacking is None and existing is not None:
+        lacking = first_not_covered(actor_permissions, sorted(p.codename for p in existing.permissions.all()))
     if lacking is not None:
         raise BadRequest(f"creator {actor} have not permission to create role with permission: [{lacking}]")
 
@@ -91,12 +135,19 @@ def save_role(
     return role, created
 
 
-def delete_roles(names: list[str], visible: list[Role] | None = None) -> int:
-    """Delete roles by name (``DELETE /roles``). The admin role refuses the whole request."""
+def delete_roles(
+    names: list[str], visible: list[Role] | None = None, actor_permissions: frozenset[str] | None = None
+) -> int:
+    """Delete roles by name (``DELETE /roles``). The admin role, or a role holding a permission the caller does
+    not (``actor_permissions``; None: the server itself), refuses the whole request."""
     names = list(dict.fromkeys(names))
     if ADMIN_ROLE in names:
         raise BadRequest("cannot delete default role")
     roles = [r for r in (visible if visible is not None else Role.objects.all()) if r.name in names]
+    for role in roles if actor_permissions is not None else ():
+        lacking = first_not_covered(actor_permissions, sorted(p.codename for p in role.permissions.all()))
+        if lacking is not None:
+            raise Forbidden(f"cannot delete role {role.name}: it holds [{lacking}], which you do not")
     for role in roles:
         role.delete()  # also removes the group, its permissions and its memberships
     return len(roles)
@@ -150,6 +201,8 @@ def save_user(
             raise BadRequest(f'user roles "{missing}" not exist')
     with transaction.atomic():
         user = User.objects.select_for_update().filter(username=username).first()
+        if user is not None and not first_run:
+            check_may_manage(actor=actor, actor_permissions=actor_permissions, target=user)
         check_password(password, user or User(username=username))
         created = user is None
         if created:
@@ -160,10 +213,15 @@ def save_user(
     return SavedUser(user=user, created=created, roles=sorted(roles))
 
 
-def delete_users(users: list[User]) -> int:
-    """Delete users with their API keys (cascade) and their console sessions; their resources stay."""
+def delete_users(
+    users: list[User], *, actor: str | None = None, actor_permissions: frozenset[str] = frozenset()
+) -> int:
+    """Delete users with their API keys (cascade) and their console sessions; their resources stay. With an
+    ``actor`` (None: the server itself), every user must be one the actor may manage, or nothing is deleted."""
     if not users:
         return 0
+    for user in users if actor is not None else ():
+        check_may_manage(actor=actor, actor_permissions=actor_permissions, target=user)
     ids = {str(u.pk) for u in users}
     with transaction.atomic():
         User.objects.filter(pk__in=[u.pk for u in users]).delete()
@@ -184,11 +242,18 @@ def _delete_sessions(user_ids: set[str]) -> None:
 
 
 def issue_api_key(
-    user: User, *, kind: str = ApiKeyKind.PERSONAL, name: str = "", expires_days: int | None = None
+    user: User,
+    *,
+    kind: str = ApiKeyKind.PERSONAL,
+    name: str = "",
+    expires_days: int | None = None,
+    issuer: User | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key and return it with the raw secret, which is never stored and cannot be shown again."""
+    """Create a key and return it with the raw secret, which is never stored and cannot be shown again.
+    ``issuer`` is the console or admin user asking (:func:`check_key_issue`); None is the server itself."""
     if kind not in ApiKeyKind.values:
         raise ValueError(f"unknown key kind {kind!r}")
+    check_key_issue(issuer=issuer, owner=user, kind=kind)
     if expires_days is not None and expires_days < 1:
         raise ValueError("expires_days must be at least 1")
     raw = ApiKey.generate()

@@ -256,7 +256,11 @@ def _delete_user(request: HttpRequest, target: User) -> HttpResponse:
     if target.pk == request.user.pk:
         messages.error(request, "You cannot delete your own user here.")
         return redirect("console:user", target.username)
-    services.delete_users([target])
+    try:
+        services.delete_users([target], actor=request.user.get_username(), actor_permissions=permissions(request))
+    except EsdError as exc:
+        messages.error(request, exc.message)
+        return redirect("console:user", target.username)
     messages.success(request, f"User {target.username} deleted.")
     return redirect("console:users")
 
@@ -409,7 +413,7 @@ def _may_edit_role(request: HttpRequest, target: Role) -> bool:
 def _delete_role(request: HttpRequest, target: Role) -> HttpResponse:
     """Delete through ``delete_roles``, which refuses ``IT Operator``; its message comes back on the role page."""
     try:
-        services.delete_roles([target.name], visible=[target])
+        services.delete_roles([target.name], visible=[target], actor_permissions=permissions(request))
     except EsdError as exc:
         messages.error(request, exc.message)
         return redirect("console:role", target.name)
@@ -466,7 +470,13 @@ def _issue_key(request: HttpRequest, form: KeyForm, is_admin: bool) -> tuple[int
     if owner is None:
         form.add_error("user", f"No user {owner_name}.")
         return 400, None
-    key, raw = services.issue_api_key(owner, kind=data["kind"], name=data["name"], expires_days=data["expires_days"])
+    try:
+        key, raw = services.issue_api_key(
+            owner, kind=data["kind"], name=data["name"], expires_days=data["expires_days"], issuer=request.user
+        )
+    except EsdError as exc:
+        form.add_error(None, exc.message)
+        return exc.status, None
     return 200, {"key": key, "raw": raw}
 
 

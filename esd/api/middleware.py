@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 
 from esd.api.errors import internal_error_body
@@ -29,6 +30,17 @@ CORS_HEADERS = {
 }
 
 
+BLOB_PREFIX = "/blob/"
+
+
+def _host_ok(request: HttpRequest) -> bool:
+    try:
+        request.get_host()
+    except DisallowedHost:
+        return False
+    return True
+
+
 def json_response(body: dict, status: int) -> HttpResponse:
     return HttpResponse(json.dumps(body, separators=(",", ":")), status=status, content_type="application/json")
 
@@ -42,11 +54,15 @@ class ApiMiddleware:
         self.max_body = settings.ESD_MAX_BODY_BYTES
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info.startswith(BLOB_PREFIX):
+            return self._blob(request)
         if not request.path_info.startswith(self.prefix):
             return self.get_response(request)
         request_id = str(uuid.uuid4())
         request.esd_request_id = request_id  # type: ignore[attr-defined]
-        if request.method == "OPTIONS":
+        if not _host_ok(request):  # Django would answer its HTML 400 from the first middleware that asks
+            response = json_response({"statusCode": 400, "message": "Invalid Host header"}, 400)
+        elif request.method == "OPTIONS":
             response = HttpResponse(status=204)
         elif self._too_big(request):
             response = json_response({"statusCode": 413, "message": "Request Entity Too Large"}, 413)
@@ -60,6 +76,14 @@ class ApiMiddleware:
             response[name] = value
         return response
 
+    def _blob(self, request: HttpRequest) -> HttpResponse:
+        """The signed-URL view speaks S3's XML errors only: a bad Host here, a crash in ``process_exception``."""
+        from esd.storage_views import s3_error
+
+        if not _host_ok(request):
+            return s3_error(400, "InvalidArgument", "Invalid Host header.")
+        return self.get_response(request)
+
     def _too_big(self, request: HttpRequest) -> bool:
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -69,6 +93,11 @@ class ApiMiddleware:
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         """Views outside DRF (or errors DRF did not catch) still get the envelope and a logged request id."""
+        if request.path_info.startswith(BLOB_PREFIX):  # never Django's HTML page on a signed URL
+            from esd.storage_views import s3_error
+
+            log.exception("storage request failed: %s %s", request.method, request.path_info)
+            return s3_error(500, "InternalError", "We encountered an internal error. Please try again.")
         request_id = getattr(request, "esd_request_id", None)
         if request_id is None:
             return None

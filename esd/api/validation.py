@@ -172,20 +172,27 @@ def _check_object(schema: dict, value: dict, path: str, problems: Problems) -> N
                 check(additional, value[name], _join(path, name), problems)
 
 
-def _clean_text(value: Any) -> bool:
-    """False when a string anywhere in the body holds NUL or a lone surrogate: no database can store those."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, list):
-        return all(_clean_text(v) for v in value)
-    if isinstance(value, dict):
-        return all(_clean_text(k) and _clean_text(v) for k, v in value.items())
+MAX_JSON_DEPTH = 64  # A1111's deepest request (ControlNet units in alwayson_scripts) nests about 6 levels
+
+
+def clean_json(value: Any) -> bool:
+    """False when a string anywhere in the value holds NUL or a lone surrogate (no database can store those) or
+    the value nests deeper than ``MAX_JSON_DEPTH``. Iterative: a deep body must not exhaust the stack."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return False
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, list | dict):
+            if depth >= MAX_JSON_DEPTH:
+                return False
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
     return True
 
 
@@ -203,7 +210,7 @@ def parse_body(raw: bytes | None) -> dict:
         body = json.loads(raw, parse_constant=_reject_non_finite) if raw is not None else None
     except (ValueError, RecursionError):
         body = None
-    if not isinstance(body, dict) or not _clean_text(body):
+    if not isinstance(body, dict) or not clean_json(body):
         problems = Problems()
         problems.add("body", "Invalid request body")
         problems.raise_if_any()
@@ -244,7 +251,7 @@ def parse_query(params: tuple[Query, ...], querydict: Any, page_max: int) -> dic
     problems = Problems()
     for param in params:
         values = querydict.getlist(param.name) + (querydict.getlist(param.name + "[]") if param.many else [])
-        if any(not _clean_text(v) for v in values):
+        if any(not clean_json(v) for v in values):
             raise BadRequest(f"{param.name} is invalid")
         if not values:
             out[param.name] = [] if param.many else param.default

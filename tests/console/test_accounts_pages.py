@@ -340,13 +340,15 @@ def test_admin_manages_everyones_keys(client, api, admin, designer):
     designer_raw = make_key(designer, name="theirs")
     signed_in(client, admin)
     text = page(client.get("/keys/"))
-    assert 'id="other-keys"' in text and designer_raw[:8] in text and 'value="service"' in text
+    # an IT Operator manages everyone's personal keys; service keys are for superusers only (issue 13)
+    assert 'id="other-keys"' in text and designer_raw[:8] in text and 'value="service"' not in text
     assert designer_raw[:8] in page(client.get("/keys/?owner=designer"))
     assert designer_raw[:8] not in page(client.get("/keys/?owner=admin"))
-    status, raw, text = issue(client, kind="service", user="designer")
+    status, raw, text = issue(client, kind="personal", user="designer")
     assert status == 200 and raw is not None and "for designer" in text
     issued = ApiKey.objects.get(prefix=raw[:8])
-    assert issued.user == designer and issued.kind == ApiKeyKind.SERVICE
+    assert issued.user == designer and issued.kind == ApiKeyKind.PERSONAL
+    assert issue(client, kind="service", user="designer")[0] == 403
     theirs = ApiKey.objects.get(prefix=designer_raw[:8])
     assert client.post(f"/keys/{theirs.pk}/revoke/").status_code == 302
     assert api.get("ping", key=designer_raw).status == 403

@@ -94,7 +94,8 @@ class RolesView(EsdView):
     )
     def delete(self, request: Request) -> Response:
         names = request.esd_body["role_name_list"]
-        services.delete_roles(names, visible=list(self.visible(Role).filter(name__in=names)))
+        visible = list(self.visible(Role).filter(name__in=names).prefetch_related("permissions"))
+        services.delete_roles(names, visible=visible, actor_permissions=request.esd_permissions)
         return envelope(204)
 
 
@@ -201,7 +202,11 @@ class UsersView(EsdView):
     )
     def delete(self, request: Request) -> Response:
         names = request.esd_body["user_name_list"]
-        services.delete_users(list(self.visible(User).filter(username__in=names)))
+        services.delete_users(
+            list(self.visible(User).filter(username__in=names)),
+            actor=request.user.username,
+            actor_permissions=request.esd_permissions,
+        )
         return envelope(204)
 
 

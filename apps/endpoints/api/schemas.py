@@ -18,7 +18,7 @@ CREATE = {
     "properties": {
         "endpoint_type": {"type": "string", "enum": REQUEST_TYPES},
         "instance_type": {"type": "string", "minLength": 1, "description": "A label for self-hosted endpoints"},
-        "initial_instance_count": {"type": "number", "minimum": 1, "description": "A whole number"},
+        "initial_instance_count": {"type": "number", "minimum": 1, "maximum": 1000, "description": "A whole number"},
         "autoscaling_enabled": {"type": "boolean"},
         "assign_to_roles": {
             "type": "array",
@@ -33,8 +33,18 @@ CREATE = {
             "maxLength": 20,
             "description": f'Short name, "" = generated; else pattern {NAME_PATTERN}',
         },
-        "min_instance_number": {"type": "number", "minimum": 0, "description": "A whole number, default 0"},
-        "max_instance_number": {"type": "number", "minimum": 1, "description": "A whole number, default 1"},
+        "min_instance_number": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1000,
+            "description": "A whole number, default 0",
+        },
+        "max_instance_number": {
+            "type": "number",
+            "minimum": 1,
+            "maximum": 1000,
+            "description": "A whole number, default 1",
+        },
         "custom_docker_image_uri": {"type": "string", "description": '"" = the default inference image'},
         "custom_extensions": {"type": "string", "description": "Up to 3 repositories, separated by spaces/commas"},
         "backend": {"type": "string", "enum": [b.value for b in Backend]},

@@ -21,7 +21,7 @@ from esd.api.errors import BadRequest, GatewayTimeout, NotFound
 from esd.api.formats import utc_string
 from esd.api.openapi import envelope_schema
 from esd.api.pagination import keyset_page
-from esd.api.validation import Query
+from esd.api.validation import Query, clean_json
 from esd.api.views import EsdView, RouteSpec, envelope, find, route, uuid_list
 from esd.storage import blob_store
 
@@ -151,9 +151,9 @@ class InferencesView(EsdView):
         if payload is not None:
             try:
                 parsed = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 parsed = None
-            if not isinstance(parsed, dict):
+            if not isinstance(parsed, dict) or not clean_json(parsed):
                 raise BadRequest("payload_string must be valid json string")
 
     @route(

@@ -127,12 +127,15 @@ NATIVE_PARAMS = {
                 "saving_arguments": {
                     "type": "object",
                     "required": ["output_name", "save_every_n_epochs"],
-                    "properties": {"output_name": _TEXT, "save_every_n_epochs": {"type": "integer", "minimum": 1}},
+                    "properties": {
+                        "output_name": _TEXT,
+                        "save_every_n_epochs": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
                 },
                 "training_arguments": {
                     "type": "object",
                     "required": ["max_train_epochs"],
-                    "properties": {"max_train_epochs": {"type": "integer", "minimum": 1}},
+                    "properties": {"max_train_epochs": {"type": "integer", "minimum": 1, "maximum": 10000}},
                 },
             },
         },
@@ -161,8 +164,8 @@ DOCUMENT_PARAMS = {
                     "type": "object",
                     "properties": {
                         "output_name": _TEXT,
-                        "save_every_n_epochs": {"type": "integer", "minimum": 1},
-                        "max_train_epochs": {"type": "integer", "minimum": 1},
+                        "save_every_n_epochs": {"type": "integer", "minimum": 1, "maximum": 10000},
+                        "max_train_epochs": {"type": "integer", "minimum": 1, "maximum": 10000},
                     },
                 }
             },
