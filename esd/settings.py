@@ -116,8 +116,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # In-process by default. With several web processes, a shared cache (redis://...) makes key revocation reach
 # every process at once instead of within ESD_KEY_CACHE_SECONDS.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://esd")}
-# How long a verified API key is remembered (0 turns the cache off). Changes made through the app drop it at once.
-ESD_KEY_CACHE_SECONDS = env.int("ESD_KEY_CACHE_SECONDS", default=10)
+# How long a verified API key is remembered (0 turns the cache off). Changes made through the app drop it at once
+# in this process (and in all of them with a shared cache); every other process sees a revocation, a deleted
+# or deactivated user within this time. More than 1 fails ``manage.py check`` (revocation must take 1 s at most).
+ESD_KEY_CACHE_SECONDS = env.int("ESD_KEY_CACHE_SECONDS", default=1)
 
 # --- Auth -------------------------------------------------------------------------------------------------
 AUTH_USER_MODEL = "accounts.User"
@@ -188,6 +190,8 @@ ESD_SELF_HOSTED_STARTUP_TIMEOUT = env.int("ESD_SELF_HOSTED_STARTUP_TIMEOUT", def
 ESD_WORKER_HEARTBEAT_TTL = env.int("ESD_WORKER_HEARTBEAT_TTL", default=45)
 ESD_TRAINING_QUEUE = env.str("ESD_TRAINING_QUEUE", default="esd-training")
 ESD_EVENTS_QUEUE = env.str("ESD_EVENTS_QUEUE", default="esd-events")
+# Unfinished multipart uploads older than this are aborted by the hourly sweep (``manage.py sweep_uploads``).
+ESD_MULTIPART_MAX_AGE_HOURS = env.float("ESD_MULTIPART_MAX_AGE_HOURS", default=24.0)
 # How often the periodic sweep re-checks every endpoint (seconds).
 ESD_ENDPOINT_SWEEP_SECONDS = env.int("ESD_ENDPOINT_SWEEP_SECONDS", default=180)
 # SageMaker is configured when the role and both images are set.

@@ -84,6 +84,10 @@ class BlobStore(ABC):
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop an unfinished upload and its parts. Never call it after a completion."""
 
+    @abstractmethod
+    def list_multipart(self) -> Iterator[tuple[str, str, float]]:
+        """Every unfinished multipart upload of the bucket: ``(key, upload_id, started as a Unix time)``."""
+
     # objects ----------------------------------------------------------------------------------------------------
     @abstractmethod
     def write(self, key: str, stream: BinaryIO) -> int:
@@ -188,6 +192,12 @@ class S3BlobStore(BlobStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
                 raise
+
+    def list_multipart(self) -> Iterator[tuple[str, str, float]]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket)
+        for page in pages:
+            for upload in page.get("Uploads", ()):
+                yield upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()
 
     def write(self, key: str, stream: BinaryIO) -> int:
         counter = _CountingReader(stream)
@@ -393,6 +403,15 @@ class LocalBlobStore(BlobStore):
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         shutil.rmtree(self.upload_dir(upload_id), ignore_errors=True)
+
+    def list_multipart(self) -> Iterator[tuple[str, str, float]]:
+        for meta in self.uploads.glob("*/upload.json"):
+            try:
+                key = json.loads(meta.read_text())["key"]
+                started = meta.stat().st_mtime
+            except (OSError, ValueError, KeyError):
+                continue  # aborted or completed meanwhile
+            yield key, meta.parent.name, started
 
     # objects ------------------------------------------------------------------------------------------------
     def write(self, key: str, stream: BinaryIO) -> int:

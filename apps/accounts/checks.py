@@ -22,3 +22,18 @@ def password_sync_needs_a_key(app_configs, **kwargs) -> list[Error]:
             )
         ]
     return []
+
+
+@register()
+def revocation_within_a_second(app_configs, **kwargs) -> list[Error]:
+    """A revoked key or a deleted user must be refused by every server process within 1 s (issue 13)."""
+    if settings.ESD_KEY_CACHE_SECONDS > 1:
+        return [
+            Error(
+                f"ESD_KEY_CACHE_SECONDS={settings.ESD_KEY_CACHE_SECONDS} lets a revoked key work that long in other "
+                "processes",
+                hint="Use 0 or 1: a key cache hit saves one indexed query, and a second already serves bursts.",
+                id="accounts.E002",
+            )
+        ]
+    return []

@@ -95,6 +95,8 @@ def complete_uploads(checkpoint: Checkpoint, status: str, tags: dict[str, list[d
     Each file is marked done as soon as storage accepted it, so a retry after a refused part finishes the rest.
     """
     pending = checkpoint.open_uploads
+    if checkpoint.source_url:  # its one upload is the server's own download, completed by the server
+        raise BadRequest(f"checkpoint {checkpoint.pk} is downloaded from its URL by the server")
     if not tags:
         raise BadRequest("multi parts tags is empty")
     if status != CheckpointStatus.ACTIVE:
@@ -219,6 +221,23 @@ def rename(checkpoint: Checkpoint, name: str) -> None:
     except IntegrityError:
         store.move(target, source)  # someone took the name meanwhile: leave everything as it was
         raise BadRequest(f"{name} already exists, please use another or rename/delete exists") from None
+
+
+def sweep_uploads(max_age_hours: float | None = None, now: float | None = None) -> list[str]:
+    """Abort every multipart upload older than ``ESD_MULTIPART_MAX_AGE_HOURS`` (clients that never completed,
+    downloads killed mid-way): their parts cost storage and nothing will ever finish them. Returns what was
+    aborted, as ``key (upload id)``."""
+    import time
+
+    hours = settings.ESD_MULTIPART_MAX_AGE_HOURS if max_age_hours is None else max_age_hours
+    cutoff = (time.time() if now is None else now) - hours * 3600
+    store = blob_store()
+    aborted = []
+    for key, upload_id, started in list(store.list_multipart()):
+        if started < cutoff:
+            store.abort_multipart(key, upload_id)
+            aborted.append(f"{key} ({upload_id})")
+    return aborted
 
 
 def delete_checkpoints(checkpoints: Iterable[Checkpoint]) -> int:

@@ -15,7 +15,7 @@ from apps.models_registry.models import Checkpoint
 from esd import keys
 from esd.api.errors import BadRequest
 from esd.storage import blob_store
-from esd.tasks import recoverer
+from esd.tasks import periodic, recoverer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,12 @@ def _reason(exc: Exception) -> str:
 def _download(checkpoint: Checkpoint, key: str) -> None:
     store = blob_store()
     cap = settings.ESD_CHECKPOINT_URL_MAX_BYTES
+    for info in checkpoint.open_uploads.values():  # a try that was killed: its parts go before the next starts
+        store.abort_multipart(info["key"], info["upload_id"])
     upload_id = store.start_multipart(key)
+    # recorded on the row, so that deleting the checkpoint mid-download aborts it (delete_checkpoints)
+    checkpoint.uploads = {"download": {"upload_id": upload_id, "key": key, "done": False}}
+    Checkpoint.objects.filter(pk=checkpoint.pk).update(uploads=checkpoint.uploads)
     try:
         with open_download(checkpoint.source_url, services.url_guard()) as body:
             if body.size is not None and body.size > cap:
@@ -89,7 +94,9 @@ def _download(checkpoint: Checkpoint, key: str) -> None:
         store.complete_multipart(key, upload_id, parts)
     except BaseException:
         store.abort_multipart(key, upload_id)
+        Checkpoint.objects.filter(pk=checkpoint.pk).update(uploads={})
         raise
+    Checkpoint.objects.filter(pk=checkpoint.pk).update(uploads={})
     if not Checkpoint.objects.filter(pk=checkpoint.pk).exists():
         store.delete(key)  # deleted while downloading
         return
@@ -123,6 +130,18 @@ def rename_checkpoint(checkpoint_id: str, name: str) -> None:
         services.rename(checkpoint, name)
     except BadRequest as exc:  # the name was taken after the request was accepted: nothing to retry
         log.warning("rename of checkpoint %s to %s refused: %s", checkpoint_id, name, exc.message)
+
+
+def sweep_uploads_interval() -> int:
+    return 3600
+
+
+@periodic(sweep_uploads_interval)
+def sweep_stale_uploads() -> None:
+    """Hourly: abort multipart uploads older than ESD_MULTIPART_MAX_AGE_HOURS (``manage.py sweep_uploads``)."""
+    aborted = services.sweep_uploads()
+    if aborted:
+        log.info("aborted %d stale multipart upload(s): %s", len(aborted), ", ".join(aborted))
 
 
 @recoverer("checkpoint downloads")

@@ -1,5 +1,6 @@
 """Contract §3: keys, service keys and the acting user, the legacy bearer, console sessions."""
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -236,3 +237,37 @@ def test_key_lookup_loads_the_owner_correctly(admin):
     assert (key.user.pk, key.user.username, key.user.is_active, key.user.is_superuser) == (root.pk, "root2", True, True)
     assert key.user.email == "root@example.com"  # deferred fields still load on access
     assert ApiKey.objects.for_request(raw + "x") is None
+
+
+class TestRevocationReachesEveryProcess:
+    """Issue 13: a change made by another process (no signal reaches this one's key cache) is refused here within
+    1 s. Another process's write is replayed as what this process sees of it: a row changed underneath."""
+
+    def _cached(self, api: Api, key: str) -> None:
+        for _ in range(2):  # the first use records last_used_at (and drops the row), the second caches it
+            assert api.get("ping", key=key).status == 200
+        with CaptureQueriesContext(connection) as queries:
+            assert api.get("ping", key=key).status == 200
+        assert len(queries) == 0  # served from the key cache
+
+    def test_a_key_revoked_elsewhere(self, api: Api, admin, admin_key):
+        self._cached(api, admin_key)
+        with connection.cursor() as cursor:  # another process's revoke_api_key: an UPDATE this process never saw
+            cursor.execute("UPDATE accounts_apikey SET revoked_at = %s", [timezone.now()])
+        time.sleep(1.05)
+        assert api.get("ping", key=admin_key).status == 403
+
+    def test_a_user_deleted_or_deactivated_elsewhere(self, api: Api, designer, designer_key):
+        self._cached(api, designer_key)
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE accounts_user SET is_active = %s WHERE username = %s", [False, "designer"])
+        time.sleep(1.05)
+        assert api.get("ping", key=designer_key).status == 403
+
+    def test_a_longer_cache_fails_the_system_check(self, settings):
+        from apps.accounts.checks import revocation_within_a_second
+
+        settings.ESD_KEY_CACHE_SECONDS = 10
+        assert [e.id for e in revocation_within_a_second(None)] == ["accounts.E002"]
+        settings.ESD_KEY_CACHE_SECONDS = 1
+        assert revocation_within_a_second(None) == []

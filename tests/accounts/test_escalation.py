@@ -38,7 +38,10 @@ def test_user_all_cannot_change_or_delete_a_user_holding_more(api: Api, usher, a
     assert api.delete("users", {"user_name_list": ["admin", "usher2"]}, key=key).status == 403
     assert User.objects.filter(username="admin").exists()
     make_user("peer", roles=("Ushers",))  # the same rights: allowed
-    assert api.post("users", {"username": "peer", "password": "new-password-1", "roles": ["Ushers"]}, key=key).status == 201
+    assert (
+        api.post("users", {"username": "peer", "password": "new-password-1", "roles": ["Ushers"]}, key=key).status
+        == 201
+    )
     assert api.delete("users", {"user_name_list": ["peer"]}, key=key).status == 204
 
 
