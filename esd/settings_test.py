@@ -19,3 +19,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # A file, not Django's shared-cache in-memory database: worker threads and the live server then get SQLite's
     # real locking (WAL, busy timeout) instead of "database table is locked" errors.
     DATABASES["default"]["TEST"] = {"NAME": os.path.join(os.environ["ESD_VAR_DIR"], "test.sqlite3")}  # noqa: F405
+
+# Sign-in throttling needs the request, which the test client's login() does not pass; the tests that are about
+# throttling switch it on (tests/accounts/test_sign_in_throttle.py).
+AXES_ENABLED = False

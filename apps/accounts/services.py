@@ -163,11 +163,12 @@ class SavedUser:
     roles: list[str]
 
 
-def check_password(password: str, user: User | None = None) -> None:
-    """Django's validators, when ``ESD_PASSWORD_VALIDATION`` is on (the API sets none by default, as ESD)."""
+def check_password(password: str, user: User | None = None, always: bool = False) -> None:
+    """Django's validators: always for passwords typed in the console (the admin's forms run them themselves),
+    through the API only when ``ESD_PASSWORD_VALIDATION`` is on (ESD's WebUI sets short passwords)."""
     from django.conf import settings
 
-    if not settings.ESD_PASSWORD_VALIDATION:
+    if not (always or settings.ESD_PASSWORD_VALIDATION):
         return
     try:
         password_validation.validate_password(password, user)
@@ -183,6 +184,7 @@ def save_user(
     password: str,
     roles: list[str],
     first_run: bool = False,
+    validate_password: bool = False,
 ) -> SavedUser:
     """Create or replace a user (``POST /users``): password and roles replaced, creator set on create."""
     if first_run:
@@ -203,7 +205,7 @@ def save_user(
         user = User.objects.select_for_update().filter(username=username).first()
         if user is not None and not first_run:
             check_may_manage(actor=actor, actor_permissions=actor_permissions, target=user)
-        check_password(password, user or User(username=username))
+        check_password(password, user or User(username=username), always=validate_password)
         created = user is None
         if created:
             user, created = _create_or_lock(User, username=username, defaults={"creator": creator})

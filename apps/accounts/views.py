@@ -122,6 +122,7 @@ def users(request: HttpRequest) -> HttpResponse:
                         username=data["username"],
                         password=data["password"],
                         roles=data["roles"],
+                        validate_password=True,
                     )
                 except EsdError as exc:
                     status = _service_error(form, exc)
@@ -243,6 +244,7 @@ def _save_user(request: HttpRequest, target: User, password: str, roles: list[st
             username=target.username,
             password=password or secrets.token_urlsafe(32),
             roles=roles,
+            validate_password=bool(password),
         )
         if kept is not None:
             User.objects.filter(pk=saved.user.pk).update(password=kept[0], encrypted_password=kept[1])
