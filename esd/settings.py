@@ -289,6 +289,10 @@ SPECTACULAR_SETTINGS = {
     "SCHEMA_PATH_PREFIX": "/" + ESD_API_PREFIX.rstrip("/"),
     "COMPONENT_SPLIT_REQUEST": False,
     "APPEND_COMPONENTS": {"schemas": {"Error": ERROR_COMPONENT}},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "esd.api.openapi.bodies_are_required",
+    ],
 }
 
 # --- Background work (dramatiq) ---------------------------------------------------------------------------

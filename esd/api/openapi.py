@@ -14,7 +14,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 
 from esd.api.errors import DEFAULT_MESSAGES
 from esd.api.schemas import ERROR_SCHEMA
-from esd.api.validation import Query
+from esd.api.validation import BOOLEAN_WORDS, MAX_INT, Query
 
 
 class EsdAutoSchema(AutoSchema):
@@ -57,13 +57,26 @@ class SessionScheme(OpenApiAuthenticationExtension):
         }
 
 
-def envelope_schema(status: int, data: dict | None = None, message: str | None = None) -> dict:
-    """The response envelope around ``data`` (contract §2)."""
+def bodies_are_required(result: dict, generator: Any, request: Any, public: bool) -> dict:
+    """Every route that takes a body refuses a request without one (``parse_body``: it must be a JSON object
+    with the required fields), so the document says the body is required."""
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+    return result
+
+
+def envelope_schema(
+    status: int, data: dict | None = None, message: str | None = None, data_required: bool = True
+) -> dict:
+    """The response envelope around ``data`` (contract §2); ``data_required=False`` where it is sometimes absent."""
     properties: dict[str, Any] = {"statusCode": {"type": "integer", "enum": [status]}}
     required = ["statusCode"]
     if data is not None:
         properties["data"] = data
-        required.append("data")
+        if data_required:
+            required.append("data")
     properties["message"] = {"type": "string", "example": message or DEFAULT_MESSAGES.get(status, "")}
     return {"type": "object", "properties": properties, "required": required}
 
@@ -86,7 +99,13 @@ USERNAME_HEADER = OpenApiParameter(
 
 
 def _parameter(query: Query) -> OpenApiParameter:
-    types = {"int": int, "limit": int, "bool": bool}
+    """A query parameter as the server parses it (``esd.api.validation.parse_query``), bounds included."""
+    types: dict[str, Any] = {
+        "int": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+        # -1 is ESD's "everything" (capped at the page maximum); larger values are capped too
+        "limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_INT}, {"type": "integer", "enum": [-1]}]},
+        "bool": {"type": "string", "enum": list(BOOLEAN_WORDS)},
+    }
     kwargs: dict[str, Any] = {"required": False, "description": query.description}
     if query.kind == "enum":
         kwargs["enum"] = list(query.choices)
@@ -101,7 +120,7 @@ def document(
     operation_id: str,
     summary: str,
     tags: list[str],
-    body: dict | None,
+    body: dict | None,  # published with ``additionalProperties: false``: unknown top-level fields are refused
     query: tuple[Query, ...],
     responses: dict[int, Any],
     path_params: tuple[str, ...] = (),
@@ -131,7 +150,7 @@ def document(
         summary=summary,
         description=description or summary,
         tags=tags,
-        request={"application/json": body} if body is not None else None,
+        request={"application/json": {"additionalProperties": False, **body}} if body is not None else None,
         responses=documented,
         parameters=parameters,
     )

@@ -245,6 +245,10 @@ class Query:
     description: str = ""
 
 
+MAX_INT = 2**31 - 1  # what every database's INTEGER column holds; no count or page of ours comes near it
+BOOLEAN_WORDS = {"true": True, "false": False, "True": True, "False": False, "1": True, "0": False}
+
+
 def parse_query(params: tuple[Query, ...], querydict: Any, page_max: int) -> dict[str, Any]:
     """Read declared parameters (unknown ones are ignored); enum values are checked like body fields."""
     out: dict[str, Any] = {}
@@ -271,7 +275,9 @@ def parse_query(params: tuple[Query, ...], querydict: Any, page_max: int) -> dic
         if param.kind in ("int", "limit"):
             out[param.name] = _positive_int(param, value, page_max)
         elif param.kind == "bool":
-            out[param.name] = value.strip().lower() not in ("", "0", "false", "no", "off")
+            if value not in BOOLEAN_WORDS:
+                raise BadRequest(f"{param.name} must be true or false")
+            out[param.name] = BOOLEAN_WORDS[value]
         else:
             out[param.name] = value
     problems.raise_if_any()
@@ -285,6 +291,6 @@ def _positive_int(param: Query, value: str, page_max: int) -> int:
         number = int(value)
     except ValueError:
         number = 0
-    if number < 1:
+    if not 1 <= number <= MAX_INT:
         raise BadRequest(f"{param.name} must be a positive integer")
     return number if param.kind == "int" else min(number, page_max)

@@ -170,7 +170,7 @@ class UsersView(EsdView):
         first_run_initial=True,
         responses={
             201: OpenApiResponse(
-                response=envelope_schema(201, schemas.FIRST_RUN_USER),
+                response=envelope_schema(201, schemas.FIRST_RUN_USER, data_required=False),
                 description="`data` only when the request had `initial: true`",
             )
         },

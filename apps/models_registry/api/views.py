@@ -174,7 +174,10 @@ class CheckpointView(EsdView):
         keyless_user_ok=True,
         path_params=("id",),
         responses={
-            200: schemas.UPDATED,
+            200: OpenApiResponse(
+                response=envelope_schema(200, schemas.UPDATED, data_required=False),
+                description="`data` when the status changed; none for a rename that changes nothing or an empty body",
+            ),
             202: OpenApiResponse(
                 response=envelope_schema(202, None, "rename is processing, please wait"), description="Rename queued"
             ),
