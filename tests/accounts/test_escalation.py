@@ -105,3 +105,18 @@ def test_create_api_key_still_issues_service_keys_with_the_servers_own_rights(ad
     out = StringIO()
     call_command("create_api_key", "admin", "--service", stdout=out, stderr=StringIO())
     assert ApiKey.objects.get(kind=ApiKeyKind.SERVICE).user == admin and len(out.getvalue().strip()) == 40
+
+
+def test_the_admin_does_not_give_roles_holding_more_than_the_actor(client, usher):
+    from apps.accounts.models import Role
+
+    peer = make_user("peer", roles=("Ushers",))
+    operators = Role.objects.get(name="IT Operator")
+    client.force_login(usher)
+    page = client.get(f"/admin/accounts/user/{peer.pk}/change/")
+    assert page.status_code == 200 and b'name="_save"' in page.content  # a peer may be managed
+    form = {"username": "peer", "groups": [operators.pk], "is_active": "on", "date_joined_0": "2026-01-01"}
+    form.update({"date_joined_1": "00:00:00", "_save": "Save"})
+    answer = client.post(f"/admin/accounts/user/{peer.pk}/change/", form)
+    assert answer.status_code == 200 and b"creator has no permission to assign permission" in answer.content
+    assert list(peer.groups.values_list("name", flat=True)) == ["Ushers"]
