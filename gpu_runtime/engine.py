@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_VAES = ("Automatic", "None", "")
 MAX_IMAGES = 64
+MAX_CONTROLNETS = 4
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Progress = Callable[[int, int], None]
 
@@ -90,13 +91,14 @@ class Prepared:
     refiner: Path | None = None  # refiner_checkpoint: takes over at refiner_switch_at of the (last) pass
     refiner_switch_at: float = 0.8
     cells: list[Prepared] = field(default_factory=list)
+    control: list[Any] = field(default_factory=list)  # gpu_runtime.controlnet.ControlUnit, enabled units only
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one pipeline call (txt2img only; an x/y/z plot runs its own cells)."""
-        if self.task != "txt2img" or self.xyz is not None:
+        if self.task != "txt2img" or self.xyz is not None or self.control:
             return None
         loras = tuple(sorted((name, weight) for name, _, weight in self.loras))
         embeddings = tuple(sorted((token, cid) for token, (cid, _) in self.embeddings.items()))
@@ -219,6 +221,9 @@ class Engine:
         self.memory_budget = int(_device_memory(self.device) * memory_fraction)
         self.pipelines: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self.vaes: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        # (ControlNet file, checkpoint) -> its model; small next to a checkpoint, dropped with the checkpoint's
+        # eviction in a later issue (memory budget): until then at most MAX_CONTROLNETS stay
+        self.controlnets: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.lock = threading.Lock()
 
     # --- capabilities ----------------------------------------------------------------------------------------------
@@ -426,6 +431,25 @@ class Engine:
             token = Path(embedding["model_name"]).stem
             if any(_mentions(text, token) for text in texts):
                 job.embeddings[token] = (embedding["id"], self._fetch(request, embedding, job))
+        self._prepare_control(job, request, params)
+
+    def _prepare_control(self, job: Prepared, request: dict, params: dict) -> None:
+        """ControlNet units (the policy already refused what cannot run): their model files fetched, checked."""
+        scripts = params.get("alwayson_scripts") or {}
+        if not any(str(k).lower() == "controlnet" for k in scripts):
+            return
+        from gpu_runtime import controlnet
+
+        wanted = set()
+        for entry in next(v for k, v in scripts.items() if str(k).lower() == "controlnet").get("args") or []:
+            if isinstance(entry, dict) and entry.get("enabled", True) is not False:
+                wanted.add(str(entry.get("model") or "None").split(" [")[0])
+        files = {
+            m["model_name"]: self._fetch(request, m, job)
+            for m in (request.get("models") or {}).get("ControlNet") or []
+            if m["model_name"] in wanted or Path(m["model_name"]).stem in wanted
+        }
+        job.control = controlnet.units_of(params, files, job.init_images)
 
     @staticmethod
     def _dynamic_prompts(job: Prepared, params: dict, batch_size: int, n_iter: int) -> None:
@@ -644,6 +668,8 @@ class Engine:
 
         loaded, refiner = models
         pipe = loaded.img2img if job.task == "img2img" else loaded.pipe
+        if job.control:
+            pipe = self._control_pipeline(loaded, job)
         image_seeds = [seed for seed, _ in seeds]
         generators = self._generators(job, image_seeds)
         k_diffusion = is_k_diffusion(job.sampler)
@@ -680,6 +706,12 @@ class Engine:
             arguments["timesteps"] = timesteps
             arguments["num_inference_steps"] = len(timesteps)
         blend = None
+        if job.control:
+            control_calls = model_calls(pipe.scheduler, job.steps)
+            if job.task == "img2img" and not k_diffusion:  # diffusers runs int(steps * strength) of them
+                cut = int(job.steps * _a1111_strength(job.strength, job.steps))
+                control_calls = max(1, min(control_calls, cut))
+            self._control_arguments(job, arguments, control_calls)
         if job.task == "img2img":
             strength = 1.0 if k_diffusion else _a1111_strength(job.strength, job.steps)
             arguments.update(image=init_images, strength=strength)
@@ -769,6 +801,38 @@ class Engine:
             return latents * (1 - keep) + background.to(latents.dtype) * keep
 
         return blend
+
+    def _control_pipeline(self, loaded: Loaded, job: Prepared) -> Any:
+        """The loaded checkpoint's ControlNet pipeline for this job's units (their models kept loaded)."""
+        from gpu_runtime import controlnet
+
+        nets = []
+        for unit in job.control:
+            key = (str(unit.path), str(job.checkpoint))
+            if key not in self.controlnets:
+                self.controlnets[key] = controlnet.load(
+                    unit.path, loaded.pipe.unet, self.configs, self.dtype, self.device
+                )
+                while len(self.controlnets) > MAX_CONTROLNETS:
+                    self.controlnets.popitem(last=False)
+            self.controlnets.move_to_end(key)
+            nets.append(self.controlnets[key])
+        return controlnet.pipeline(loaded.pipe, nets, job.task == "img2img", job.xl)
+
+    @staticmethod
+    def _control_arguments(job: Prepared, arguments: dict, calls: int) -> None:
+        """The units' maps, weights and active spans, as diffusers' ControlNet pipelines take them."""
+        from gpu_runtime import controlnet
+
+        maps = [controlnet.control_image(unit, job.width, job.height) for unit in job.control]
+        single = len(maps) == 1
+        key = "control_image" if job.task == "img2img" else "image"
+        arguments[key] = maps[0] if single else maps
+        weights = [unit.weight for unit in job.control]
+        arguments["controlnet_conditioning_scale"] = weights[0] if single else weights
+        arguments["control_guidance_start"] = [unit.start for unit in job.control]
+        # A1111 keeps a unit on while i / n <= end; diffusers while (i + 1) / n <= end: one call later here
+        arguments["control_guidance_end"] = [min(1.0, unit.end + 1 / calls) for unit in job.control]
 
     def _conditioned(
         self,
@@ -1494,6 +1558,13 @@ def _extra_infotext(job: Prepared, index: int) -> str:
         parts.append(f"Denoising strength: {hires.strength:g}")
     if job.noise_multiplier != 1.0:
         parts.append(f"Noise multiplier: {job.noise_multiplier:g}")
+    modes = ("Just Resize", "Crop and Resize", "Resize and Fill")
+    for number, unit in enumerate(job.control):  # the extension's infotext entry per unit
+        parts.append(
+            f'ControlNet {number}: "Module: {unit.module}, Model: {unit.model_name}, Weight: {unit.weight:g}, '
+            f"Resize Mode: {modes[unit.resize_mode]}, Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, "
+            'Control Mode: Balanced"'
+        )
     if job.ensd:
         parts.append(f"ENSD: {job.ensd}")
     if job.refiner is not None:

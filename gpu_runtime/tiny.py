@@ -48,6 +48,7 @@ __all__ = [
     "ldm_state_dict",
     "save_single_file",
     "tiny_config_dir",
+    "write_tiny_controlnet",
     "write_tiny_embedding",
     "write_tiny_inpainting_model",
     "write_tiny_lora",
@@ -232,6 +233,23 @@ def write_tiny_inpainting_model(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     metadata = {FAMILY_METADATA_KEY: TINY_INPAINT_FAMILY}
     save_single_file(build_tiny_pipeline(seed, inpainting=True), path, dtype=torch.float32, metadata=metadata)
+    return path
+
+
+def write_tiny_controlnet(path: Path, seed: int = 0, xl: bool = False) -> Path:
+    """A ControlNet for the tiny SD (or SDXL) model in diffusers' layout, with random weights everywhere - its
+    zero convolutions too, so that it changes images from the first step (a trained one learns them)."""
+    from diffusers import ControlNetModel
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**(TINY_SDXL_UNET if xl else TINY_UNET))
+        net = ControlNetModel.from_unet(unet)
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+        torch.nn.init.normal_(net.controlnet_cond_embedding.conv_out.weight, std=1.0)  # the map must matter
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
 
 

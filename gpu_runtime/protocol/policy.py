@@ -344,11 +344,6 @@ def _adetailer_enabled(args: list) -> bool:
     return switched and any(str(m.get("ad_model", "None")) != "None" for m in models)
 
 
-def _controlnet_enabled(args: list) -> bool:
-    # A unit is off only with "enabled": false; a unit dict without the key is on (CN's get_enabled_units).
-    return any(isinstance(unit, dict) and unit.get("enabled", True) is not False for unit in args)
-
-
 ALWAYSON: dict[str, Callable[[list], bool] | None] = {
     "refiner": None,
     "seed": None,
@@ -359,11 +354,58 @@ ALWAYSON: dict[str, Callable[[list], bool] | None] = {
     "adetailer": _adetailer_enabled,
     "roop": lambda args: bool(_arg(args, 1, False)),
     "reactor": lambda args: bool(_arg(args, 1, False)),
-    "controlnet": _controlnet_enabled,
     "soft inpainting": lambda args: bool(_arg(args, 0, False)),
     "hypertile": lambda args: bool(_arg(args, 0, False)),
 }
-ALWAYSON_ISSUES = {"controlnet": "14", "refiner": "12", "dynamic prompts": "12"}
+ALWAYSON_ISSUES = {"refiner": "12", "dynamic prompts": "12"}
+
+# ControlNet units (sd-webui-controlnet's format): the preprocessors this runtime runs, with the extension's UI
+# aliases. Others (canny, depth, openpose, ...) are refused by name.
+CONTROLNET_MODULES = {
+    "none": "none",
+    "None": "none",
+    "invert": "invert",
+    "invert (from white bg & black line)": "invert",
+}
+CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
+_BALANCED = ("Balanced", 0, None)
+
+
+def controlnet_module(unit: Mapping[str, Any], index: int) -> str:
+    """A unit's preprocessor as this runtime names it, or a refusal naming it."""
+    module = unit.get("module", "none")
+    found = CONTROLNET_MODULES.get(module) if isinstance(module, str) else None
+    if found is None:
+        choices = ", ".join(sorted(set(CONTROLNET_MODULES.values())))
+        raise PolicyError(
+            f"ControlNet unit {index}: module {render(module)} is not supported by this runtime; use one of: {choices}"
+        )
+    return found
+
+
+def _check_controlnet(name: str, args: list, params: Mapping[str, Any]) -> None:
+    """Each enabled unit may use only what the runtime does: its preprocessors, the Balanced control mode, no
+    separate mask; ControlNet with hires fix or the refiner is refused as a whole."""
+    for index, unit in enumerate(args[:CONTROLNET_MAX_UNITS]):
+        if not isinstance(unit, Mapping):
+            raise PolicyError(f"always-on script {name}: unit {index} must be an object")
+        if unit.get("enabled", True) is False:
+            continue
+        controlnet_module(unit, index)
+        if unit.get("control_mode", "Balanced") not in _BALANCED:
+            raise PolicyError(
+                f"ControlNet unit {index}: control_mode={render(unit['control_mode'])} is not supported by this "
+                "runtime (Balanced only)"
+            )
+        image = unit.get("image")
+        if unit.get("mask") or (isinstance(image, Mapping) and image.get("mask")):
+            raise PolicyError(f"ControlNet unit {index}: a unit mask is not supported by this runtime")
+        if params.get("enable_hr"):
+            raise PolicyError("ControlNet with hires fix is not supported by this runtime")
+        if params.get("refiner_checkpoint") not in (None, "", "None"):
+            raise PolicyError("ControlNet with a refiner_checkpoint is not supported by this runtime")
+
+
 # Selectable scripts (``script_name``) this runtime runs (A1111 matches them by lower-cased title).
 SCRIPTS: tuple[str, ...] = ("x/y/z plot",)
 _DYNAMIC_PROMPTS = re.compile(r"^dynamic prompts( v[\d.]+)?$")
@@ -490,6 +532,9 @@ def _check_alwayson(scripts: Any, params: Mapping[str, Any], notes: list[str]) -
         if _DYNAMIC_PROMPTS.match(name):
             _check_dynamic_prompts(raw_name, args, params, notes)
             continue
+        if name == "controlnet":
+            _check_controlnet(raw_name, args, params)
+            continue
         if name not in ALWAYSON:
             raise PolicyError(f"always-on script {raw_name} is not supported by this runtime")
         enabled = ALWAYSON[name]
@@ -568,7 +613,8 @@ def capabilities() -> dict[str, Any]:
         "alwayson_scripts": {
             "inert": sorted(name for name, enabled in ALWAYSON.items() if enabled is None),
             "refused_when_enabled": sorted(name for name, enabled in ALWAYSON.items() if enabled is not None),
-            "honoured": ["dynamic prompts"],
+            "honoured": ["dynamic prompts", "controlnet"],
+            "controlnet_modules": sorted(set(CONTROLNET_MODULES.values())),
         },
         "override_settings": {"honoured": list(HONOURED_OVERRIDES), "default_only": sorted(OVERRIDE_DEFAULTS)},
         "fields": fields,

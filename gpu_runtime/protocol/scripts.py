@@ -21,20 +21,39 @@ _NO_FILE = ("", "None", "Automatic", "Nothing")
 
 
 def named_models(task: str, params: Any) -> dict[str, list[str]]:
-    """Every model file the A1111 parameters name outside ``models``: ``refiner_checkpoint`` and an x/y/z
-    plot's checkpoint, VAE and refiner axes."""
+    """Every model file the A1111 parameters name outside ``models``: ``refiner_checkpoint``, the enabled
+    ControlNet units' models and an x/y/z plot's checkpoint, VAE and refiner axes."""
     if not isinstance(params, dict):
         return {}
     names: dict[str, list[str]] = {}
     refiner = params.get("refiner_checkpoint")
     if isinstance(refiner, str) and refiner.split(" [")[0] not in _NO_FILE:
         names["Stable-diffusion"] = [refiner.split(" [")[0]]
+    for model in controlnet_models(params.get("alwayson_scripts")):
+        if model not in names.setdefault("ControlNet", []):
+            names["ControlNet"].append(model)
+    names = {k: v for k, v in names.items() if v}
     if str(params.get("script_name") or "").lower() == XYZ_SCRIPT:
         for model_type, found in xyz_model_names(task, params.get("script_args")).items():
             for name in found:
                 if name not in names.setdefault(model_type, []):
                     names[model_type].append(name)
     return names
+
+
+def controlnet_models(scripts: Any) -> list[str]:
+    """The models of the enabled ControlNet units (a unit without ``enabled`` is on, as in the extension)."""
+    if not isinstance(scripts, dict):
+        return []
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    units = entry.get("args") if isinstance(entry, dict) else None
+    models = []
+    for unit in units if isinstance(units, list) else []:
+        if isinstance(unit, dict) and unit.get("enabled", True) is not False:
+            model = str(unit.get("model") or "None").split(" [")[0]
+            if model not in _NO_FILE:
+                models.append(model)
+    return models
 
 
 def xyz_model_names(task: str, script_args: Any) -> dict[str, list[str]]:

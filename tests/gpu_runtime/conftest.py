@@ -49,6 +49,7 @@ class Files:
 def tiny_dir(tmp_path_factory) -> Path:
     from gpu_runtime.tiny import (
         build_tiny_pipeline,
+        write_tiny_controlnet,
         write_tiny_embedding,
         write_tiny_inpainting_model,
         write_tiny_lora,
@@ -69,6 +70,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     write_tiny_sdxl_model(root / "xl.safetensors", seed=0)
     write_tiny_sdxl_embedding(root / "xlstyle.safetensors")
     write_tiny_inpainting_model(root / "inpaint.safetensors", seed=0)
+    write_tiny_controlnet(root / "cn.safetensors", seed=5)
+    write_tiny_controlnet(root / "cn2.safetensors", seed=6)
+    write_tiny_controlnet(root / "cnxl.safetensors", seed=7, xl=True)
     return root
 
 

@@ -80,11 +80,18 @@ REFUSED_TXT2IMG = [
     ({"alwayson_scripts": _on("adetailer", [True, False, {"ad_model": "face_yolov8n.pt"}])}, "script adetailer"),
     ({"alwayson_scripts": _on("roop", [None, True, "0"])}, "always-on script roop is enabled"),
     (
-        {"alwayson_scripts": _on("controlnet", [{**CONTROLNET_UNIT_OFF, "enabled": True}])},
-        "always-on script controlnet is enabled",
+        {"alwayson_scripts": _on("controlnet", [{**CONTROLNET_UNIT_OFF, "enabled": True, "control_mode": 2}])},
+        "ControlNet unit 0: control_mode=2 is not supported by this runtime (Balanced only)",
     ),
     # A ControlNet unit without "enabled" is on (sd-webui-controlnet's get_enabled_units).
-    ({"alwayson_scripts": _on("controlnet", [{"module": "canny", "model": "cn"}])}, "script controlnet is enabled"),
+    (
+        {"alwayson_scripts": _on("controlnet", [{"module": "canny", "model": "cn"}])},
+        'ControlNet unit 0: module "canny" is not supported by this runtime; use one of: invert, none',
+    ),
+    (
+        {"alwayson_scripts": _on("controlnet", [{"model": "cn"}]), "enable_hr": True, "denoising_strength": 0.5},
+        "ControlNet with hires fix is not supported",
+    ),
     ({"alwayson_scripts": _on("soft inpainting", [True, 1, 0.5])}, "always-on script soft inpainting"),
     ({"alwayson_scripts": {"regional prompter": {"args": [True]}}}, "always-on script regional prompter is not"),
 ]
@@ -181,7 +188,8 @@ def test_capabilities_command_prints_the_policy():
     assert "mask" in document["fields"]["img2img"]["honoured"]
     assert "enable_hr" in document["fields"]["txt2img"]["honoured"]
     assert "prompt" in document["fields"]["txt2img"]["honoured"]
-    assert "controlnet" in document["alwayson_scripts"]["refused_when_enabled"]
+    assert "controlnet" in document["alwayson_scripts"]["honoured"]
+    assert document["alwayson_scripts"]["controlnet_modules"] == ["invert", "none"]
     assert document["digest"] == policy.digest(policy.capabilities())
 
 

@@ -1,0 +1,185 @@
+"""ControlNet units (the sd-webui-controlnet extension's ``alwayson_scripts.controlnet.args``) on diffusers'
+ControlNet models and pipelines.
+
+Why here and not in the policy: a unit names a model file and carries an image, so it can only be checked once the
+job's files are known; the policy (``gpu_runtime.protocol.policy``) refuses what no file could make work. A unit's
+ControlNet is built for the checkpoint it runs with: its architecture is derived from that checkpoint's UNet config
+(``ControlNetModel.from_unet`` semantics), so no config file is shipped or downloaded, and the weights come from
+the uploaded file - lllyasviel's LDM layout (``control_model.*``) or diffusers' (``controlnet_cond_embedding.*``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpu_runtime.errors import JobError
+from gpu_runtime.images import decode_image, flatten, resize_image
+from gpu_runtime.protocol import policy
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One enabled unit, checked: its model file, preprocessor, weight, active span and control image."""
+
+    model_name: str
+    path: Path
+    module: str
+    weight: float
+    start: float
+    end: float
+    resize_mode: int
+    image: Any  # the unit's input (PIL, RGB); preprocessed per generation size by :func:`control_image`
+
+    def key(self) -> tuple:
+        return (str(self.path), self.module, self.weight, self.start, self.end, self.resize_mode, id(self.image))
+
+
+_RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Inner Fit (Scale to Fit)": 1}
+
+
+def _number(unit: dict, name: str, default: float, low: float, high: float, index: int) -> float:
+    value = unit.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise JobError(f"ControlNet unit {index}: {name} must be a number between {low:g} and {high:g}")
+    return float(value)
+
+
+def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> list[ControlUnit]:
+    """The enabled units of a request, with their model files (``files``: the job's ControlNet files by name).
+    A unit whose weight is 0 changes nothing and is dropped; at most three units are used, as the extension."""
+    scripts = params.get("alwayson_scripts") or {}
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    args = (entry or {}).get("args") or [] if isinstance(entry, dict) else []
+    units = []
+    for index, unit in enumerate(args[: policy.CONTROLNET_MAX_UNITS]):
+        if not isinstance(unit, dict) or unit.get("enabled", True) is False:
+            continue
+        module = policy.controlnet_module(unit, index)
+        name = str(unit.get("model") or "None").split(" [")[0]
+        path = files.get(name) or next((p for n, p in files.items() if Path(n).stem == name), None)
+        if name in ("", "None") or path is None:
+            raise JobError(f"ControlNet unit {index}: model {name} was not sent with the job (upload it as ControlNet)")
+        weight = _number(unit, "weight", 1.0, 0.0, 2.0, index)
+        start = _number(unit, "guidance_start", 0.0, 0.0, 1.0, index)
+        end = _number(unit, "guidance_end", 1.0, 0.0, 1.0, index)
+        if start > end:
+            raise JobError(f"ControlNet unit {index}: guidance_start must not exceed guidance_end")
+        mode = unit.get("resize_mode", "Crop and Resize")
+        resize = _RESIZE_MODES.get(mode, mode) if isinstance(mode, str) else mode
+        if resize == 3:
+            resize = 0
+        if resize not in (0, 1, 2):
+            raise JobError(f"ControlNet unit {index}: resize_mode {mode!r} is not one of {', '.join(_RESIZE_MODES)}")
+        raw = unit.get("image") if unit.get("image") is not None else unit.get("input_image")
+        if isinstance(raw, dict):
+            raw = raw.get("image")
+        if raw:
+            try:
+                image = flatten(decode_image(raw))
+            except Exception:
+                raise JobError(f"ControlNet unit {index}: the image could not be decoded") from None
+        elif init_images:  # the extension's choose_input_image: img2img falls back to the init image
+            image = init_images[0]
+        else:
+            raise JobError(f"ControlNet unit {index}: no image (txt2img needs the unit's image)")
+        if weight > 0:
+            units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image))
+    return units
+
+
+def control_image(unit: ControlUnit, width: int, height: int) -> Any:
+    """The unit's preprocessed map at the generation size: ``none`` passes the image, ``invert`` inverts it."""
+    from PIL import ImageOps
+
+    image = resize_image(unit.resize_mode, unit.image, width, height)
+    return ImageOps.invert(image) if unit.module == "invert" else image
+
+
+def _is_diffusers_layout(keys: list[str]) -> bool:
+    return any(key.startswith("controlnet_cond_embedding.") for key in keys)
+
+
+def load(path: Path, unet: Any, configs: Path, dtype: Any, device: str) -> Any:
+    """A ControlNet for ``unet``'s architecture with the weights of ``path`` (offline)."""
+    import torch
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    base = dict(unet.config)
+    config = {
+        key: base[key]
+        for key in (
+            "in_channels",
+            "flip_sin_to_cos",
+            "freq_shift",
+            "down_block_types",
+            "only_cross_attention",
+            "block_out_channels",
+            "layers_per_block",
+            "downsample_padding",
+            "mid_block_scale_factor",
+            "act_fn",
+            "norm_num_groups",
+            "norm_eps",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "encoder_hid_dim",
+            "encoder_hid_dim_type",
+            "attention_head_dim",
+            "num_attention_heads",
+            "use_linear_projection",
+            "class_embed_type",
+            "addition_embed_type",
+            "addition_time_embed_dim",
+            "num_class_embeds",
+            "upcast_attention",
+            "resnet_time_scale_shift",
+            "projection_class_embeddings_input_dim",
+        )
+        if key in base
+    }
+    config["in_channels"] = 4  # an inpainting checkpoint's ControlNets still see the latents alone
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception:
+        raise JobError(f"ControlNet model {path.name} is not a readable safetensors file") from None
+    try:
+        if _is_diffusers_layout(keys):
+            model = ControlNetModel.from_config(config)
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(path)))
+        else:
+            digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode()).hexdigest()[:12]
+            folder = configs / f"controlnet-{digest}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **config}))
+            model = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise JobError(f"ControlNet model {path.name} does not fit this checkpoint: {str(exc)[:300]}") from None
+    return model.to(device=device, dtype=dtype if dtype is not None else torch.float32).eval()
+
+
+def pipeline(pipe: Any, controlnets: list[Any], image_to_image: bool, xl: bool) -> Any:
+    """The ControlNet variant of a loaded pipeline, sharing every component (no copy of any weight)."""
+    import diffusers
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    names = {
+        (False, False): "StableDiffusionControlNetPipeline",
+        (False, True): "StableDiffusionControlNetImg2ImgPipeline",
+        (True, False): "StableDiffusionXLControlNetPipeline",
+        (True, True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    }
+    controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
+    components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
+    made = getattr(diffusers, names[(xl, image_to_image)])(**components, controlnet=controlnet)
+    made.set_progress_bar_config(disable=True)
+    return made

@@ -1,0 +1,130 @@
+"""ControlNet units (issue 14, first part): the sd-webui-controlnet unit format on diffusers' ControlNet pipelines,
+with tiny random ControlNets built from the tiny models' configs (SD 1.5 and SDXL)."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+from PIL import Image
+
+from gpu_runtime.errors import JobError
+from gpu_runtime.protocol.scripts import named_models
+from tests.gpu_runtime.conftest import make_request, model, pixels
+
+BASE = {"prompt": "a photo of a cat", "seed": 8, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler"}
+
+
+def hint() -> str:
+    """A map with structure: white on the left, black on the right (a line drawing's extremes)."""
+    pixels_ = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels_[:, :32] = 255
+    image = Image.fromarray(pixels_)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def unit(**fields):
+    return {
+        "enabled": True,
+        "module": "none",
+        "model": "cn.safetensors [abc123]",
+        "weight": 1.0,
+        "image": hint(),
+        **fields,
+    }
+
+
+def with_units(*units):
+    return {"alwayson_scripts": {"controlnet": {"args": list(units)}}}
+
+
+def run(engine, files, params, checkpoint="tiny.safetensors", nets=("cn.safetensors", "cn2.safetensors")):
+    request = make_request(files, "c", params, types=("Stable-diffusion",), checkpoint=checkpoint)
+    for name in nets:
+        model(files, request, "ControlNet", f"c-{name}", name)
+    return engine.run([engine.prepare("c", request)])[0]
+
+
+def image(engine, files, params, **kw):
+    return pixels(run(engine, files, params, **kw)["images"][0]).astype(int)
+
+
+def test_an_enabled_unit_changes_the_image_and_weight_0_or_disabled_is_none(engine, files):
+    plain = image(engine, files, BASE)
+    controlled = image(engine, files, {**BASE, **with_units(unit())})
+    assert abs(controlled - plain).mean() > 1
+    assert (image(engine, files, {**BASE, **with_units({**unit(), "weight": 0})}) == plain).all()
+    assert (image(engine, files, {**BASE, **with_units({**unit(), "enabled": False})}) == plain).all()
+    info = json.loads(run(engine, files, {**BASE, **with_units(unit())})["info"])
+    assert 'ControlNet 0: "Module: none, Model: cn.safetensors, Weight: 1' in info["infotexts"][0]
+    # "invert" is the inverted map: a different control, a different image
+    inverted = image(engine, files, {**BASE, **with_units({**unit(), "module": "invert"})})
+    assert (inverted != controlled).any()  # the tiny random ControlNet responds to its map only faintly
+
+
+def test_guidance_end_stops_the_control_at_a1111s_step(engine, files, monkeypatch):
+    from diffusers import ControlNetModel
+
+    scales = []
+    original = ControlNetModel.forward
+
+    def forward(self, *args, **kwargs):  # diffusers runs the ControlNet every step, at scale 0 when inactive
+        scales.append(float(kwargs["conditioning_scale"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", forward)
+    image(engine, files, {**BASE, **with_units({**unit(), "guidance_end": 0.5})})
+    assert scales == [1.0, 1.0, 1.0, 0.0]  # A1111: active while i / 4 <= 0.5, i.e. steps 0, 1 and 2
+    scales.clear()
+    image(engine, files, {**BASE, **with_units({**unit(), "guidance_start": 0.5})})
+    assert scales == [0.0, 0.0, 1.0, 1.0]  # and while i / 4 >= 0.5
+
+
+def test_two_units_combine(engine, files):
+    first = image(engine, files, {**BASE, **with_units(unit())})
+    second = image(engine, files, {**BASE, **with_units({**unit(), "model": "cn2.safetensors"})})
+    both = image(engine, files, {**BASE, **with_units(unit(), {**unit(), "model": "cn2.safetensors"})})
+    assert abs(both - first).mean() > 0.5 and abs(both - second).mean() > 0.5
+
+
+def test_img2img_and_sdxl_take_units_too(engine, files):
+    source = hint()
+    params = {**BASE, "init_images": [source], "denoising_strength": 0.7}
+    request = make_request(files, "i", params, task="img2img", types=("Stable-diffusion",))
+    plain = pixels(engine.run([engine.prepare("i", request)])[0]["images"][0]).astype(int)
+    request = make_request(files, "i", {**params, **with_units({**unit(), "image": None})}, task="img2img")
+    model(files, request, "ControlNet", "c-cn", "cn.safetensors")
+    controlled = pixels(engine.run([engine.prepare("i", request)])[0]["images"][0]).astype(int)
+    assert abs(controlled - plain).mean() > 0.5  # the unit without an image controls with the init image
+
+    xl = {**BASE, "width": 64, "height": 64}
+    plain_xl = image(engine, files, xl, checkpoint="xl.safetensors", nets=())
+    cn_xl = {**unit(), "model": "cnxl.safetensors"}
+    controlled_xl = image(
+        engine, files, {**xl, **with_units(cn_xl)}, checkpoint="xl.safetensors", nets=("cnxl.safetensors",)
+    )
+    assert abs(controlled_xl - plain_xl).mean() > 0.5
+    zero = {**xl, **with_units({**cn_xl, "weight": 0})}
+    assert (image(engine, files, zero, checkpoint="xl.safetensors", nets=("cnxl.safetensors",)) == plain_xl).all()
+
+
+def test_refusals_name_the_module_or_the_missing_model(engine, files):
+    with pytest.raises(JobError, match='module "depth_midas" is not supported by this runtime; use one of: invert'):
+        run(engine, files, {**BASE, **with_units({**unit(), "module": "depth_midas"})})
+    with pytest.raises(JobError, match="ControlNet unit 0: model gone was not sent with the job"):
+        run(engine, files, {**BASE, **with_units({**unit(), "model": "gone"})})
+    with pytest.raises(JobError, match="does not fit this checkpoint"):
+        run(engine, files, {**BASE, **with_units({**unit(), "model": "cnxl.safetensors"})}, nets=("cnxl.safetensors",))
+    with pytest.raises(JobError, match="txt2img needs the unit's image"):
+        run(engine, files, {**BASE, **with_units({**unit(), "image": None})})
+
+
+def test_the_control_plane_sends_the_units_models():
+    params = with_units(unit(), {**unit(), "model": "other [f00]"}, {**unit(), "enabled": False, "model": "off"})
+    assert named_models("txt2img", params) == {"ControlNet": ["cn.safetensors", "other"]}
