@@ -33,9 +33,10 @@ class ControlUnit:
     end: float
     resize_mode: int
     image: Any  # the unit's input (PIL, RGB); preprocessed per generation size by :func:`control_image`
-
-    def key(self) -> tuple:
-        return (str(self.path), self.module, self.weight, self.start, self.end, self.resize_mode, id(self.image))
+    processor_res: float = -1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    pixel_perfect: bool = False
 
 
 _RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Inner Fit (Scale to Fit)": 1}
@@ -88,17 +89,33 @@ def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> li
             image = init_images[0]
         else:
             raise JobError(f"ControlNet unit {index}: no image (txt2img needs the unit's image)")
+        extra = {
+            "processor_res": _number(unit, "processor_res", -1, -1, 2048, index),
+            "threshold_a": _number(unit, "threshold_a", -1, -1, 1024, index),
+            "threshold_b": _number(unit, "threshold_b", -1, -1, 1024, index),
+            "pixel_perfect": bool(unit.get("pixel_perfect")),
+        }
         if weight > 0:
-            units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image))
+            units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image, **extra))
     return units
 
 
 def control_image(unit: ControlUnit, width: int, height: int) -> Any:
-    """The unit's preprocessed map at the generation size: ``none`` passes the image, ``invert`` inverts it."""
-    from PIL import ImageOps
+    """The unit's detected map (its preprocessor at the processor resolution, or the pixel-perfect one), resized
+    to the generation size with the unit's resize mode."""
+    import numpy as np
+    from PIL import Image
 
-    image = resize_image(unit.resize_mode, unit.image, width, height)
-    return ImageOps.invert(image) if unit.module == "invert" else image
+    from gpu_runtime import controlnet_preprocessors as pre
+
+    resolution = unit.processor_res
+    if unit.pixel_perfect:
+        resolution = pre.pixel_perfect_resolution(
+            (unit.image.height, unit.image.width), (height, width), unit.resize_mode
+        )
+    pixels = np.asarray(unit.image.convert("RGB"))
+    detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b)
+    return resize_image(unit.resize_mode, Image.fromarray(detected), width, height)
 
 
 def _is_diffusers_layout(keys: list[str]) -> bool:

@@ -366,6 +366,10 @@ CONTROLNET_MODULES = {
     "None": "none",
     "invert": "invert",
     "invert (from white bg & black line)": "invert",
+    "canny": "canny",
+    "threshold": "threshold",
+    "blur_gaussian": "blur_gaussian",
+    "tile_resample": "tile_resample",
 }
 CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
 _BALANCED = ("Balanced", 0, None)

@@ -115,7 +115,9 @@ def test_img2img_and_sdxl_take_units_too(engine, files):
 
 
 def test_refusals_name_the_module_or_the_missing_model(engine, files):
-    with pytest.raises(JobError, match='module "depth_midas" is not supported by this runtime; use one of: invert'):
+    with pytest.raises(
+        JobError, match='module "depth_midas" is not supported by this runtime; use one of: blur_gaussian, canny'
+    ):
         run(engine, files, {**BASE, **with_units({**unit(), "module": "depth_midas"})})
     with pytest.raises(JobError, match="ControlNet unit 0: model gone was not sent with the job"):
         run(engine, files, {**BASE, **with_units({**unit(), "model": "gone"})})
@@ -128,3 +130,11 @@ def test_refusals_name_the_module_or_the_missing_model(engine, files):
 def test_the_control_plane_sends_the_units_models():
     params = with_units(unit(), {**unit(), "model": "other [f00]"}, {**unit(), "enabled": False, "model": "off"})
     assert named_models("txt2img", params) == {"ControlNet": ["cn.safetensors", "other"]}
+
+
+def test_a_canny_unit_controls_with_the_edges_of_its_image(engine, files):
+    plain_unit = image(engine, files, {**BASE, **with_units(unit())})
+    canny = image(engine, files, {**BASE, **with_units({**unit(), "module": "canny", "threshold_a": 50})})
+    assert (canny != plain_unit).any()
+    info = json.loads(run(engine, files, {**BASE, **with_units({**unit(), "module": "canny"})})["info"])
+    assert "Module: canny" in info["infotexts"][0]

@@ -85,8 +85,8 @@ REFUSED_TXT2IMG = [
     ),
     # A ControlNet unit without "enabled" is on (sd-webui-controlnet's get_enabled_units).
     (
-        {"alwayson_scripts": _on("controlnet", [{"module": "canny", "model": "cn"}])},
-        'ControlNet unit 0: module "canny" is not supported by this runtime; use one of: invert, none',
+        {"alwayson_scripts": _on("controlnet", [{"module": "openpose", "model": "cn"}])},
+        'ControlNet unit 0: module "openpose" is not supported by this runtime; use one of: blur_gaussian, canny,',
     ),
     (
         {"alwayson_scripts": _on("controlnet", [{"model": "cn"}]), "enable_hr": True, "denoising_strength": 0.5},
@@ -189,7 +189,14 @@ def test_capabilities_command_prints_the_policy():
     assert "enable_hr" in document["fields"]["txt2img"]["honoured"]
     assert "prompt" in document["fields"]["txt2img"]["honoured"]
     assert "controlnet" in document["alwayson_scripts"]["honoured"]
-    assert document["alwayson_scripts"]["controlnet_modules"] == ["invert", "none"]
+    assert document["alwayson_scripts"]["controlnet_modules"] == [
+        "blur_gaussian",
+        "canny",
+        "invert",
+        "none",
+        "threshold",
+        "tile_resample",
+    ]
     assert document["digest"] == policy.digest(policy.capabilities())
 
 

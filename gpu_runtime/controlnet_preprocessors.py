@@ -1,0 +1,98 @@
+"""The ControlNet preprocessors that need no weights, as sd-webui-controlnet defines them (``scripts/processor.py``
+at the commit ESD installs): the input is resized so its short side is the processor resolution (bicubic up,
+area down) and padded to a multiple of 64, processed, and the padding removed.
+
+Kept apart from ``gpu_runtime.controlnet`` because each preprocessor is its own definition to match; the ones that
+need annotator weights (depth, openpose, ...) come with an uploadable model type later and are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """A preprocessor's slider defaults (``None``: it has no such slider; the extension then passes -1 through)."""
+
+    resolution: int | None
+    threshold_a: float | None
+    threshold_b: float | None
+
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    "none": Preprocessor(None, None, None),
+    "invert": Preprocessor(None, None, None),
+    "canny": Preprocessor(512, 100, 200),
+    "threshold": Preprocessor(512, 127, None),
+    "blur_gaussian": Preprocessor(512, 9.0, None),
+    "tile_resample": Preprocessor(None, 1.0, None),
+}
+
+
+def _hwc3(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        return np.concatenate([image] * 3, axis=2)
+    return image[:, :, :3]
+
+
+def _resize_with_pad(image: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
+    import cv2
+
+    height, width = image.shape[:2]
+    k = float(resolution) / float(min(height, width))
+    target_h, target_w = int(np.round(height * k)), int(np.round(width * k))
+    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    resized = cv2.resize(image, (target_w, target_h), interpolation=interpolation)
+    pad_h, pad_w = -target_h % 64, -target_w % 64
+    padded = np.pad(resized, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
+    return padded, (target_h, target_w)
+
+
+def settings(module: str, resolution: float, threshold_a: float, threshold_b: float) -> tuple[int, float, float]:
+    """The extension's ``bound_check_params``: a negative value takes the module's slider default."""
+    spec = PREPROCESSORS[module]
+    res = int(resolution) if resolution >= 0 or spec.resolution is None else spec.resolution
+    a = threshold_a if threshold_a >= 0 or spec.threshold_a is None else spec.threshold_a
+    b = threshold_b if threshold_b >= 0 or spec.threshold_b is None else spec.threshold_b
+    return res, float(a), float(b)
+
+
+def run(module: str, image: np.ndarray, resolution: float, threshold_a: float, threshold_b: float) -> np.ndarray:
+    """The detected map (uint8, H x W x 3) of ``module`` on an RGB image."""
+    import cv2
+
+    image = _hwc3(np.ascontiguousarray(image, dtype=np.uint8))
+    res, a, b = settings(module, resolution, threshold_a, threshold_b)
+    if module == "none":
+        return image
+    if module == "invert":
+        return 255 - image
+    if module == "tile_resample":
+        if a < 1.1:
+            return image
+        height, width = int(image.shape[0] / a), int(image.shape[1] / a)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    padded, (height, width) = _resize_with_pad(image, res)
+    if module == "canny":
+        result = _hwc3(cv2.Canny(padded, int(a), int(b)))
+    elif module == "threshold":
+        result = np.zeros_like(padded, dtype=np.uint8)
+        result[np.min(padded, axis=2) > a] = 255
+    elif module == "blur_gaussian":
+        return cv2.GaussianBlur(np.ascontiguousarray(padded[:height, :width]), (0, 0), a)
+    else:
+        raise ValueError(f"unknown preprocessor {module}")
+    return np.ascontiguousarray(result[:height, :width])
+
+
+def pixel_perfect_resolution(image_hw: tuple[int, int], target_hw: tuple[int, int], resize_mode: int) -> int:
+    """The extension's ``pixel_perfect_resolution``: the short side at which the map lands 1:1 on the output
+    (Resize and Fill fits the image inside, the other modes cover)."""
+    (h0, w0), (h, w) = image_hw, target_hw
+    k = min(h / h0, w / w0) if resize_mode == 2 else max(h / h0, w / w0)
+    return int(np.round(k * min(h0, w0)))
