@@ -59,6 +59,7 @@ class Choices:
     models: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
     vaes: list[str] = field(default_factory=list)
+    controlnets: list[str] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
 
 
@@ -85,6 +86,7 @@ def form_choices(request: HttpRequest) -> Choices:
         models=checkpoint_names(user, perms, CheckpointType.STABLE_DIFFUSION),
         loras=checkpoint_names(user, perms, CheckpointType.LORA),
         vaes=checkpoint_names(user, perms, CheckpointType.VAE),
+        controlnets=checkpoint_names(user, perms, CheckpointType.CONTROLNET),
         endpoints=usable_endpoints(user, perms),
     )
 
@@ -201,6 +203,20 @@ class GenerateForm(forms.Form):
         widget=forms.NumberInput({"step": 0.05}),
     )
     tiling = forms.BooleanField(label="Tiling (seamless)", required=False)
+    # one ControlNet unit (the extension's format); the runtime's policy lists the preprocessors
+    cn_model = forms.ChoiceField(label="ControlNet model", required=False)
+    cn_module = forms.ChoiceField(
+        label="Preprocessor",
+        required=False,
+        choices=[(m, m) for m in sorted(set(policy.CONTROLNET_MODULES.values()))],
+        initial="none",
+    )
+    cn_image = forms.FileField(
+        label="Control image", required=False, widget=forms.ClearableFileInput({"accept": "image/*"})
+    )
+    cn_weight = forms.FloatField(label="Control weight", required=False, min_value=0, max_value=2, initial=1)
+    cn_start = forms.FloatField(label="Starting step", required=False, min_value=0, max_value=1, initial=0)
+    cn_end = forms.FloatField(label="Ending step", required=False, min_value=0, max_value=1, initial=1)
 
     def __init__(self, *args: Any, choices: Choices, user: User, perms: frozenset[str], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -208,6 +224,7 @@ class GenerateForm(forms.Form):
         self.fields["model"].choices = [(name, name) for name in choices.models]
         self.fields["vae"].choices = [("Automatic", "Automatic")] + [(name, name) for name in choices.vaes]
         self.fields["refiner"].choices = [("", "None")] + [(name, name) for name in choices.models]
+        self.fields["cn_model"].choices = [("", "None")] + [(name, name) for name in choices.controlnets]
         self.fields["endpoint"].choices = [("", "Automatic: any usable endpoint of the type")] + [
             (e.name, f"{e.name} ({e.endpoint_type})") for e in choices.endpoints
         ]
@@ -265,6 +282,7 @@ class GenerateForm(forms.Form):
                 prompt = text
         data["prompt"] = prompt
         data["loras"] = list(loras.items())
+        data["cn_image_b64"] = self._control_image(data)
         if data.get("task_type") == "img2img":
             data["init_image_b64"] = self._init_image(data)
             data["mask_b64"] = self._mask(data)
@@ -277,6 +295,20 @@ class GenerateForm(forms.Form):
             except policy.PolicyError as exc:
                 self.add_error(None, str(exc))
         return data
+
+    def _control_image(self, data: dict[str, Any]) -> str | None:
+        """The ControlNet unit's image as base64 (img2img may leave it out: the unit then uses the input image)."""
+        upload = data.get("cn_image")
+        if not data.get("cn_model"):
+            return None
+        if not upload:
+            if data.get("task_type") != "img2img":
+                self.add_error("cn_image", "a ControlNet unit needs a control image (img2img uses the input image)")
+            return None
+        if upload.size > MAX_INIT_IMAGE_BYTES:
+            self.add_error("cn_image", f"the image must be at most {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
+            return None
+        return base64.b64encode(upload.read()).decode("ascii")
 
     def _mask(self, data: dict[str, Any]) -> str | None:
         """The mask as base64: an uploaded file, else the one drawn in the browser (checked to be a PNG)."""
@@ -344,6 +376,19 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
     }
     if data.get("scheduler") not in (None, "", "Automatic"):
         payload["scheduler"] = data["scheduler"]
+    if data.get("cn_model"):
+        unit = {
+            "enabled": True,
+            "module": data.get("cn_module") or "none",
+            "model": data["cn_model"],
+            "weight": 1.0 if data.get("cn_weight") is None else data["cn_weight"],
+            "image": data.get("cn_image_b64"),
+            "guidance_start": data.get("cn_start") or 0.0,
+            "guidance_end": 1.0 if data.get("cn_end") is None else data["cn_end"],
+            "resize_mode": "Crop and Resize",
+            "control_mode": "Balanced",
+        }
+        payload["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
     if data.get("tiling"):
         payload["tiling"] = True
     if data.get("refiner"):

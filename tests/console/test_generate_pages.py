@@ -439,3 +439,29 @@ def test_a_mask_drawn_in_the_browser_is_sent_and_a_forged_one_refused(
         response = client.post("/generate/", form_body(task_type="img2img", init_image=image, mask_drawing=forged))
         assert response.status_code == 200 and "the drawn mask is not a PNG image" in page(response)
     assert InferenceJob.objects.count() == 1
+
+
+def test_generate_sends_a_controlnet_unit_with_its_model(client, admin, ready, django_capture_on_commit_callbacks):
+    """The ControlNet fieldset: the user's ControlNet models and the runtime's preprocessors; the unit goes out in
+    the extension's format and its model joins the job's models when it starts (a model the user cannot see is
+    refused by name)."""
+    from gpu_runtime.protocol import policy
+
+    register("canny.safetensors", checkpoint_type="ControlNet")
+    client.force_login(admin)
+    text = page(client.get("/generate/"))
+    assert '<option value="canny.safetensors"' in text and 'name="cn_image"' in text
+    for module in set(policy.CONTROLNET_MODULES.values()):
+        assert f'<option value="{module}"' in text
+    missing = client.post("/generate/", form_body(cn_model="canny.safetensors", cn_module="canny"))
+    assert missing.status_code == 200 and "a ControlNet unit needs a control image" in page(missing)
+    control = SimpleUploadedFile("edges.png", PNG, content_type="image/png")
+    body = form_body(cn_model="canny.safetensors", cn_module="canny", cn_image=control, cn_weight="0.6")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post("/generate/", body).status_code == 302
+    job = InferenceJob.objects.get()
+    [unit] = json.loads(job.payload_string)["alwayson_scripts"]["controlnet"]["args"]
+    assert (unit["module"], unit["model"], unit["weight"]) == ("canny", "canny.safetensors", 0.6)
+    assert base64.b64decode(unit["image"]) == PNG
+    job.refresh_from_db()
+    assert [m["model_name"] for m in job.used_models.get("ControlNet", [])] == ["canny.safetensors"]
