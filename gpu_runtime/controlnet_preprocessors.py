@@ -29,6 +29,8 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "threshold": Preprocessor(512, 127, None),
     "blur_gaussian": Preprocessor(512, 9.0, None),
     "tile_resample": Preprocessor(None, 1.0, None),
+    "scribble_xdog": Preprocessor(512, 32, None),
+    "lineart_standard": Preprocessor(512, None, None),
 }
 
 
@@ -85,6 +87,18 @@ def run(module: str, image: np.ndarray, resolution: float, threshold_a: float, t
         result[np.min(padded, axis=2) > a] = 255
     elif module == "blur_gaussian":
         return cv2.GaussianBlur(np.ascontiguousarray(padded[:height, :width]), (0, 0), a)
+    elif module == "scribble_xdog":  # a difference of Gaussians, thresholded into strokes
+        fine = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 0.5)
+        coarse = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 5.0)
+        dog = (255 - np.min(coarse - fine, axis=2)).clip(0, 255).astype(np.uint8)
+        result = np.zeros_like(padded, dtype=np.uint8)
+        result[2 * (255 - dog) > a] = 255
+    elif module == "lineart_standard":  # darker-than-surroundings, normalised by the median line strength
+        x = padded.astype(np.float32)
+        intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+        strong = intensity[intensity > 8]
+        intensity /= max(16.0, float(np.median(strong)) if strong.size else 16.0)
+        result = _hwc3((intensity * 127).clip(0, 255).astype(np.uint8))
     else:
         raise ValueError(f"unknown preprocessor {module}")
     return np.ascontiguousarray(result[:height, :width])

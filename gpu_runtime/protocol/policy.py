@@ -370,6 +370,9 @@ CONTROLNET_MODULES = {
     "threshold": "threshold",
     "blur_gaussian": "blur_gaussian",
     "tile_resample": "tile_resample",
+    "scribble_xdog": "scribble_xdog",
+    "lineart_standard": "lineart_standard",
+    "lineart_standard (from white bg & black line)": "lineart_standard",
 }
 CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
 _BALANCED = ("Balanced", 0, None)

@@ -52,3 +52,14 @@ def test_resolution_and_pixel_perfect_follow_the_extension():
     assert pre.pixel_perfect_resolution((60, 100), (512, 512), 1) == round(512 / 60 * 60)
     assert pre.pixel_perfect_resolution((60, 100), (512, 512), 2) == round(512 / 100 * 60)
     assert (pre.run("invert", step(0, 255), -1, -1, -1) == 255 - step(0, 255)).all()
+
+
+def test_scribble_xdog_and_lineart_mark_dark_lines_on_light_ground():
+    drawing = np.full((128, 128, 3), 255, dtype=np.uint8)
+    drawing[:, 60:64] = 0  # one dark vertical line
+    scribble = pre.run("scribble_xdog", drawing, 128, -1, -1)  # default threshold 32
+    assert set(np.unique(scribble)) <= {0, 255} and scribble[:, 58:66].max() == 255 and scribble[:, :40].max() == 0
+    assert pre.run("scribble_xdog", drawing, 128, 510, -1).max() == 0  # 2 * (255 - dog) never exceeds 510
+    lines = pre.run("lineart_standard", drawing, 128, -1, -1)
+    assert lines[:, 61].min() > 100 and lines[:, :30].max() == 0  # the line is bright, the paper black
+    assert pre.run("lineart_standard", np.full((64, 64, 3), 200, np.uint8), 64, -1, -1).max() == 0

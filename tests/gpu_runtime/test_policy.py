@@ -193,7 +193,9 @@ def test_capabilities_command_prints_the_policy():
         "blur_gaussian",
         "canny",
         "invert",
+        "lineart_standard",
         "none",
+        "scribble_xdog",
         "threshold",
         "tile_resample",
     ]
