@@ -675,16 +675,7 @@ class Engine:
         k_diffusion = is_k_diffusion(job.sampler)
         # img2img on a k-diffusion sampler: A1111's cut of the full schedule, the pipeline at strength 1
         denoise = int(min(job.strength, 0.999) * job.steps) + 1 if job.task == "img2img" and k_diffusion else None
-        pipe.scheduler = scheduler_for(
-            job.sampler,
-            loaded.scheduler_config,
-            image_seeds,
-            generators=generators,
-            options=dict(job.sampler_options),
-            schedule=job.schedule,
-            discard=job.discard,
-            denoise=denoise,
-        )
+        pipe.scheduler = self._scheduler(loaded, job, job.sampler, job.schedule, denoise, image_seeds, generators)
         hires_calls = self._hires_calls(loaded, job)
         calls = {"first": 0}
         handover = refiner if job.hires is None else None  # with hires fix the refiner runs in the second pass
@@ -862,16 +853,29 @@ class Engine:
         if not is_k_diffusion(hires.sampler):
             return hires.steps
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
-        options = dict(job.sampler_options)
-        scheduler = scheduler_for(
-            hires.sampler,
+        return model_calls(Engine._scheduler(loaded, job, hires.sampler, hires.schedule, hires.steps), schedule)
+
+    @staticmethod
+    def _scheduler(
+        loaded: Loaded,
+        job: Prepared,
+        sampler: str,
+        schedule: str,
+        denoise: int | None,
+        seeds: list[int] | None = None,
+        generators: list[Any] | None = None,
+    ) -> Any:
+        """A pass's scheduler with the job's sampler options (the first pass, the hires pass, progress counts)."""
+        return scheduler_for(
+            sampler,
             loaded.scheduler_config,
-            options=options,
-            schedule=hires.schedule,
+            seeds,
+            generators=generators,
+            options=dict(job.sampler_options),
+            schedule=schedule,
             discard=job.discard,
-            denoise=hires.steps,
+            denoise=denoise,
         )
-        return model_calls(scheduler, schedule)
 
     def _resized_latents(self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any]) -> Any:
         """img2img ``resize_mode`` 3 (A1111's "Just resize (latent upscale)"): each image encoded at its own size,
@@ -935,16 +939,8 @@ class Engine:
         image_seeds = [seed for seed, _ in seeds]
         generators = self._generators(job, image_seeds)
         k_diffusion = is_k_diffusion(hires.sampler)
-        pipe.scheduler = scheduler_for(
-            hires.sampler,
-            loaded.scheduler_config,
-            image_seeds,
-            generators=generators,
-            options=dict(job.sampler_options),
-            schedule=hires.schedule,
-            discard=job.discard,
-            denoise=hires.steps if k_diffusion else None,
-        )
+        denoise = hires.steps if k_diffusion else None
+        pipe.scheduler = self._scheduler(loaded, job, hires.sampler, hires.schedule, denoise, image_seeds, generators)
         schedule = min(150 * 8, int(hires.steps / min(hires.strength, 0.999)))
         total = first_calls + self._hires_calls(loaded, job)
         count = len(seeds)
