@@ -157,7 +157,11 @@ AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
-AXES_IPWARE_PROXY_COUNT = env.int("AXES_PROXY_COUNT", default=0)  # trusted proxies in front (X-Forwarded-For)
+# The client address: the socket's, unless AXES_PROXY_COUNT trusted proxies set X-Forwarded-For (a client's own
+# header must not pick the address its failures count against).
+_AXES_PROXIES = env.int("AXES_PROXY_COUNT", default=0)
+AXES_IPWARE_META_PRECEDENCE_ORDER = ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR") if _AXES_PROXIES else ("REMOTE_ADDR",)
+AXES_IPWARE_PROXY_COUNT = _AXES_PROXIES or None
 AXES_LOCKOUT_TEMPLATE = "console/accounts/locked_out.html"
 LOGIN_URL = "console:login"
 LOGIN_REDIRECT_URL = "console:dashboard"

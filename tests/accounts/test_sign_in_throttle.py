@@ -55,3 +55,16 @@ def test_console_passwords_pass_the_validators(client, admin):
     assert not User.objects.filter(username="nina").exists()
     edit = client.post("/users/admin/", {"action": "save", "password": "password", "roles": ["IT Operator"]})
     assert edit.status_code == 400 and b"password is not strong enough" in edit.content
+
+
+def test_a_forged_forwarded_for_header_does_not_escape_the_lockout(client, throttled):
+    make_user("ann", password="ann-password-1")
+    for attempt in range(3):
+        client.post(
+            "/login/",
+            {"username": "ann", "password": "wrong"},
+            REMOTE_ADDR="10.0.0.1",
+            HTTP_X_FORWARDED_FOR=f"192.0.2.{attempt}",  # a new "address" on every try
+        )
+    locked = client.post("/login/", {"username": "ann", "password": "ann-password-1"}, REMOTE_ADDR="10.0.0.1")
+    assert locked.status_code == 429
