@@ -37,6 +37,7 @@ from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, i
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
 from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
+from gpu_runtime.vae import encode as vae_encode
 
 log = logging.getLogger(__name__)
 
@@ -751,19 +752,9 @@ class Engine:
         import torch
 
         vae = pipe.vae
-        dtype = vae.dtype
-        upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE: fp16 NaNs
-        try:
-            if upcast:
-                vae.to(torch.float32)
-            processed = pipe.image_processor.preprocess(images).to(self.device, vae.dtype)
-            with torch.inference_mode():
-                encoded = vae.encode(processed).latent_dist
-                samples = [_sample(encoded, index, generator) for index, generator in enumerate(generators)]
-                init = (torch.cat(samples) * vae.config.scaling_factor).to(dtype)
-        finally:
-            if vae.dtype != dtype:
-                vae.to(dtype)
+        encoded = vae_encode(vae, pipe.image_processor.preprocess(images))
+        samples = [_sample(encoded, index, generator) for index, generator in enumerate(generators)]
+        init = (torch.cat(samples) * vae.config.scaling_factor).to(vae.dtype)
         keep = 1 - torch.tensor(job.inpaint.latent_mask, device=self.device, dtype=init.dtype)[None, None]
         noise = torch.stack(
             [torch.randn(init.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
@@ -838,10 +829,10 @@ class Engine:
     ) -> Any:
         """An inpainting checkpoint's UNet with A1111's image conditioning for this call (txt2img: all masked)."""
         if job.task == "txt2img" and masked:
-            conditioning = image_conditioning(pipe.vae, None, None, count, width, height, self.device)
+            conditioning = image_conditioning(pipe.vae, None, None, count, width, height)
         else:
             masks = [job.inpaint.model_mask] * count if masked and job.inpaint is not None else None
-            conditioning = image_conditioning(pipe.vae, list(images), masks, count, width, height, self.device)
+            conditioning = image_conditioning(pipe.vae, list(images), masks, count, width, height)
         return ConditionedUNet(unet, conditioning)
 
     @staticmethod
@@ -887,9 +878,8 @@ class Engine:
         latents = []
         for image, generator in zip(images, generators, strict=True):
             width, height = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
-            pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(self.device, vae.dtype)
-            with torch.inference_mode():
-                encoded = _sample(vae.encode(pixels).latent_dist, 0, generator) * vae.config.scaling_factor
+            pixels = pipe.image_processor.preprocess(image, height=height, width=width)
+            encoded = (_sample(vae_encode(vae, pixels), 0, generator) * vae.config.scaling_factor).to(vae.dtype)
             size = (job.height // 8, job.width // 8)
             latents.append(F.interpolate(encoded.float(), size=size, mode="bilinear").to(encoded.dtype))
         return torch.cat(latents)

@@ -51,7 +51,7 @@ class ConditionedUNet(torch.nn.Module):
 
 
 def image_conditioning(
-    vae: Any, images: list[Any] | None, masks: list[Any] | None, count: int, width: int, height: int, device: str
+    vae: Any, images: list[Any] | None, masks: list[Any] | None, count: int, width: int, height: int
 ) -> torch.Tensor:
     """A1111's conditioning for an inpainting model: ``[mask, encode(image * (1 - mask))]`` at latent size.
 
@@ -72,15 +72,8 @@ def image_conditioning(
             values = [np.asarray(m.convert("L"), dtype=np.float32) / 255 for m in masks]
             mask = torch.from_numpy(np.stack(values))[:, None].round()
         pixels = pixels * (1 - mask)
-    dtype = vae.dtype
-    upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
-    try:
-        if upcast:
-            vae.to(torch.float32)
-        with torch.inference_mode():
-            latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    finally:
-        if vae.dtype != dtype:
-            vae.to(dtype)
+    from gpu_runtime.vae import encode
+
+    latents = (encode(vae, pixels).mode() * vae.config.scaling_factor).to(vae.dtype)
     small = torch.nn.functional.interpolate(mask.to(latents.device, latents.dtype), size=latents.shape[-2:])
     return torch.cat([small, latents], dim=1)
