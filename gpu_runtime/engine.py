@@ -36,6 +36,7 @@ from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, is_inpainting
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
+from gpu_runtime.protocol.scripts import extras_upscaler_names, hires_upscaler_names
 from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
 from gpu_runtime.vae import encode as vae_encode
 
@@ -93,6 +94,7 @@ class Prepared:
     refiner_switch_at: float = 0.8
     cells: list[Prepared] = field(default_factory=list)
     control: list[Any] = field(default_factory=list)  # gpu_runtime.controlnet.ControlUnit, enabled units only
+    upscalers: dict[str, Path] = field(default_factory=dict)  # model upscaler name (file stem) -> its file
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -225,6 +227,7 @@ class Engine:
         # (ControlNet file, checkpoint) -> its model; small next to a checkpoint, dropped with the checkpoint's
         # eviction in a later issue (memory budget): until then at most MAX_CONTROLNETS stay
         self.controlnets: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.upscaler_models: Any = None  # gpu_runtime.upscalers.ModelCache, made on first use
         self.lock = threading.Lock()
 
     # --- capabilities ----------------------------------------------------------------------------------------------
@@ -248,6 +251,8 @@ class Engine:
                 self._prepare_xyz(job, request, params)
             elif task in ("txt2img", "img2img"):
                 self._prepare_diffusion(job, request, params)
+            elif task in ("extra-single-image", "extra-batch-images"):
+                self._prepare_upscalers(job, request, extras_upscaler_names(params), "upscaler")
         except BaseException:
             self.files.release(job.files)
             for cell in job.cells:
@@ -381,6 +386,7 @@ class Engine:
         job.chunks = max(chunk_count(text) for text in {*job.prompts, *job.negative_prompts})
         if job.task == "txt2img" and params.get("enable_hr"):
             job.hires = _hires_plan(job, params, prompt, negative)
+            self._prepare_upscalers(job, request, hires_upscaler_names(job.task, params), "hr_upscaler")
 
         wanted = overrides.get("sd_model_checkpoint")
         chosen = next((m for m in checkpoints if wanted and _same_name(m["model_name"], wanted)), None)
@@ -495,6 +501,30 @@ class Engine:
             job.seed_resize = (resize_w, resize_h)
         job.ensd = _int(overrides, "eta_noise_seed_delta", 0, -(2**31), 2**31 - 1)
 
+    def _prepare_upscalers(self, job: Prepared, request: dict, names: list[str], field_name: str) -> None:
+        """The model upscalers a job names (``ESRGAN`` checkpoints sent with it, matched by file stem or A1111's
+        built-in name); a name that is neither built in nor a sent model is refused, naming it."""
+        from gpu_runtime.protocol.scripts import file_stem
+
+        sent = {file_stem(m["model_name"]): m for m in (request.get("models") or {}).get("ESRGAN") or []}
+        for name in names:
+            match = sent.get(file_stem(name))
+            if match is None:
+                builtin = policy.HIRES_UPSCALERS if field_name == "hr_upscaler" else policy.PIL_UPSCALERS
+                raise JobError(
+                    f"{field_name} {name} is neither built in ({', '.join(builtin)}) nor an ESRGAN model sent with "
+                    "the job (upload its file as a checkpoint of type ESRGAN)"
+                )
+            job.upscalers[name] = self._fetch(request, match, job)
+
+    def upscaler_pass(self, job: Prepared, name: str) -> Callable[[Any], Any]:
+        """One model pass of a prepared job's model upscaler (tiled; the model stays cached for the next job)."""
+        from gpu_runtime import upscalers
+
+        if self.upscaler_models is None:
+            self.upscaler_models = upscalers.ModelCache(self.device, self.dtype)
+        return upscalers.model_pass(self.upscaler_models.get(job.upscalers[name], "ESRGAN"))
+
     def _fetch(self, request: dict, model: dict, job: Prepared) -> Path:
         key = f"{model['id']}/{model['model_name']}"
         source = ((request.get("urls") or {}).get("models") or {}).get(key)
@@ -539,7 +569,8 @@ class Engine:
                 if first.task in ("extra-single-image", "extra-batch-images", "rembg"):
                     from gpu_runtime.extras import run_extras
 
-                    return [run_extras(job.task, job.params, self.root) for job in jobs]
+                    passes = [{name: self.upscaler_pass(job, name) for name in job.upscalers} for job in jobs]
+                    return [run_extras(j.task, j.params, self.root, p) for j, p in zip(jobs, passes, strict=True)]
                 if first.xyz is not None:
                     return [self._run_xyz(first, progress)]
                 return self._diffuse(jobs, progress)
@@ -924,8 +955,11 @@ class Engine:
             from PIL import Image
 
             method = Image.Resampling.NEAREST if hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
+            model = self.upscaler_pass(job, hires.upscaler) if hires.upscaler in job.upscalers else None
             first = self._decode(loaded.pipe, latents, [])
-            image = [_cover_crop(picture, cover_w, cover_h, hires.width, hires.height, method) for picture in first]
+            image = [
+                _cover_crop(picture, cover_w, cover_h, hires.width, hires.height, method, model) for picture in first
+            ]
         image_seeds = [seed for seed, _ in seeds]
         generators = self._generators(job, image_seeds)
         k_diffusion = is_k_diffusion(hires.sampler)
@@ -1376,10 +1410,7 @@ def _hires_plan(job: Prepared, params: dict, prompt: str, negative: str) -> Hire
     width, height = width // 8 * 8, height // 8 * 8
     if not 64 <= width <= 8192 or not 64 <= height <= 8192 or width * height > 64_000_000:
         raise JobError(f"the hires size {width}x{height} is outside 64..8192 px")
-    upscaler = str(params.get("hr_upscaler") or "Latent")
-    if upscaler not in policy.HIRES_UPSCALERS:
-        choices = ", ".join(policy.HIRES_UPSCALERS)
-        raise JobError(f"hr_upscaler {upscaler} is not supported by this runtime; use one of: {choices}")
+    upscaler = str(params.get("hr_upscaler") or "Latent").split(" [")[0]  # other names: model upscalers
     sampler = str(params.get("hr_sampler_name") or job.sampler)
     try:
         policy.sampler_of({"sampler_name": sampler})
@@ -1461,8 +1492,20 @@ def _switched_tensors(job: Prepared) -> list[str]:
     return ["latents", "prompt_embeds", "add_text_embeds"] if job.xl else ["latents", "prompt_embeds"]
 
 
-def _cover_crop(image: Any, cover_w: int, cover_h: int, width: int, height: int, method: Any) -> Any:
-    resized = image.resize((cover_w, cover_h), method)
+def _cover_crop(image: Any, cover_w: int, cover_h: int, width: int, height: int, method: Any, model: Any = None) -> Any:
+    """The hires fix's pixel-space upscale: to the cover size (with a model upscaler as A1111's ``resize_image``
+    runs one: ``Upscaler.upscale`` by the larger ratio, then Lanczos to the exact size), then the centre crop."""
+    if model is not None:
+        from PIL import Image
+
+        from gpu_runtime.upscalers import upscale
+
+        scale = max(cover_w / image.width, cover_h / image.height)
+        resized = upscale(image, scale, model) if scale > 1 else image
+        if resized.size != (cover_w, cover_h):
+            resized = resized.resize((cover_w, cover_h), Image.Resampling.LANCZOS)
+    else:
+        resized = image.resize((cover_w, cover_h), method)
     left, top = (cover_w - width) // 2, (cover_h - height) // 2
     return resized.crop((left, top, left + width, top + height))
 

@@ -1,6 +1,7 @@
-"""A1111's "extras" tasks without model weights: resizing with PIL upscalers, and rembg when its model is present.
+"""A1111's "extras" tasks: upscaling with PIL's or uploaded model upscalers (``gpu_runtime.upscalers``), and rembg
+when its model is present.
 
-Upscalers that need network weights (ESRGAN, SwinIR, LDSR, ...) are refused with a clear error rather than
+An upscaler name that is neither PIL's nor a model sent with the job is refused with a clear error rather than
 silently replaced by a plain resize. Sizes follow A1111 v1.8.0 (``Upscaler.upscale``, ``postprocessing_upscale``):
 the target is floored to a multiple of 8, ``resize_mode`` 1 scales to cover the box and crops it (``upscaling_crop``),
 upscaler 1 "None" leaves the image as it is, and upscaler 2 is blended in by ``extras_upscaler_2_visibility``.
@@ -8,6 +9,7 @@ upscaler 1 "None" leaves the image as it is, and upscaler 2 is blended in by ``e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,16 @@ from gpu_runtime.images import decode_image, encode_image
 from gpu_runtime.protocol.policy import PIL_UPSCALERS
 
 PIL_FILTERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+ModelPass = Callable[[Any], Any]  # one pass of an upscaler over a PIL image
 
 
-def run_extras(task: str, params: dict, root: Path) -> dict:
-    """One extras request (the policy has already refused what this cannot do)."""
+def run_extras(task: str, params: dict, root: Path, models: Mapping[str, ModelPass] | None = None) -> dict:
+    """One extras request (the policy has already refused what this cannot do); ``models`` holds one pass of
+    each model upscaler sent with the job, by the name the request uses."""
     if task == "rembg":
         return {"image": _rembg(params, root), "html_info": ""}
     if task == "extra-single-image":
-        image, info = upscale(decode_image(params.get("image", "")), params)
+        image, info = upscale(decode_image(params.get("image", "")), params, models)
         return {"image": encode_image(image), "html_info": info}
     items = params.get("imageList") or []
     if not isinstance(items, list) or not items:
@@ -31,7 +35,7 @@ def run_extras(task: str, params: dict, root: Path) -> dict:
     results, info = [], ""
     for item in items:
         data = item.get("data") if isinstance(item, dict) else item
-        image, info = upscale(decode_image(data), params)
+        image, info = upscale(decode_image(data), params, models)
         results.append(encode_image(image))
     return {"images": results, "html_info": info}
 
@@ -44,16 +48,18 @@ def _number(params: dict, name: str, default: float, low: float, high: float) ->
     return float(value)
 
 
-def upscale(image: Any, params: dict) -> tuple[Any, str]:
-    """A1111's postprocessing upscale step with the PIL upscalers."""
+def upscale(image: Any, params: dict, models: Mapping[str, ModelPass] | None = None) -> tuple[Any, str]:
+    """A1111's postprocessing upscale step: ``upscaler_1`` (PIL's or a model's, ``models`` holding one pass of
+    each model upscaler the job was sent), blended with ``upscaler_2`` run on the original image."""
     from PIL import Image
 
-    names = [str(params.get("upscaler_1") or "None"), str(params.get("upscaler_2") or "None")]
-    for name in names:
-        if name not in PIL_UPSCALERS:
-            raise JobError(
-                f"upscaler {name} needs model weights this runtime does not have; use {', '.join(PIL_UPSCALERS)}"
-            )
+    from gpu_runtime.upscalers import upscale as upscale_by
+
+    models = models or {}
+    names = [str(params.get(f) or "None").split(" [")[0] for f in ("upscaler_1", "upscaler_2")]
+    unknown = [name for name in names if name not in PIL_UPSCALERS and name not in models]
+    if unknown:  # the engine refuses them before any work, with the reason; a direct caller gets the name
+        raise JobError(f"upscaler {unknown[0]} is not available")
     image = image.convert("RGB")
     if names[0] == "None":
         return image, ""
@@ -65,21 +71,23 @@ def upscale(image: Any, params: dict) -> tuple[Any, str]:
         scale = max(box_w / image.width, box_h / image.height)
     else:
         scale = _number(params, "upscaling_resize", 2, 1, 8)
-    width, height = int(image.width * scale) // 8 * 8, int(image.height * scale) // 8 * 8
-    if width < 8 or height < 8 or width * height > 64_000_000:
-        raise JobError(f"the resized image would be {width}x{height}, outside 8x8 .. 64 megapixels")
 
-    def resized(name: str) -> Any:
-        return image.resize((width, height), getattr(Image.Resampling, PIL_FILTERS[name]))
+    def pil_pass(name: str) -> ModelPass:
+        method = getattr(Image.Resampling, PIL_FILTERS[name])
+        return lambda picture: picture.resize((int(picture.width * scale), int(picture.height * scale)), method)
 
-    result = resized(names[0])
+    def upscaled(name: str) -> Any:
+        result = upscale_by(image, scale, models[name] if name in models else pil_pass(name))
+        if mode == 1 and crop:  # A1111 centres on a black canvas of the box
+            canvas = Image.new("RGB", (box_w, box_h))
+            canvas.paste(result, box=(box_w // 2 - result.width // 2, box_h // 2 - result.height // 2))
+            result = canvas
+        return result
+
+    result = upscaled(names[0])
     visibility = _number(params, "extras_upscaler_2_visibility", 0, 0, 1)
     if names[1] != "None" and visibility > 0:
-        result = Image.blend(result, resized(names[1]), visibility)
-    if mode == 1 and crop:
-        canvas = Image.new("RGB", (box_w, box_h))
-        canvas.paste(result, box=((box_w - result.width) // 2, (box_h - result.height) // 2))
-        result = canvas
+        result = Image.blend(result, upscaled(names[1]), visibility)
     info = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {names[0]}"
     if names[1] != "None" and visibility > 0:
         info += f", Postprocess upscaler 2: {names[1]}"

@@ -253,6 +253,33 @@ def write_tiny_controlnet(path: Path, seed: int = 0, xl: bool = False) -> Path:
     return path
 
 
+def write_tiny_upscaler(path: Path, seed: int = 0, scale: int = 4, arch: str = "ESRGAN") -> Path:
+    """A tiny random upscaler in the layout its project publishes, for spandrel to detect from its keys:
+    ``ESRGAN`` (RRDBNet, the ESRGAN/Real-ESRGAN family) or ``Compact`` (SRVGGNetCompact, realesr-general-x4v3).
+    A ``.pth`` path is written with ``torch.save`` (as those projects ship them), otherwise as safetensors."""
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "Compact":
+            net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale)
+        else:  # random RRDBNet output is a near-black constant: the last conv gets a visible range and texture
+            net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+            last = [p for name, p in net.named_parameters() if name.endswith(".weight")][-1]
+            bias = [p for name, p in net.named_parameters() if name.endswith(".bias")][-1]
+            with torch.no_grad():
+                last.mul_(10)
+                bias.fill_(0.5)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if path.suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    return path
+
+
 def write_tiny_model(path: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and write it as an LDM single file, marked ``esd_family=tiny-sd15``.
 

@@ -26,7 +26,7 @@ from apps.endpoints.choices import USABLE, EndpointStatus
 from apps.endpoints.models import Endpoint
 from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
 from apps.inference.models import InferenceJob
-from apps.models_registry.choices import CheckpointStatus
+from apps.models_registry.choices import STEM_NAMED_TYPES, URL_EXTENSIONS, CheckpointStatus
 from apps.models_registry.models import Checkpoint, CheckpointFile
 from esd import keys
 from esd.api.errors import BadRequest
@@ -66,23 +66,29 @@ def resolve_models(user: User, permissions: frozenset[str], models: dict[str, An
     used: dict[str, list[dict]] = {}
     missing: list[str] = []
     wanted = [(model_type, name) for model_type, names in models.items() for name in (names or [])]
-    files = {
-        (f.checkpoint.checkpoint_type, f.name): f.checkpoint
-        for f in CheckpointFile.objects.select_related("checkpoint").filter(
-            name__in=[name for _, name in wanted if isinstance(name, str)], checkpoint__in=visible
-        )
-    }
+    names = [name for _, name in wanted if isinstance(name, str)]
+    stems = [name for model_type, name in wanted if model_type in STEM_NAMED_TYPES and isinstance(name, str)]
+    candidates = names + [stem + suffix for stem in stems for suffix in URL_EXTENSIONS]
+    files: dict[tuple[str, str], tuple[Checkpoint, str]] = {}
+    found_files = CheckpointFile.objects.select_related("checkpoint").filter(
+        name__in=candidates, checkpoint__in=visible
+    )
+    for f in found_files.order_by("-checkpoint__created", "name"):
+        files[(f.checkpoint.checkpoint_type, f.name)] = (f.checkpoint, f.name)
+        if f.checkpoint.checkpoint_type in STEM_NAMED_TYPES:  # newest first: the first file of a stem wins
+            files.setdefault((f.checkpoint.checkpoint_type, f.name.rsplit(".", 1)[0]), (f.checkpoint, f.name))
     store = blob_store()
     for model_type, name in wanted:
         if model_type == "VAE" and name in BUILTIN_VAES:
             used.setdefault("VAE", []).append({"s3": "None", "id": "VAE", "model_name": name, "type": "VAE"})
             continue
-        checkpoint = files.get((model_type, name)) if isinstance(name, str) else None
-        if checkpoint is None:
+        found = files.get((model_type, name)) if isinstance(name, str) else None
+        if found is None:
             missing.append(f"checkpoint with name {name}, type {model_type} is not found")
             continue
+        checkpoint, file_name = found
         used.setdefault(model_type, []).append(
-            {"s3": store.uri(checkpoint.prefix), "id": str(checkpoint.id), "model_name": name, "type": model_type}
+            {"s3": store.uri(checkpoint.prefix), "id": str(checkpoint.id), "model_name": file_name, "type": model_type}
         )
     if missing:
         raise BadRequest(" ".join(missing))
@@ -147,8 +153,6 @@ def add_named_models(job: InferenceJob) -> None:
     """Models the parameters name besides ``models`` - the refiner checkpoint, and what an x/y/z plot's axes name
     (checkpoints, VAEs, refiners) - join the job's models, resolved as the job's owner would see them, so the
     worker gets their files; a name the owner cannot see is refused."""
-    if job.task_type not in DIFFUSION_TASKS:
-        return
     from gpu_runtime.protocol.scripts import named_models
 
     have = {(t, e["model_name"]) for t, entries in job.used_models.items() for e in entries}

@@ -60,6 +60,7 @@ class Choices:
     loras: list[str] = field(default_factory=list)
     vaes: list[str] = field(default_factory=list)
     controlnets: list[str] = field(default_factory=list)
+    upscalers: list[str] = field(default_factory=list)  # ESRGAN checkpoints' files (named by stem in requests)
     endpoints: list[Endpoint] = field(default_factory=list)
 
 
@@ -87,6 +88,7 @@ def form_choices(request: HttpRequest) -> Choices:
         loras=checkpoint_names(user, perms, CheckpointType.LORA),
         vaes=checkpoint_names(user, perms, CheckpointType.VAE),
         controlnets=checkpoint_names(user, perms, CheckpointType.CONTROLNET),
+        upscalers=checkpoint_names(user, perms, CheckpointType.ESRGAN),
         endpoints=usable_endpoints(user, perms),
     )
 
@@ -225,6 +227,8 @@ class GenerateForm(forms.Form):
         self.fields["vae"].choices = [("Automatic", "Automatic")] + [(name, name) for name in choices.vaes]
         self.fields["refiner"].choices = [("", "None")] + [(name, name) for name in choices.models]
         self.fields["cn_model"].choices = [("", "None")] + [(name, name) for name in choices.controlnets]
+        stems = dict.fromkeys(PurePosixPath(name).stem for name in choices.upscalers)  # A1111's upscaler names
+        self.fields["hr_upscaler"].choices = [(n, n) for n in policy.HIRES_UPSCALERS] + [(s, s) for s in stems]
         self.fields["endpoint"].choices = [("", "Automatic: any usable endpoint of the type")] + [
             (e.name, f"{e.name} ({e.endpoint_type})") for e in choices.endpoints
         ]

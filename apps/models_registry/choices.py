@@ -10,6 +10,12 @@ class CheckpointType(models.TextChoices):
     HYPERNETWORKS = "hypernetworks"
     CONTROLNET = "ControlNet"
     VAE = "VAE"
+    # Additions to ESD's six: A1111's model folders for upscalers (every architecture spandrel detects)
+    ESRGAN = "ESRGAN"
+
+
+# Types whose files a request names without the extension (A1111's upscaler names are file stems).
+STEM_NAMED_TYPES = (CheckpointType.ESRGAN,)
 
 
 class CheckpointStatus(models.TextChoices):

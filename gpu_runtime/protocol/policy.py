@@ -231,7 +231,7 @@ EXTRAS: dict[str, Field] = {
     "upscaling_resize_w": HON,
     "upscaling_resize_h": HON,
     "upscaling_crop": HON,
-    "upscaler_1": HON,  # by name: PIL_UPSCALERS
+    "upscaler_1": HON,  # PIL_UPSCALERS, or an ESRGAN checkpoint by file stem (gpu_runtime.upscalers)
     "upscaler_2": HON,
     "extras_upscaler_2_visibility": HON,
     "upscale_first": INE,  # unused by A1111 v1.8.0's run_extras
@@ -315,6 +315,8 @@ OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "img2img_color_correction": (False,),
     "img2img_background_color": ("#ffffff",),
     "upscaler_for_img2img": (None, "None", "Lanczos"),
+    "ESRGAN_tile": (192,),  # gpu_runtime.upscalers tiles as A1111's defaults
+    "ESRGAN_tile_overlap": (8,),
     "hires_fix_refiner_pass": ("second pass",),
     "face_restoration": (False,),
     "tiling": (False,),
@@ -616,6 +618,8 @@ def capabilities() -> dict[str, Any]:
         "default_sampler": DEFAULT_SAMPLER,
         "upscalers": list(PIL_UPSCALERS),
         "hires_upscalers": list(HIRES_UPSCALERS),
+        # besides the built-in ones: any checkpoint of these types, named by file stem (spandrel architectures)
+        "model_upscaler_types": ["ESRGAN"],
         "scripts": list(SCRIPTS),
         "alwayson_scripts": {
             "inert": sorted(name for name, enabled in ALWAYSON.items() if enabled is None),

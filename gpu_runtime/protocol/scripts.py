@@ -18,6 +18,32 @@ XYZ_MODEL_AXES: dict[str, dict[int, str]] = {
     "img2img": {10: "Stable-diffusion", 26: "VAE", 34: "Stable-diffusion"},
 }
 _NO_FILE = ("", "None", "Automatic", "Nothing")
+# A1111's built-in model upscalers -> the stem of the file A1111 downloads for each (an uploaded file of that
+# name answers to both names). LDSR and the SD x4 upscaler are diffusion models, not spandrel's: refused.
+UPSCALER_FILES = {
+    "ESRGAN_4x": "ESRGAN_4x",
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+    "DAT x2": "DAT_x2",
+    "DAT x3": "DAT_x3",
+    "DAT x4": "DAT_x4",
+    "SwinIR 4x": "SwinIR_4x",
+    "ScuNET GAN": "scunet_color_real_gan",
+    "ScuNET PSNR": "scunet_color_real_psnr",
+}
+_MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+
+
+def file_stem(name: str) -> str:
+    """The file stem an upscaler name stands for, A1111's way: a file name without its extension, or a built-in
+    name's file; the ``[hash]`` suffix of UI titles is dropped."""
+    name = name.split(" [")[0].strip()
+    name = UPSCALER_FILES.get(name, name)
+    return name.rsplit(".", 1)[0] if name.lower().endswith(_MODEL_SUFFIXES) else name
 
 
 def named_models(task: str, params: Any) -> dict[str, list[str]]:
@@ -32,6 +58,9 @@ def named_models(task: str, params: Any) -> dict[str, list[str]]:
     for model in controlnet_models(params.get("alwayson_scripts")):
         if model not in names.setdefault("ControlNet", []):
             names["ControlNet"].append(model)
+    upscalers = extras_upscaler_names(params) if task.startswith("extra-") else hires_upscaler_names(task, params)
+    if upscalers:
+        names["ESRGAN"] = list(dict.fromkeys(file_stem(name) for name in upscalers))
     names = {k: v for k, v in names.items() if v}
     if str(params.get("script_name") or "").lower() == XYZ_SCRIPT:
         for model_type, found in xyz_model_names(task, params.get("script_args")).items():
@@ -39,6 +68,29 @@ def named_models(task: str, params: Any) -> dict[str, list[str]]:
                 if name not in names.setdefault(model_type, []):
                     names[model_type].append(name)
     return names
+
+
+def extras_upscaler_names(params: dict) -> list[str]:
+    """The model upscalers an extras request names: ``upscaler_1`` and ``upscaler_2`` that are not PIL's (A1111
+    looks both up, so an unknown second upscaler fails even at visibility 0)."""
+    from gpu_runtime.protocol.policy import PIL_UPSCALERS
+
+    names = []
+    for field in ("upscaler_1", "upscaler_2"):
+        name = str(params.get(field) or "None").split(" [")[0]
+        if name not in PIL_UPSCALERS and name not in names:
+            names.append(name)
+    return names
+
+
+def hires_upscaler_names(task: str, params: dict) -> list[str]:
+    """The model upscaler of a txt2img hires fix (``hr_upscaler`` that is neither a latent mode nor PIL's)."""
+    from gpu_runtime.protocol.policy import HIRES_UPSCALERS
+
+    if task != "txt2img" or params.get("enable_hr") is not True:
+        return []
+    name = str(params.get("hr_upscaler") or "Latent").split(" [")[0]
+    return [] if name in HIRES_UPSCALERS else [name]
 
 
 def controlnet_models(scripts: Any) -> list[str]:

@@ -342,8 +342,10 @@ def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(
     from apps.inference.views import build_payload
     from gpu_runtime.protocol import policy
 
+    register("4x-UltraSharp.pth", checkpoint_type="ESRGAN")  # a model upscaler, offered by A1111's name: its stem
     client.force_login(admin)
     page = client.get("/generate/").content.decode()
+    assert '<option value="4x-UltraSharp"' in page
     assert 'name="enable_hr"' in page and 'name="hr_upscaler"' in page and 'name="subseed_strength"' in page
     assert 'name="refiner"' in page and 'name="refiner_switch_at"' in page
     for name in policy.HIRES_UPSCALERS:

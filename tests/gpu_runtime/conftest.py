@@ -56,6 +56,7 @@ def tiny_dir(tmp_path_factory) -> Path:
         write_tiny_model,
         write_tiny_sdxl_embedding,
         write_tiny_sdxl_model,
+        write_tiny_upscaler,
         write_tiny_vae,
     )
 
@@ -73,6 +74,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     write_tiny_controlnet(root / "cn.safetensors", seed=5)
     write_tiny_controlnet(root / "cn2.safetensors", seed=6)
     write_tiny_controlnet(root / "cnxl.safetensors", seed=7, xl=True)
+    write_tiny_upscaler(root / "4x-Tiny.pth", seed=11, scale=4)  # RRDBNet, as ESRGAN projects ship it
+    write_tiny_upscaler(root / "realesr-general-x4v3.pth", seed=12, scale=2, arch="Compact")
     return root
 
 

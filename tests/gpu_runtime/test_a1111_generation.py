@@ -111,7 +111,7 @@ def test_hires_without_strength_or_with_a_second_checkpoint_is_refused(engine, f
             files,
             {**BASE, "enable_hr": True, "denoising_strength": 0.5, "hr_checkpoint_name": "other.safetensors"},
         )
-    with pytest.raises(JobError, match="hr_upscaler R-ESRGAN 4x\\+ is not supported"):
+    with pytest.raises(JobError, match="hr_upscaler R-ESRGAN 4x\\+ is neither built in"):
         run(engine, files, {**BASE, "enable_hr": True, "denoising_strength": 0.5, "hr_upscaler": "R-ESRGAN 4x+"})
 
 

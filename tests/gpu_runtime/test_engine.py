@@ -149,7 +149,7 @@ def test_extras(engine, files):
         types=(),
     )
     assert [png_size(i) for i in batch["images"]] == [(100, 50)]
-    with pytest.raises(JobError, match="upscaler R-ESRGAN 4x\\+ needs model weights"):
+    with pytest.raises(JobError, match="upscaler R-ESRGAN 4x\\+ is neither built in"):
         run(engine, files, "e3", {"image": image, "upscaler_1": "R-ESRGAN 4x+"}, task="extra-single-image", types=())
     with pytest.raises(JobError, match="rembg model u2net is not available"):
         run(engine, files, "e4", {"input_image": image, "model": "u2net"}, task="rembg", types=())

@@ -240,3 +240,33 @@ def test_models_named_by_the_refiner_or_xyz_axes_are_sent_with_the_job(api: Api,
     answer = create(api, make_key(alice), payload_string=json.dumps(hidden))
     assert answer.status == 400, answer.body
     assert "checkpoint with name secret.safetensors, type Stable-diffusion is not found" in answer.body["message"]
+
+
+def test_model_upscalers_named_by_extras_or_hires_are_sent_by_file_stem(api: Api, admin_key, ready):
+    """A1111 names upscalers by file stem ("4x-UltraSharp") or built-in name ("R-ESRGAN 4x+" is the file
+    RealESRGAN_x4plus.pth): the owner's ESRGAN checkpoint of that stem is sent with the job; another user's is not."""
+    import json
+
+    register("4x-UltraSharp.pth", checkpoint_type="ESRGAN")
+    register("RealESRGAN_x4plus.pth", checkpoint_type="ESRGAN")
+    register("4x-Secret.pth", checkpoint_type="ESRGAN", owners=("byoc",), creator="someone")
+    extras = {"image": "", "upscaler_1": "4x-UltraSharp", "upscaler_2": "R-ESRGAN 4x+"}
+    answer = create(api, admin_key, task_type="extra-single-image", models={}, payload_string=json.dumps(extras))
+    assert answer.status == 202, answer.body
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert [e["model_name"] for e in job.used_models["ESRGAN"]] == ["4x-UltraSharp.pth", "RealESRGAN_x4plus.pth"]
+
+    hires = {"prompt": "cat", "enable_hr": True, "denoising_strength": 0.5, "hr_upscaler": "4x-UltraSharp"}
+    answer = create(api, admin_key, payload_string=json.dumps(hires))
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert [e["model_name"] for e in job.used_models["ESRGAN"]] == ["4x-UltraSharp.pth"]
+    latent = create(api, admin_key, payload_string=json.dumps({**hires, "hr_upscaler": "Latent (bicubic)"}))
+    assert "ESRGAN" not in InferenceJob.objects.get(pk=latent.body["data"]["inference"]["inference_id"]).used_models
+
+    make_role("Painters", ["inference:create", "checkpoint:list"])
+    endpoint("esd-async-p", owners=("Painters",))
+    alice = make_user("alice", roles=("Painters",))
+    hidden = {**extras, "upscaler_1": "4x-Secret", "upscaler_2": "None"}
+    answer = create(api, make_key(alice), task_type="extra-single-image", models={}, payload_string=json.dumps(hidden))
+    assert answer.status == 400, answer.body
+    assert answer.body["message"] == "checkpoint with name 4x-Secret, type ESRGAN is not found"
