@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class ControlUnit:
     threshold_a: float = -1
     threshold_b: float = -1
     pixel_perfect: bool = False
+    control_mode: int = 0  # policy.CONTROL_MODES: 0 Balanced, 1 My prompt is more important, 2 ControlNet is ...
 
 
 _RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Inner Fit (Scale to Fit)": 1}
@@ -94,6 +96,7 @@ def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> li
             "threshold_a": _number(unit, "threshold_a", -1, -1, 1024, index),
             "threshold_b": _number(unit, "threshold_b", -1, -1, 1024, index),
             "pixel_perfect": bool(unit.get("pixel_perfect")),
+            "control_mode": policy.control_mode(unit, index),
         }
         if weight > 0:
             units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image, **extra))
@@ -116,6 +119,31 @@ def control_image(unit: ControlUnit, width: int, height: int) -> Any:
     pixels = np.asarray(unit.image.convert("RGB"))
     detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b)
     return resize_image(unit.resize_mode, Image.fromarray(detected), width, height)
+
+
+def layer_scales(count: int) -> list[float]:
+    """The extension's soft injection: residual ``i`` of ``count`` (the middle block last) is scaled by
+    ``0.825 ** (count - 1 - i)``, so the deepest residual keeps the unit's weight and the first one ~0.1 of it."""
+    return [0.825 ** float(count - 1 - i) for i in range(count)]
+
+
+def control_mode_hook(pipe: Any, mode: int) -> Callable[..., Any]:
+    """A forward hook for one unit's ControlNet that applies its control mode to the residuals diffusers' pipeline
+    computed (already times the unit's weight): "My prompt is more important" scales them by
+    :func:`layer_scales`; "ControlNet is more important" does so too and drops them from the unconditional half
+    of the batch (diffusers puts it first), so only the prompt's prediction is controlled."""
+    import torch
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        down, mid = output
+        residuals = [*down, mid]  # 13 for SD 1.x/2.x (SDXL's 10 are refused: the extension's scales are for 13)
+        scaled = [r * s for r, s in zip(residuals, layer_scales(len(residuals)), strict=True)]
+        if mode == 2 and pipe.do_classifier_free_guidance:
+            half = scaled[0].shape[0] // 2
+            scaled = [torch.cat([torch.zeros_like(r[:half]), r[half:]]) for r in scaled]
+        return scaled[:-1], scaled[-1]
+
+    return hook
 
 
 def _is_diffusers_layout(keys: list[str]) -> bool:

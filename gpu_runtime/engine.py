@@ -457,6 +457,8 @@ class Engine:
             if m["model_name"] in wanted or Path(m["model_name"]).stem in wanted
         }
         job.control = controlnet.units_of(params, files, job.init_images)
+        if job.xl and any(unit.control_mode for unit in job.control):  # the extension's scales are SD 1.x/2.x's
+            raise JobError("ControlNet control modes other than Balanced are not supported with SDXL by this runtime")
 
     @staticmethod
     def _dynamic_prompts(job: Prepared, params: dict, batch_size: int, n_iter: int) -> None:
@@ -762,6 +764,7 @@ class Engine:
         arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
         if is_inpainting(unet):
             pipe.unet = self._conditioned(pipe, unet, job, init_images, len(prompts), job.width, job.height)
+        hooks = self._control_modes(pipe, job) if job.control else []
         try:
             with torch.inference_mode(), _tiled([m for m in models if m is not None], job.tiling):
                 latents = pipe(**arguments).images
@@ -771,6 +774,8 @@ class Engine:
                 return self._decode(refiner.pipe if refiner is not None else pipe, latents, notes)
         finally:
             pipe.unet = unet
+            for hook in hooks:
+                hook.remove()
 
     def _inpaint_blend(
         self, pipe: Any, job: Prepared, images: list[Any], generators: list[Any], arguments: dict
@@ -831,6 +836,20 @@ class Engine:
             self.controlnets.move_to_end(key)
             nets.append(self.controlnets[key])
         return controlnet.pipeline(loaded.pipe, nets, job.task == "img2img", job.xl)
+
+    @staticmethod
+    def _control_modes(pipe: Any, job: Prepared) -> list[Any]:
+        """Forward hooks that apply the units' control modes to their ControlNets' residuals (removed after the
+        call: the models are shared with later jobs)."""
+        from gpu_runtime import controlnet
+
+        nets = getattr(pipe.controlnet, "nets", None) or [pipe.controlnet]
+        hooked = [(net, unit) for net, unit in zip(nets, job.control, strict=True) if unit.control_mode]
+        if hooked and len({id(net) for net in nets}) < len(nets):
+            raise JobError("one ControlNet model in two units with a control mode other than Balanced is not supported")
+        return [
+            net.register_forward_hook(controlnet.control_mode_hook(pipe, unit.control_mode)) for net, unit in hooked
+        ]
 
     @staticmethod
     def _control_arguments(job: Prepared, arguments: dict, calls: int) -> None:

@@ -377,7 +377,21 @@ CONTROLNET_MODULES = {
     "lineart_standard (from white bg & black line)": "lineart_standard",
 }
 CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
-_BALANCED = ("Balanced", 0, None)
+# the extension's control modes, by name or index (sd-webui-controlnet ``external_code.ControlMode``)
+CONTROL_MODES = {"Balanced": 0, "My prompt is more important": 1, "ControlNet is more important": 2}
+
+
+def control_mode(unit: Mapping[str, Any], index: int) -> int:
+    """A unit's control mode as its index, or a refusal naming the value."""
+    value = unit.get("control_mode")
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value in CONTROL_MODES.values():
+        return value
+    if isinstance(value, str) and value in CONTROL_MODES:
+        return CONTROL_MODES[value]
+    choices = ", ".join(CONTROL_MODES)
+    raise PolicyError(f"ControlNet unit {index}: control_mode={render(value)} is not one of: {choices} (or 0, 1, 2)")
 
 
 def controlnet_module(unit: Mapping[str, Any], index: int) -> str:
@@ -393,19 +407,15 @@ def controlnet_module(unit: Mapping[str, Any], index: int) -> str:
 
 
 def _check_controlnet(name: str, args: list, params: Mapping[str, Any]) -> None:
-    """Each enabled unit may use only what the runtime does: its preprocessors, the Balanced control mode, no
-    separate mask; ControlNet with hires fix or the refiner is refused as a whole."""
+    """Each enabled unit may use only what the runtime does: its preprocessors and control modes, no separate
+    mask; ControlNet with hires fix or the refiner is refused as a whole."""
     for index, unit in enumerate(args[:CONTROLNET_MAX_UNITS]):
         if not isinstance(unit, Mapping):
             raise PolicyError(f"always-on script {name}: unit {index} must be an object")
         if unit.get("enabled", True) is False:
             continue
         controlnet_module(unit, index)
-        if unit.get("control_mode", "Balanced") not in _BALANCED:
-            raise PolicyError(
-                f"ControlNet unit {index}: control_mode={render(unit['control_mode'])} is not supported by this "
-                "runtime (Balanced only)"
-            )
+        control_mode(unit, index)
         image = unit.get("image")
         if unit.get("mask") or (isinstance(image, Mapping) and image.get("mask")):
             raise PolicyError(f"ControlNet unit {index}: a unit mask is not supported by this runtime")

@@ -138,3 +138,51 @@ def test_a_canny_unit_controls_with_the_edges_of_its_image(engine, files):
     assert (canny != plain_unit).any()
     info = json.loads(run(engine, files, {**BASE, **with_units({**unit(), "module": "canny"})})["info"])
     assert "Module: canny" in info["infotexts"][0]
+
+
+def test_control_modes_scale_the_residuals_and_controlnet_first_leaves_the_negative_prediction_alone(
+    engine, files, monkeypatch
+):
+    """The extension's modes: "My prompt is more important" scales residual i of n (13 for SD 1.5, 7 for the tiny
+    UNet) by 0.825^(n-1-i) on both halves of the CFG batch; "ControlNet is more important" does so on the prompt's half only. Checked on the residuals
+    the UNet receives, against the Balanced run's, and on the images."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from gpu_runtime.controlnet import layer_scales
+
+    seen = []
+    original = UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):
+        residuals = kwargs.get("down_block_additional_residuals")
+        if residuals is not None:
+            seen.append([r.clone() for r in (*residuals, kwargs["mid_block_additional_residual"])])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    params = {**BASE, "steps": 1}
+    balanced = image(engine, files, {**params, **with_units(unit())})
+    plain_residuals = seen.pop()
+    count = len(plain_residuals)
+    assert count == 7 and not seen
+    prompt_first = image(engine, files, {**params, **with_units({**unit(), "control_mode": 1})})
+    for got, want, scale in zip(seen.pop(), plain_residuals, layer_scales(count), strict=True):
+        assert torch.allclose(got, want * scale, atol=1e-6)
+    control_first = image(
+        engine, files, {**params, **with_units({**unit(), "control_mode": "ControlNet is more important"})}
+    )
+    for got, want, scale in zip(seen.pop(), plain_residuals, layer_scales(count), strict=True):
+        half = got.shape[0] // 2  # diffusers' CFG batch: the negative prompt's half first
+        assert (got[:half] == 0).all() and torch.allclose(got[half:], want[half:] * scale, atol=1e-6)
+    assert layer_scales(13)[0] == 0.825**12 and layer_scales(13)[-1] == 1.0
+    assert (prompt_first != balanced).any() and (control_first != prompt_first).any()
+    engine_hooks = [net._forward_hooks for net in engine.controlnets.values()]
+    assert all(not hooks for hooks in engine_hooks)  # removed: the cached model serves later jobs unchanged
+    assert (image(engine, files, {**params, **with_units(unit())}) == balanced).all()
+
+
+def test_control_modes_are_refused_with_sdxl(engine, files):
+    cn_xl = {**unit(), "model": "cnxl.safetensors", "control_mode": 1}
+    with pytest.raises(JobError, match="control modes other than Balanced are not supported with SDXL"):
+        run(engine, files, {**BASE, **with_units(cn_xl)}, checkpoint="xl.safetensors", nets=("cnxl.safetensors",))

@@ -80,8 +80,8 @@ REFUSED_TXT2IMG = [
     ({"alwayson_scripts": _on("adetailer", [True, False, {"ad_model": "face_yolov8n.pt"}])}, "script adetailer"),
     ({"alwayson_scripts": _on("roop", [None, True, "0"])}, "always-on script roop is enabled"),
     (
-        {"alwayson_scripts": _on("controlnet", [{**CONTROLNET_UNIT_OFF, "enabled": True, "control_mode": 2}])},
-        "ControlNet unit 0: control_mode=2 is not supported by this runtime (Balanced only)",
+        {"alwayson_scripts": _on("controlnet", [{**CONTROLNET_UNIT_OFF, "enabled": True, "control_mode": 3}])},
+        "ControlNet unit 0: control_mode=3 is not one of: Balanced, My prompt is more important, ControlNet is more",
     ),
     # A ControlNet unit without "enabled" is on (sd-webui-controlnet's get_enabled_units).
     (
