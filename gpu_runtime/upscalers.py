@@ -29,7 +29,7 @@ ESRGAN_TILE = 192
 ESRGAN_TILE_OVERLAP = 8
 MAX_TARGET_PIXELS = 64_000_000
 # spandrel purposes a checkpoint of each type must have
-PURPOSES = {"ESRGAN": ("SR", "Restoration"), "GFPGAN": ("FaceSR",), "Codeformer": ("FaceSR",)}
+PURPOSES = {"ESRGAN": ("SR", "Restoration")}
 
 
 def load_descriptor(path: Path, model_type: str, device: str, dtype: Any) -> Any:
@@ -41,8 +41,15 @@ def load_descriptor(path: Path, model_type: str, device: str, dtype: Any) -> Any
         spandrel_extra_arches.install(ignore_duplicates=True)
     except ImportError:  # pragma: no cover - the runtime extra installs both
         raise JobError("spandrel is not installed in this runtime") from None
+    import torch
+
+    loader = spandrel.ModelLoader(device=device)
     try:
-        descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
+        if path.suffix.lower() in (".pth", ".safetensors"):  # spandrel unpickles .pth with an allow-list
+            descriptor = loader.load_from_file(str(path))
+        else:  # never TorchScript (.pt) from an upload: tensors only
+            state = torch.load(str(path), map_location=device, weights_only=True)
+            descriptor = loader.load_from_state_dict(state.get("params_ema") or state.get("params") or state)
     except spandrel.UnsupportedModelError:
         raise JobError(f"{model_type} model {path.name}: spandrel does not recognise its architecture") from None
     except Exception as exc:  # a truncated or foreign file
@@ -52,8 +59,6 @@ def load_descriptor(path: Path, model_type: str, device: str, dtype: Any) -> Any
             f"{model_type} model {path.name} is a {descriptor.architecture.name} {descriptor.purpose} model, "
             f"not one of: {', '.join(PURPOSES[model_type])}"
         )
-    import torch
-
     use_half = dtype == torch.float16 and descriptor.supports_half
     descriptor.model.to(dtype=torch.float16 if use_half else torch.float32)
     descriptor.model.eval()
@@ -61,7 +66,7 @@ def load_descriptor(path: Path, model_type: str, device: str, dtype: Any) -> Any
 
 
 class ModelCache:
-    """The last few upscaler and face-restoration models, keyed by file: they are small next to a checkpoint,
+    """The last few upscaler models, keyed by file: they are small next to a checkpoint,
     and an extras batch or a hires batch reuses one model for every image."""
 
     def __init__(self, device: str, dtype: Any, size: int = 3):

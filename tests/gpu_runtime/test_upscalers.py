@@ -173,3 +173,17 @@ def test_the_control_plane_sends_the_named_upscalers_by_file_stem():
     assert named_models("txt2img", hires) == {"ESRGAN": ["SwinIR_4x"]}
     assert named_models("txt2img", {**hires, "enable_hr": False}) == {}
     assert named_models("txt2img", {**hires, "hr_upscaler": "Latent (nearest)"}) == {}
+
+
+def test_a_pt_file_is_read_as_tensors_only(tmp_path, tiny_dir):
+    """spandrel would run a ``.pt`` file as TorchScript; an uploaded one is loaded with ``weights_only``."""
+    import torch
+
+    from gpu_runtime.upscalers import load_descriptor
+
+    state = torch.load(tiny_dir / "4x-Tiny.pth", weights_only=True)
+    torch.save({"params_ema": state}, tmp_path / "4x-Tiny.pt")  # BasicSR's layout
+    loaded = load_descriptor(tmp_path / "4x-Tiny.pt", "ESRGAN", "cpu", torch.float32)
+    assert (loaded.architecture.name, loaded.scale) == ("ESRGAN", 4)
+    image = source(32, 32)
+    assert (np.asarray(direct(loaded, image)) == np.asarray(direct(descriptor(tiny_dir, "4x-Tiny.pth"), image))).all()
