@@ -94,7 +94,7 @@ class Prepared:
     refiner_switch_at: float = 0.8
     cells: list[Prepared] = field(default_factory=list)
     control: list[Any] = field(default_factory=list)  # gpu_runtime.controlnet.ControlUnit, enabled units only
-    upscalers: dict[str, Path] = field(default_factory=dict)  # model upscaler name (file stem) -> its file
+    upscalers: dict[str, Path] = field(default_factory=dict)  # model upscaler, as the request names it -> its file
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -73,9 +73,9 @@ def resolve_models(user: User, permissions: frozenset[str], models: dict[str, An
     found_files = CheckpointFile.objects.select_related("checkpoint").filter(
         name__in=candidates, checkpoint__in=visible
     )
-    for f in found_files.order_by("-checkpoint__created", "name"):
-        files[(f.checkpoint.checkpoint_type, f.name)] = (f.checkpoint, f.name)
-        if f.checkpoint.checkpoint_type in STEM_NAMED_TYPES:  # newest first: the first file of a stem wins
+    for f in found_files.order_by("-checkpoint__created", "name"):  # newest first: the first match of a name wins
+        files.setdefault((f.checkpoint.checkpoint_type, f.name), (f.checkpoint, f.name))
+        if f.checkpoint.checkpoint_type in STEM_NAMED_TYPES:
             files.setdefault((f.checkpoint.checkpoint_type, f.name.rsplit(".", 1)[0]), (f.checkpoint, f.name))
     store = blob_store()
     for model_type, name in wanted:
