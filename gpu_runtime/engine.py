@@ -36,7 +36,16 @@ from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, is_inpainting
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
-from gpu_runtime.protocol.scripts import extras_upscaler_names, hires_upscaler_names
+from gpu_runtime.protocol.scripts import (
+    DEFAULT_CODEFORMER_WEIGHT,
+    FACE_DETECTION_FILE,
+    FACE_HELPER_FILES,
+    FACE_PARSING_FILE,
+    FACE_RESTORERS,
+    extras_upscaler_names,
+    face_restorer_names,
+    hires_upscaler_names,
+)
 from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
 from gpu_runtime.vae import encode as vae_encode
 
@@ -95,6 +104,10 @@ class Prepared:
     cells: list[Prepared] = field(default_factory=list)
     control: list[Any] = field(default_factory=list)  # gpu_runtime.controlnet.ControlUnit, enabled units only
     upscalers: dict[str, Path] = field(default_factory=dict)  # model upscaler, as the request names it -> its file
+    # face restoration: each restorer's file by its A1111 name, and facexlib's "detection" and "parsing" files
+    faces: dict[str, Path] = field(default_factory=dict)
+    face_restorer: str | None = None  # restore_faces: the restorer run on every decoded image
+    code_former_weight: float = DEFAULT_CODEFORMER_WEIGHT
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -228,6 +241,7 @@ class Engine:
         # eviction in a later issue (memory budget): until then at most MAX_CONTROLNETS stay
         self.controlnets: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.upscaler_models: Any = None  # gpu_runtime.upscalers.ModelCache, made on first use
+        self.face_models: Any = None  # gpu_runtime.face_restoration.FaceModels, made on first use
         self.lock = threading.Lock()
 
     # --- capabilities ----------------------------------------------------------------------------------------------
@@ -251,8 +265,10 @@ class Engine:
                 self._prepare_xyz(job, request, params)
             elif task in ("txt2img", "img2img"):
                 self._prepare_diffusion(job, request, params)
+                self._prepare_faces(job, request, face_restorer_names(task, params))
             elif task in ("extra-single-image", "extra-batch-images"):
                 self._prepare_upscalers(job, request, extras_upscaler_names(params), "upscaler")
+                self._prepare_faces(job, request, face_restorer_names(task, params))
         except BaseException:
             self.files.release(job.files)
             for cell in job.cells:
@@ -277,6 +293,7 @@ class Engine:
             prepared = Prepared(job_id=f"{job.job_id}/{cell.index}", task=job.task, params=cell.params)
             self._prepare_diffusion(prepared, request, cell.params)
             job.cells.append(prepared)
+            self._prepare_faces(prepared, request, face_restorer_names(job.task, cell.params))
         first = job.cells[0]
         job.checkpoint, job.family, job.seeds = first.checkpoint, first.family, first.seeds
 
@@ -519,6 +536,56 @@ class Engine:
                 )
             job.upscalers[name] = self._fetch(request, match, job)
 
+    def _prepare_faces(self, job: Prepared, request: dict, restorers: list[str]) -> None:
+        """The face restorers a job runs (``restore_faces`` with ``face_restoration_model``, or extras'
+        visibilities) and their files: the restorer's checkpoint and facexlib's detector and parser, all sent with
+        the job (A1111 takes them from its GFPGAN and Codeformer model folders)."""
+        from fnmatch import fnmatchcase
+
+        for name in ("restore_faces",) if job.task in ("txt2img", "img2img") else ():
+            if job.params.get(name) not in (None, True, False):
+                raise JobError(f"{name} must be true or false")
+        for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
+            if job.task.startswith("extra-"):
+                _number(job.params, name, 0, 0, 1)
+        if not restorers:
+            return
+        models = request.get("models") or {}
+        overrides = job.params.get("override_settings") or {}
+        if job.task in ("txt2img", "img2img"):
+            job.face_restorer = restorers[0]
+            weight = overrides.get("code_former_weight", DEFAULT_CODEFORMER_WEIGHT)
+            job.code_former_weight = float(weight)
+        wanted: dict[str, tuple[str, Callable[[str], bool]]] = {}
+        for name in restorers:
+            if name not in FACE_RESTORERS:  # the policy refuses it first; a direct caller gets the reason too
+                raise JobError(f"face_restoration_model {name} is not one of: {', '.join(sorted(FACE_RESTORERS))}")
+            model_type, pattern = FACE_RESTORERS[name]
+            wanted[name] = (model_type, lambda f, p=pattern: fnmatchcase(f, p) and f not in FACE_HELPER_FILES)
+        wanted["detection"] = ("GFPGAN", lambda f: f == FACE_DETECTION_FILE)
+        wanted["parsing"] = ("GFPGAN", lambda f: f == FACE_PARSING_FILE)
+        for role, (model_type, matches) in wanted.items():
+            match = next((m for m in models.get(model_type) or [] if matches(m["model_name"])), None)
+            if match is None:
+                what = f"face restorer {role}" if role in FACE_RESTORERS else f"face {role} file"
+                expected = (
+                    FACE_RESTORERS[role][1]
+                    if role in FACE_RESTORERS
+                    else (FACE_DETECTION_FILE if role == "detection" else FACE_PARSING_FILE)
+                )
+                raise JobError(
+                    f"{what} needs a checkpoint of type {model_type} with a file {expected} sent with the job"
+                )
+            job.faces[role] = self._fetch(request, match, job)
+
+    def face_pass(self, job: Prepared, name: str) -> Callable[..., Any]:
+        """A restorer of a prepared job, ready to run on RGB arrays (the models stay cached for the next job)."""
+        from gpu_runtime import face_restoration
+
+        if self.face_models is None:
+            self.face_models = face_restoration.FaceModels(self.device, self.dtype, self.root / "face-helpers")
+        return face_restoration.face_pass(self.face_models, name, job.faces)
+
     def upscaler_pass(self, job: Prepared, name: str) -> Callable[[Any], Any]:
         """One model pass of a prepared job's model upscaler (tiled; the model stays cached for the next job)."""
         from gpu_runtime import upscalers
@@ -571,8 +638,16 @@ class Engine:
                 if first.task in ("extra-single-image", "extra-batch-images", "rembg"):
                     from gpu_runtime.extras import run_extras
 
-                    passes = [{name: self.upscaler_pass(job, name) for name in job.upscalers} for job in jobs]
-                    return [run_extras(j.task, j.params, self.root, p) for j, p in zip(jobs, passes, strict=True)]
+                    return [
+                        run_extras(
+                            job.task,
+                            job.params,
+                            self.root,
+                            {name: self.upscaler_pass(job, name) for name in job.upscalers},
+                            {name: self.face_pass(job, name) for name in job.faces if name in FACE_RESTORERS},
+                        )
+                        for job in jobs
+                    ]
                 if first.xyz is not None:
                     return [self._run_xyz(first, progress)]
                 return self._diffuse(jobs, progress)
@@ -658,6 +733,8 @@ class Engine:
         for job in jobs:
             mine = images[cursor : cursor + len(job.prompts)]
             cursor += len(job.prompts)
+            if job.face_restorer is not None:  # A1111: after decoding, before the inpainting overlay
+                mine = self._restore_faces(job, mine)
             if job.inpaint is not None:
                 from gpu_runtime.masking import composite
 
@@ -665,6 +742,14 @@ class Engine:
                 mine = [composite(im, overlays[k % len(overlays)], job.inpaint.paste_to) for k, im in enumerate(mine)]
             outputs.append(self._output(job, mine, elapsed, notes))
         return outputs
+
+    def _restore_faces(self, job: Prepared, images: list[Any]) -> list[Any]:
+        import numpy as np
+        from PIL import Image
+
+        restore = self.face_pass(job, job.face_restorer or "")
+        weight = job.code_former_weight
+        return [Image.fromarray(restore(np.array(image.convert("RGB")), weight)) for image in images]
 
     def _call_with_oom_retry(self, loaded: tuple[Loaded, Loaded | None], job: Prepared, *chunk: Any) -> list[Any]:
         """One pipeline call; out of GPU memory, free the cache and retry once in two halves, else a clear error."""
@@ -1314,7 +1399,9 @@ class Engine:
         infotexts = [
             f"{prompt}\n"
             + (f"Negative prompt: {negative}\n" if negative else "")
-            + f"{sampler_line}, Seed: {seed}, Size: {job.width}x{job.height}, Model: {job.checkpoint.stem}"
+            + f"{sampler_line}, Seed: {seed}"
+            + (f", Face restoration: {job.face_restorer}" if job.face_restorer else "")
+            + f", Size: {job.width}x{job.height}, Model: {job.checkpoint.stem}"
             + (f", VAE: {job.vae.stem}" if job.vae else "")
             + (f", Denoising strength: {job.strength}" if job.task == "img2img" else "")
             + (f", Clip skip: {job.clip_skip}" if job.clip_skip > 1 else "")
@@ -1348,6 +1435,8 @@ class Engine:
             "loras": [{"name": path.name, "weight": weight} for _, path, weight in job.loras],
             "embeddings": sorted(job.embeddings),
             "denoising_strength": job.strength if job.task == "img2img" else p.get("denoising_strength"),
+            "face_restoration_model": job.face_restorer,
+            "restore_faces": job.face_restorer is not None,
             "index_of_first_image": 0,
             "infotexts": infotexts,
             "ignored_parameters": job.ignored,
@@ -1607,11 +1696,12 @@ def _extra_infotext(job: Prepared, index: int) -> str:
     if job.noise_multiplier != 1.0:
         parts.append(f"Noise multiplier: {job.noise_multiplier:g}")
     modes = ("Just Resize", "Crop and Resize", "Resize and Fill")
+    control_modes = {index: name for name, index in policy.CONTROL_MODES.items()}
     for number, unit in enumerate(job.control):  # the extension's infotext entry per unit
         parts.append(
             f'ControlNet {number}: "Module: {unit.module}, Model: {unit.model_name}, Weight: {unit.weight:g}, '
             f"Resize Mode: {modes[unit.resize_mode]}, Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, "
-            'Control Mode: Balanced"'
+            f'Control Mode: {control_modes[unit.control_mode]}"'
         )
     if job.ensd:
         parts.append(f"ENSD: {job.ensd}")

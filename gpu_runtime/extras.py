@@ -1,5 +1,6 @@
-"""A1111's "extras" tasks: upscaling with PIL's or uploaded model upscalers (``gpu_runtime.upscalers``), and rembg
-when its model is present.
+"""A1111's "extras" tasks: upscaling with PIL's or uploaded model upscalers (``gpu_runtime.upscalers``), then face
+restoration (GFPGAN, then CodeFormer: A1111's postprocessing order 1000, 2000, 3000), and rembg when its model is
+present.
 
 An upscaler name that is neither PIL's nor a model sent with the job is refused with a clear error rather than
 silently replaced by a plain resize. Sizes follow A1111 v1.8.0 (``Upscaler.upscale``, ``postprocessing_upscale``):
@@ -21,13 +22,19 @@ PIL_FILTERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 ModelPass = Callable[[Any], Any]  # one pass of an upscaler over a PIL image
 
 
-def run_extras(task: str, params: dict, root: Path, models: Mapping[str, ModelPass] | None = None) -> dict:
+def run_extras(
+    task: str,
+    params: dict,
+    root: Path,
+    models: Mapping[str, ModelPass] | None = None,
+    faces: Mapping[str, Callable[..., Any]] | None = None,
+) -> dict:
     """One extras request (the policy has already refused what this cannot do); ``models`` holds one pass of
-    each model upscaler sent with the job, by the name the request uses."""
+    each model upscaler sent with the job, by the name the request uses, ``faces`` each face restorer it runs."""
     if task == "rembg":
         return {"image": _rembg(params, root), "html_info": ""}
     if task == "extra-single-image":
-        image, info = upscale(decode_image(params.get("image", "")), params, models)
+        image, info = postprocess(decode_image(params.get("image", "")), params, models, faces)
         return {"image": encode_image(image), "html_info": info}
     items = params.get("imageList") or []
     if not isinstance(items, list) or not items:
@@ -35,7 +42,7 @@ def run_extras(task: str, params: dict, root: Path, models: Mapping[str, ModelPa
     results, info = [], ""
     for item in items:
         data = item.get("data") if isinstance(item, dict) else item
-        image, info = upscale(decode_image(data), params, models)
+        image, info = postprocess(decode_image(data), params, models, faces)
         results.append(encode_image(image))
     return {"images": results, "html_info": info}
 
@@ -46,6 +53,36 @@ def _number(params: dict, name: str, default: float, low: float, high: float) ->
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise JobError(f"{name} must be a number between {low:g} and {high:g}")
     return float(value)
+
+
+def postprocess(
+    image: Any,
+    params: dict,
+    models: Mapping[str, ModelPass] | None = None,
+    faces: Mapping[str, Callable[..., Any]] | None = None,
+) -> tuple[Any, str]:
+    """A1111's postprocessing scripts in their order: upscale, GFPGAN, CodeFormer; each restorer's result is
+    blended over its input by its visibility (``Image.blend``), and the infotext lists what ran."""
+    import numpy as np
+    from PIL import Image
+
+    image, info = upscale(image, params, models)
+    parts = [info] if info else []
+    faces = faces or {}
+    for name, field in (("GFPGAN", "gfpgan_visibility"), ("CodeFormer", "codeformer_visibility")):
+        visibility = _number(params, field, 0, 0, 1)
+        if visibility == 0:
+            continue
+        if name not in faces:  # the engine sends every restorer the visibilities ask for
+            raise JobError(f"face restorer {name} is not available")
+        source = image.convert("RGB")
+        weight = _number(params, "codeformer_weight", 0, 0, 1) if name == "CodeFormer" else None
+        restored = Image.fromarray(faces[name](np.array(source, dtype=np.uint8), weight))
+        image = Image.blend(source, restored, visibility) if visibility < 1 else restored
+        parts.append(f"{name} visibility: {round(visibility, 3):g}")
+        if name == "CodeFormer":
+            parts.append(f"CodeFormer weight: {round(weight or 0, 3):g}")
+    return image, ", ".join(parts)
 
 
 def upscale(image: Any, params: dict, models: Mapping[str, ModelPass] | None = None) -> tuple[Any, str]:

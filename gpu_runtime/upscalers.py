@@ -29,7 +29,7 @@ ESRGAN_TILE = 192
 ESRGAN_TILE_OVERLAP = 8
 MAX_TARGET_PIXELS = 64_000_000
 # spandrel purposes a checkpoint of each type must have
-PURPOSES = {"ESRGAN": ("SR", "Restoration")}
+PURPOSES = {"ESRGAN": ("SR", "Restoration"), "GFPGAN": ("FaceSR",), "Codeformer": ("FaceSR",)}
 
 
 def load_descriptor(path: Path, model_type: str, device: str, dtype: Any) -> Any:

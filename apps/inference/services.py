@@ -82,7 +82,13 @@ def resolve_models(user: User, permissions: frozenset[str], models: dict[str, An
         if model_type == "VAE" and name in BUILTIN_VAES:
             used.setdefault("VAE", []).append({"s3": "None", "id": "VAE", "model_name": name, "type": "VAE"})
             continue
-        found = files.get((model_type, name)) if isinstance(name, str) else None
+        if isinstance(name, str) and "*" in name:  # a face restorer's file pattern (protocol FACE_RESTORERS)
+            found = _newest_matching(visible, model_type, name)
+            if found is None:
+                missing.append(f"checkpoint with a file matching {name}, type {model_type} is not found")
+                continue
+        else:
+            found = files.get((model_type, name)) if isinstance(name, str) else None
         if found is None:
             missing.append(f"checkpoint with name {name}, type {model_type} is not found")
             continue
@@ -93,6 +99,22 @@ def resolve_models(user: User, permissions: frozenset[str], models: dict[str, An
     if missing:
         raise BadRequest(" ".join(missing))
     return used
+
+
+def _newest_matching(visible: Any, model_type: str, pattern: str) -> tuple[Checkpoint, str] | None:
+    """The newest visible file of ``model_type`` matching ``pattern`` (A1111 takes a restorer from its model folder
+    by such a pattern), never one of facexlib's helper files that share the GFPGAN folder."""
+    from fnmatch import fnmatchcase
+
+    from gpu_runtime.protocol.scripts import FACE_HELPER_FILES
+
+    files = CheckpointFile.objects.select_related("checkpoint").filter(
+        checkpoint__in=visible, checkpoint__checkpoint_type=model_type, name__endswith=pattern.rsplit("*", 1)[1]
+    )
+    for f in files.order_by("-checkpoint__created", "name").iterator(chunk_size=50):
+        if fnmatchcase(f.name, pattern) and f.name not in FACE_HELPER_FILES:
+            return f.checkpoint, f.name
+    return None
 
 
 def create_job(

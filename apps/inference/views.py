@@ -37,6 +37,7 @@ from esd.storage import blob_store
 from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
 from gpu_runtime.protocol.policy import DEFAULT_SAMPLER, SAMPLER_NAMES
+from gpu_runtime.protocol.scripts import FACE_RESTORERS
 
 READ = ("inference:all", "inference:list", "inference:create")
 WRITE = ("inference:all", "inference:create")
@@ -205,6 +206,10 @@ class GenerateForm(forms.Form):
         widget=forms.NumberInput({"step": 0.05}),
     )
     tiling = forms.BooleanField(label="Tiling (seamless)", required=False)
+    restore_faces = forms.BooleanField(label="Restore faces", required=False)
+    face_restoration_model = forms.ChoiceField(
+        label="Face restorer", required=False, choices=[(n, n) for n in sorted(FACE_RESTORERS)], initial="CodeFormer"
+    )
     # one ControlNet unit (the extension's format); the runtime's policy lists the preprocessors
     cn_model = forms.ChoiceField(label="ControlNet model", required=False)
     cn_module = forms.ChoiceField(
@@ -395,6 +400,9 @@ def build_payload(data: dict[str, Any]) -> dict[str, Any]:
         payload["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
     if data.get("tiling"):
         payload["tiling"] = True
+    if data.get("restore_faces"):  # the restorer is an A1111 option (opts.face_restoration_model)
+        payload["restore_faces"] = True
+        payload["override_settings"]["face_restoration_model"] = data.get("face_restoration_model") or "CodeFormer"
     if data.get("refiner"):
         switch = data.get("refiner_switch_at")
         payload.update(refiner_checkpoint=data["refiner"], refiner_switch_at=0.8 if switch is None else switch)
@@ -489,10 +497,13 @@ def settings_of(job: InferenceJob) -> tuple[dict[str, Any], list[tuple[str, str]
         "subseed",
         "subseed_strength",
         "tiling",
+        "restore_faces",
         "refiner_switch_at",
     ):
         if params.get(name) is not None:
             initial[name] = params[name]
+    if overrides.get("face_restoration_model"):
+        initial["face_restoration_model"] = overrides["face_restoration_model"]
     if params.get("refiner_checkpoint"):
         initial["refiner"] = params["refiner_checkpoint"]
     if params.get("enable_hr") and params.get("denoising_strength") is not None:

@@ -10,8 +10,11 @@ class CheckpointType(models.TextChoices):
     HYPERNETWORKS = "hypernetworks"
     CONTROLNET = "ControlNet"
     VAE = "VAE"
-    # Additions to ESD's six: A1111's model folders for upscalers (every architecture spandrel detects)
+    # Additions to ESD's six: A1111's model folders for upscalers (every architecture spandrel detects) and face
+    # restorers (GFPGAN also holds facexlib's face detector and parser, as A1111's models/GFPGAN folder does)
     ESRGAN = "ESRGAN"
+    GFPGAN = "GFPGAN"
+    CODEFORMER = "Codeformer"
 
 
 # Types whose files a request names without the extension (A1111's upscaler names are file stems).

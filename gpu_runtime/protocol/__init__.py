@@ -17,7 +17,17 @@ CANCEL_TRAINING = "cancel_training"
 RUNTIME_EVENT = "runtime_event"
 
 TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
-MODEL_TYPES = ("Stable-diffusion", "embeddings", "Lora", "hypernetworks", "ControlNet", "VAE", "ESRGAN")
+MODEL_TYPES = (
+    "Stable-diffusion",
+    "embeddings",
+    "Lora",
+    "hypernetworks",
+    "ControlNet",
+    "VAE",
+    "ESRGAN",
+    "GFPGAN",
+    "Codeformer",
+)
 EVENT_KINDS = ("heartbeat", "inference", "progress", "training")
 INVOCATION_STATUSES = ("Completed", "Failed")
 

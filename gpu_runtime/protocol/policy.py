@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpu_runtime.protocol.scripts import FACE_RESTORERS
+
 HONOURED, INERT, UNSUPPORTED = "honoured", "inert", "not supported"
 
 # A1111 v1.8.0's sampler names, in its order (the names carry their sigma schedule); the engine runs the
@@ -143,7 +145,7 @@ COMMON: dict[str, Field] = {
     "cfg_scale": HON,
     "width": HON,
     "height": HON,
-    "restore_faces": Field(UNSUPPORTED, (None, False), issue="14"),
+    "restore_faces": HON,  # gpu_runtime.face_restoration, with override face_restoration_model
     "tiling": HON,
     "do_not_save_samples": INE,
     "do_not_save_grid": INE,
@@ -224,9 +226,9 @@ IMG2IMG: dict[str, Field] = {
 EXTRAS: dict[str, Field] = {
     "resize_mode": HON,
     "show_extras_results": INE,
-    "gfpgan_visibility": Field(UNSUPPORTED, (0, None), issue="14"),
-    "codeformer_visibility": Field(UNSUPPORTED, (0, None), issue="14"),
-    "codeformer_weight": Field(UNSUPPORTED, unless=_positive("codeformer_visibility"), issue="14"),
+    "gfpgan_visibility": HON,  # gpu_runtime.extras.postprocess
+    "codeformer_visibility": HON,
+    "codeformer_weight": HON,
     "upscaling_resize": HON,
     "upscaling_resize_w": HON,
     "upscaling_resize_h": HON,
@@ -264,6 +266,9 @@ HONOURED_OVERRIDES = (
     "randn_source",
     "k_sched_type",  # v1.8's schedule override for every k-diffusion sampler (the xyz "Schedule type" axis)
     "always_discard_next_to_last_sigma",
+    "face_restoration",  # opts.face_restoration: restore_faces when the request leaves it null
+    "face_restoration_model",
+    "code_former_weight",
 )
 K_SCHED_TYPES = ("Automatic", "karras", "exponential", "polyexponential")
 TXT2IMG_OVERRIDES = ("eta_noise_seed_delta",)  # re-seeds the per-image generators after the first noise draw
@@ -318,7 +323,7 @@ OVERRIDE_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "ESRGAN_tile": (192,),  # gpu_runtime.upscalers tiles as A1111's defaults
     "ESRGAN_tile_overlap": (8,),
     "hires_fix_refiner_pass": ("second pass",),
-    "face_restoration": (False,),
+    "face_restoration_unload": (False, True),  # only where the restorer waits between jobs
     "tiling": (False,),
     "samples_format": ("png",),
     "enable_pnginfo": (True, False),
@@ -464,6 +469,10 @@ def _is_inert(value: Any, inert: tuple[Any, ...]) -> bool:
     return False
 
 
+def _in_range(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
 def refusal(name: str, value: Any) -> PolicyError:
     return PolicyError(f"{name}={render(value)} is not supported by this runtime")
 
@@ -524,7 +533,11 @@ def _check_overrides(task: str, overrides: Any, ignored: list[str]) -> None:
                 raise refusal(f"override_settings.{key}", value)
             if key == "k_sched_type" and value not in K_SCHED_TYPES:
                 raise refusal(f"override_settings.{key}", value)
-            if key == "always_discard_next_to_last_sigma" and not isinstance(value, bool):
+            if key in ("always_discard_next_to_last_sigma", "face_restoration") and not isinstance(value, bool):
+                raise refusal(f"override_settings.{key}", value)
+            if key == "face_restoration_model" and value not in FACE_RESTORERS:
+                raise refusal(f"override_settings.{key}", value)
+            if key == "code_former_weight" and not _in_range(value, 0, 1):
                 raise refusal(f"override_settings.{key}", value)
             continue
         allowed = OVERRIDE_DEFAULTS.get(key)

@@ -17,6 +17,7 @@ XYZ_MODEL_AXES: dict[str, dict[int, str]] = {
     "txt2img": {11: "Stable-diffusion", 27: "VAE", 35: "Stable-diffusion"},
     "img2img": {10: "Stable-diffusion", 26: "VAE", 34: "Stable-diffusion"},
 }
+XYZ_FACE_RESTORE_AXIS = {"txt2img": 30, "img2img": 29}  # "Face restore": switches restore_faces per cell
 _NO_FILE = ("", "None", "Automatic", "Nothing")
 # A1111's built-in model upscalers -> the stem of the file A1111 downloads for each (an uploaded file of that
 # name answers to both names). LDSR and the SD x4 upscaler are diffusion models, not spandrel's: refused.
@@ -37,6 +38,69 @@ UPSCALER_FILES = {
 }
 _MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 
+# Face restoration, A1111 v1.8.0's way (modules/gfpgan_model.py, codeformer_model.py, face_restoration_utils.py):
+# restorer name -> (checkpoint type, the file pattern A1111 takes from that model folder). facexlib's face detector
+# and parser are read from A1111's GFPGAN folder under the names facexlib downloads them as, so here they are files
+# of GFPGAN checkpoints with exactly those names. A pattern matches the newest visible file (never a helper file).
+FACE_RESTORERS = {"CodeFormer": ("Codeformer", "*.pth"), "GFPGAN": ("GFPGAN", "*GFPGAN*.pth")}
+FACE_DETECTION_FILE = "detection_Resnet50_Final.pth"
+FACE_PARSING_FILE = "parsing_parsenet.pth"
+FACE_HELPER_FILES = (FACE_DETECTION_FILE, FACE_PARSING_FILE)
+DEFAULT_FACE_RESTORER = "CodeFormer"  # opts.face_restoration_model
+DEFAULT_CODEFORMER_WEIGHT = 0.5  # opts.code_former_weight
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def face_restorer_names(task: str, params: dict, plot: bool = False) -> list[str]:
+    """The face restorers a job runs: ``restore_faces`` (or ``opts.face_restoration``) runs
+    ``opts.face_restoration_model`` after decoding; extras run GFPGAN then CodeFormer at a positive visibility.
+    ``plot``: also when an x/y/z plot's "Face restore" axis turns it on in some cell."""
+    if task.startswith("extra-"):
+        wanted = [("GFPGAN", "gfpgan_visibility"), ("CodeFormer", "codeformer_visibility")]
+        return [name for name, field in wanted if _positive_number(params.get(field))]
+    if task not in ("txt2img", "img2img"):
+        return []
+    overrides = params.get("override_settings")
+    overrides = overrides if isinstance(overrides, dict) else {}
+    restore = params.get("restore_faces")
+    if restore is None:
+        restore = overrides.get("face_restoration", False)
+    if restore is not True and not (plot and _xyz_restores_faces(task, params)):
+        return []
+    return [str(overrides.get("face_restoration_model") or DEFAULT_FACE_RESTORER)]
+
+
+def _xyz_restores_faces(task: str, params: dict) -> bool:
+    """Whether an x/y/z plot's "Face restore" axis turns restoration on in some cell (A1111's values)."""
+    if str(params.get("script_name") or "").lower() != XYZ_SCRIPT:
+        return False
+    args = params.get("script_args")
+    if not isinstance(args, Sequence) or isinstance(args, str) or len(args) not in (15, 18):
+        return False
+    for offset in (0, 3, 6):
+        kind, text, dropdown = args[offset : offset + 3]
+        if kind == XYZ_FACE_RESTORE_AXIS.get(task) and not isinstance(kind, bool):
+            values = dropdown if isinstance(dropdown, list) and dropdown and not args[-1] else [text]
+            words = {v.strip().lower() for value in values for v in str(value or "").split(",")}
+            if words & {"codeformer", "gfpgan", "true", "yes", "y", "1"}:
+                return True
+    return False
+
+
+def face_model_names(restorers: Sequence[str]) -> dict[str, list[str]]:
+    """The files the restorers need, as ``named_models`` lists them: each restorer's pattern and the helper files."""
+    names: dict[str, list[str]] = {}
+    for restorer in restorers:
+        if restorer in FACE_RESTORERS:
+            model_type, pattern = FACE_RESTORERS[restorer]
+            names.setdefault(model_type, []).append(pattern)
+    if names:
+        names.setdefault("GFPGAN", []).extend(FACE_HELPER_FILES)
+    return names
+
 
 def file_stem(name: str) -> str:
     """The file stem an upscaler name stands for, A1111's way: a file name without its extension, or a built-in
@@ -48,7 +112,8 @@ def file_stem(name: str) -> str:
 
 def named_models(task: str, params: Any) -> dict[str, list[str]]:
     """Every model file the A1111 parameters name outside ``models``: ``refiner_checkpoint``, the enabled
-    ControlNet units' models and an x/y/z plot's checkpoint, VAE and refiner axes."""
+    ControlNet units' models, model upscalers, face restorers (with facexlib's helper files) and an x/y/z plot's
+    checkpoint, VAE and refiner axes."""
     if not isinstance(params, dict):
         return {}
     names: dict[str, list[str]] = {}
@@ -61,6 +126,8 @@ def named_models(task: str, params: Any) -> dict[str, list[str]]:
     upscalers = extras_upscaler_names(params) if task.startswith("extra-") else hires_upscaler_names(task, params)
     if upscalers:
         names["ESRGAN"] = list(dict.fromkeys(file_stem(name) for name in upscalers))
+    for model_type, found in face_model_names(face_restorer_names(task, params, plot=True)).items():
+        names.setdefault(model_type, []).extend(found)
     names = {k: v for k, v in names.items() if v}
     if str(params.get("script_name") or "").lower() == XYZ_SCRIPT:
         for model_type, found in xyz_model_names(task, params.get("script_args")).items():

@@ -374,10 +374,14 @@ def test_generate_offers_hires_fix_and_variation_seeds_from_the_runtimes_policy(
         "subseed": 5,
         "subseed_strength": 0.2,
         "tiling": True,
+        "restore_faces": True,
+        "face_restoration_model": "GFPGAN",
         "refiner": "r.safetensors",
         "refiner_switch_at": 0.7,
     }
     payload = build_payload(data)
+    assert payload["restore_faces"] is True
+    assert payload["override_settings"]["face_restoration_model"] == "GFPGAN"
     assert (payload["refiner_checkpoint"], payload["refiner_switch_at"]) == ("r.safetensors", 0.7)
     from apps.inference.views import build_models
 

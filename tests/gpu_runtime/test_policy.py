@@ -68,7 +68,8 @@ REFUSED_TXT2IMG = [
     ({"scheduler": "Align Your Steps"}, 'scheduler="Align Your Steps" is not supported by this runtime; use one'),
     ({"scheduler": "Karras", "sampler_name": "DDIM"}, 'scheduler="Karras" is not supported with sampler DDIM'),
     ({"sampler_name": "DPM adaptive"}, "sampler DPM adaptive is not supported; use one of: DPM++ 2M Karras,"),
-    ({"restore_faces": True}, "restore_faces=true is not supported"),
+    ({"override_settings": {"face_restoration_model": "RestoreFormer"}}, 'face_restoration_model="RestoreFormer"'),
+    ({"override_settings": {"code_former_weight": 2}}, "override_settings.code_former_weight=2 is not supported"),
     ({"s_min_uncond": 0.5}, "s_min_uncond=0.5 is not supported"),
     ({"firstpass_image": "aGVsbG8="}, "firstpass_image="),
     ({"infotext": "a cat\nSteps: 20"}, "infotext="),
@@ -119,9 +120,8 @@ def test_unsupported_img2img_field_is_refused_by_name(engine, files, changes, me
 @pytest.mark.parametrize(
     ("task", "changes", "message"),
     [
-        ("extra-single-image", {"gfpgan_visibility": 0.5}, "gfpgan_visibility=0.5 is not supported"),
-        ("extra-single-image", {"codeformer_visibility": 1}, "codeformer_visibility=1 is not supported"),
-        ("extra-batch-images", {"codeformer_visibility": 0.2, "codeformer_weight": 0.5}, "codeformer_visibility"),
+        ("extra-single-image", {"gfpgan_visibility": 1.5}, "gfpgan_visibility must be between 0 and 1"),
+        ("extra-batch-images", {"codeformer_visibility": 0.2, "codeformer_weight": -1}, "codeformer_weight must be"),
         ("rembg", {"return_mask": True}, "return_mask=true is not supported"),
         ("rembg", {"alpha_matting": True}, "alpha_matting=true is not supported"),
     ],

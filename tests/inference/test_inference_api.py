@@ -270,3 +270,41 @@ def test_model_upscalers_named_by_extras_or_hires_are_sent_by_file_stem(api: Api
     answer = create(api, make_key(alice), task_type="extra-single-image", models={}, payload_string=json.dumps(hidden))
     assert answer.status == 400, answer.body
     assert answer.body["message"] == "checkpoint with name 4x-Secret, type ESRGAN is not found"
+
+
+def test_face_restorers_and_facexlibs_files_are_sent_from_the_owners_checkpoints(api: Api, admin_key, ready):
+    """``restore_faces`` and extras' visibilities send the newest visible restorer file (A1111: a ``.pth`` with
+    GFPGAN in its name from the GFPGAN folder, any ``.pth`` from the Codeformer folder) and facexlib's detector and
+    parser, which live in the GFPGAN folder under their own names."""
+    import json
+
+    register("GFPGANv1.3.pth", checkpoint_type="GFPGAN")
+    register("detection_Resnet50_Final.pth", checkpoint_type="GFPGAN")
+    register("GFPGANv1.4.pth", checkpoint_type="GFPGAN")
+    register("parsing_parsenet.pth", checkpoint_type="GFPGAN")  # the newest GFPGAN file, but never the restorer
+    register("codeformer-v0.1.0.pth", checkpoint_type="Codeformer", owners=("IT Operator",))
+    extras = {"image": "", "gfpgan_visibility": 0.5}
+    answer = create(api, admin_key, task_type="extra-single-image", models={}, payload_string=json.dumps(extras))
+    assert answer.status == 202, answer.body
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert [e["model_name"] for e in job.used_models["GFPGAN"]] == [
+        "GFPGANv1.4.pth",
+        "detection_Resnet50_Final.pth",
+        "parsing_parsenet.pth",
+    ]
+    assert "Codeformer" not in job.used_models
+
+    answer = create(api, admin_key, payload_string=json.dumps({"prompt": "cat", "restore_faces": True}))
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert [e["model_name"] for e in job.used_models["Codeformer"]] == ["codeformer-v0.1.0.pth"]
+    assert [e["model_name"] for e in job.used_models["GFPGAN"]] == [
+        "detection_Resnet50_Final.pth",
+        "parsing_parsenet.pth",
+    ]
+
+    make_role("Painters", ["inference:create", "checkpoint:list"])
+    endpoint("esd-async-p", owners=("Painters",))
+    alice = make_user("alice", roles=("Painters",))
+    answer = create(api, make_key(alice), payload_string=json.dumps({"prompt": "cat", "restore_faces": True}))
+    assert answer.status == 400, answer.body
+    assert answer.body["message"] == "checkpoint with a file matching *.pth, type Codeformer is not found"

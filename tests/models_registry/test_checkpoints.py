@@ -222,7 +222,7 @@ def test_create_rules(api: Api, admin_key, disk_store, body, message):
             {
                 "checkpoint_type": [
                     'instance value ("Foo") not found in enum (possible values: ["Stable-diffusion",'
-                    '"embeddings","Lora","hypernetworks","ControlNet","VAE","ESRGAN"])'  # ESRGAN: issue 14's addition
+                    '"embeddings","Lora","hypernetworks","ControlNet","VAE","ESRGAN","GFPGAN","Codeformer"])'  # issue 14
                 ]
             },
         ),
