@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             "--models-dir",
             type=Path,
             default=Path(os.environ.get("ESD_RUNTIME_DIR", "runtime-data")),
-            help="model cache, config dirs and optional rembg models",
+            help="model cache and config dirs",
         )
         sub.add_argument("--cache-gb", type=float, default=100.0, help="disk budget of the model cache")
 

@@ -39,6 +39,16 @@ class ControlUnit:
     threshold_b: float = -1
     pixel_perfect: bool = False
     control_mode: int = 0  # policy.CONTROL_MODES: 0 Balanced, 1 My prompt is more important, 2 ControlNet is ...
+    # the extension's global average pooling, decided by the file name alone ("shuffle" in its stem), SD 1.x/2.x
+    global_pooling: bool = False
+    mask: Any = None  # the inpaint modules' mask (PIL "L", 255 = repaint); None: nothing is masked
+
+
+# The inpainting preprocessors leave the image as it is; the model sees it with the masked pixels at -1
+# ("inpaint", shown as inpaint_global_harmonious). "inpaint_only" also keeps the unmasked area of the image, in
+# the latents at every step and in the pixels at the end.
+INPAINT_MODULES = ("inpaint", "inpaint_only")
+INPAINT_BLUR = 7  # the extension's control_net_inpaint_blur_sigma: a box dilation and blur of this size
 
 
 _RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Inner Fit (Scale to Fit)": 1}
@@ -53,9 +63,11 @@ def _number(unit: dict, name: str, default: float, low: float, high: float, inde
     return float(value)
 
 
-def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> list[ControlUnit]:
+def units_of(params: dict, files: dict[str, Path], init_images: list[Any], init_mask: Any = None) -> list[ControlUnit]:
     """The enabled units of a request, with their model files (``files``: the job's ControlNet files by name).
-    A unit whose weight is 0 changes nothing and is dropped; at most three units are used, as the extension."""
+    A unit whose weight is 0 changes nothing and is dropped; at most three units are used, as the extension.
+    ``init_mask``: img2img's inpainting mask at the generation size, which inpaint units without an image of their
+    own use with the init image (and which turns ``inpaint_only`` into ``inpaint``, as in the extension)."""
     scripts = params.get("alwayson_scripts") or {}
     entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
     args = (entry or {}).get("args") or [] if isinstance(entry, dict) else []
@@ -80,17 +92,23 @@ def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> li
         if resize not in (0, 1, 2):
             raise JobError(f"ControlNet unit {index}: resize_mode {mode!r} is not one of {', '.join(_RESIZE_MODES)}")
         raw = unit.get("image") if unit.get("image") is not None else unit.get("input_image")
+        raw_mask = unit.get("mask")
         if isinstance(raw, dict):
-            raw = raw.get("image")
+            raw, raw_mask = raw.get("image"), raw.get("mask") or raw_mask
+        mask = None
         if raw:
             try:
                 image = flatten(decode_image(raw))
+                if raw_mask and module in INPAINT_MODULES:  # the mask's first channel, as the extension reads it
+                    mask = decode_image(raw_mask).convert("RGB").getchannel(0)
             except Exception:
-                raise JobError(f"ControlNet unit {index}: the image could not be decoded") from None
+                raise JobError(f"ControlNet unit {index}: the image or its mask could not be decoded") from None
         elif init_images:  # the extension's choose_input_image: img2img falls back to the init image
-            image = init_images[0]
+            image, mask = init_images[0], init_mask if module in INPAINT_MODULES else None
         else:
             raise JobError(f"ControlNet unit {index}: no image (txt2img needs the unit's image)")
+        if module == "inpaint_only" and init_mask is not None:  # "A1111 inpaint and ControlNet inpaint duplicated"
+            module = "inpaint"
         extra = {
             "processor_res": _number(unit, "processor_res", -1, -1, 2048, index),
             "threshold_a": _number(unit, "threshold_a", -1, -1, 1024, index),
@@ -98,18 +116,49 @@ def units_of(params: dict, files: dict[str, Path], init_images: list[Any]) -> li
             "pixel_perfect": bool(unit.get("pixel_perfect")),
             "control_mode": policy.control_mode(unit, index),
         }
+        extra["global_pooling"] = "shuffle" in Path(name).stem.lower()
+        extra["mask"] = mask
         if weight > 0:
             units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image, **extra))
     return units
 
 
-def control_image(unit: ControlUnit, width: int, height: int) -> Any:
+def preprocessor_seed(params: dict, first_seed: int) -> int:
+    """The seed the extension gives numpy before it preprocesses (the shuffle's noise): the request's seed plus
+    its subseed, each the first image's seed when -1 (also the subseed), wrapped to 32 bits."""
+    seed, subseed = params.get("seed", -1), params.get("subseed", -1)
+    seed = first_seed if seed in (-1, None) else max(int(seed), 0)
+    subseed = first_seed if subseed in (-1, None) else max(int(subseed), 0)
+    return (seed + subseed) & 0xFFFFFFFF
+
+
+def inpaint_parts(unit: ControlUnit, width: int, height: int) -> tuple[Any, Any]:
+    """An inpaint unit's image (float RGB in [0, 1]) and mask (1 = repaint) at the generation size: both resized
+    by the unit's resize mode, the mask then cut at half (the extension's ``> 127``)."""
+    import numpy as np
+
+    rgb = np.asarray(resize_image(unit.resize_mode, unit.image.convert("RGB"), width, height), dtype=np.float32)
+    if unit.mask is None:
+        return rgb / 255.0, np.zeros((height, width), dtype=np.float32)
+    mask = np.asarray(resize_image(unit.resize_mode, unit.mask.convert("RGB"), width, height))[:, :, 0]
+    return rgb / 255.0, (mask > 127).astype(np.float32)
+
+
+def control_image(unit: ControlUnit, width: int, height: int, seed: int = 0) -> Any:
     """The unit's detected map (its preprocessor at the processor resolution, or the pixel-perfect one), resized
-    to the generation size with the unit's resize mode."""
+    to the generation size with the unit's resize mode; ``seed`` (:func:`preprocessor_seed`) for random ones.
+    An inpaint unit's map is a tensor: its image with the masked pixels at -1 (the extension's inpaint protocol)."""
     import numpy as np
     from PIL import Image
 
     from gpu_runtime import controlnet_preprocessors as pre
+
+    if unit.module in INPAINT_MODULES:
+        import torch
+
+        rgb, mask = inpaint_parts(unit, width, height)
+        hint = rgb * (1 - mask[:, :, None]) - mask[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(hint.transpose(2, 0, 1)))[None]
 
     resolution = unit.processor_res
     if unit.pixel_perfect:
@@ -117,7 +166,7 @@ def control_image(unit: ControlUnit, width: int, height: int) -> Any:
             (unit.image.height, unit.image.width), (height, width), unit.resize_mode
         )
     pixels = np.asarray(unit.image.convert("RGB"))
-    detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b)
+    detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b, seed)
     return resize_image(unit.resize_mode, Image.fromarray(detected), width, height)
 
 
@@ -127,21 +176,25 @@ def layer_scales(count: int) -> list[float]:
     return [0.825 ** float(count - 1 - i) for i in range(count)]
 
 
-def control_mode_hook(pipe: Any, mode: int) -> Callable[..., Any]:
+def control_mode_hook(pipe: Any, mode: int, pooling: bool = False) -> Callable[..., Any]:
     """A forward hook for one unit's ControlNet that applies its control mode to the residuals diffusers' pipeline
     computed (already times the unit's weight): "My prompt is more important" scales them by
     :func:`layer_scales`; "ControlNet is more important" does so too and drops them from the unconditional half
-    of the batch (diffusers puts it first), so only the prompt's prediction is controlled."""
+    of the batch (diffusers puts it first), so only the prompt's prediction is controlled. ``pooling`` (a shuffle
+    model) drops the unconditional half too and averages each residual over its height and width."""
     import torch
 
     def hook(module: Any, args: Any, output: Any) -> Any:
         down, mid = output
         residuals = [*down, mid]  # 13 for SD 1.x/2.x (SDXL's 10 are refused: the extension's scales are for 13)
-        scaled = [r * s for r, s in zip(residuals, layer_scales(len(residuals)), strict=True)]
-        if mode == 2 and pipe.do_classifier_free_guidance:
-            half = scaled[0].shape[0] // 2
-            scaled = [torch.cat([torch.zeros_like(r[:half]), r[half:]]) for r in scaled]
-        return scaled[:-1], scaled[-1]
+        if mode:
+            residuals = [r * s for r, s in zip(residuals, layer_scales(len(residuals)), strict=True)]
+        if (mode == 2 or pooling) and pipe.do_classifier_free_guidance:
+            half = residuals[0].shape[0] // 2
+            residuals = [torch.cat([torch.zeros_like(r[:half]), r[half:]]) for r in residuals]
+        if pooling:
+            residuals = [torch.mean(r, dim=(2, 3), keepdim=True) for r in residuals]
+        return residuals[:-1], residuals[-1]
 
     return hook
 
@@ -228,3 +281,80 @@ def pipeline(pipe: Any, controlnets: list[Any], image_to_image: bool, xl: bool) 
     made = getattr(diffusers, names[(xl, image_to_image)])(**components, controlnet=controlnet)
     made.set_progress_bar_config(disable=True)
     return made
+
+
+def inpaint_only_hooks(pipe: Any, units: list[ControlUnit], width: int, height: int) -> list[Any]:
+    """The extension's ``inpaint_only`` latent blend, as hooks on the pipeline's models (removed after the call):
+    while an inpaint_only unit is active (its ControlNet runs with a scale above 0), every noise prediction of the
+    UNet is pulled, by the unit's weight (at most 1), towards the one whose x0 keeps the unit's image outside the
+    mask (VAE-encoded; the mask max-pooled to the latents, 10 px windows every 8 px)."""
+    import numpy as np
+    import torch
+
+    from gpu_runtime.kdiffusion import ModelSigmas
+    from gpu_runtime.vae import encode
+
+    model = getattr(pipe.scheduler, "model", None)  # the k-diffusion samplers hold the checkpoint's noise levels
+    model = model if isinstance(model, ModelSigmas) else ModelSigmas(dict(pipe.scheduler.config))
+    if model.v_prediction:
+        raise JobError("ControlNet inpaint_only is supported with epsilon-prediction models only by this runtime")
+    alphas = 1 / (1 + model.sigmas**2)  # the checkpoint's alphas_cumprod, as A1111 holds them
+    nets = getattr(pipe.controlnet, "nets", None) or [pipe.controlnet]
+    blends, hooks = [], []
+    for net, unit in zip(nets, units, strict=True):
+        if unit.module != "inpaint_only":
+            continue
+        rgb, mask = inpaint_parts(unit, width, height)
+        pixels = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2 - 1
+        origin = encode(pipe.vae, pixels).mean * pipe.vae.config.scaling_factor
+        latent_mask = torch.nn.functional.max_pool2d(torch.from_numpy(mask)[None, None], (10, 10), (8, 8), 1)
+        state = {"active": False}
+
+        def note(module: Any, args: Any, kwargs: dict, state: dict = state) -> None:
+            state["active"] = float(kwargs.get("conditioning_scale", 1.0)) > 0
+
+        hooks.append(net.register_forward_pre_hook(note, with_kwargs=True))
+        blends.append((state, origin, latent_mask, max(0.0, min(1.0, unit.weight))))
+
+    def blend(module: Any, args: Any, kwargs: dict, output: Any) -> Any:
+        active = [entry for entry in blends if entry[0]["active"]]
+        if not active:
+            return output
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        eps = (output[0] if isinstance(output, tuple) else output.sample).float()
+        t = torch.as_tensor(timestep, dtype=torch.float32).flatten()[0].clamp(0, len(alphas) - 1).cpu()
+        low = int(t.floor())
+        high = min(low + 1, len(alphas) - 1)
+        a = (alphas[low] + (alphas[high] - alphas[low]) * (t - low)).to(eps.device)
+        x = sample[:, :4].float()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        for _, origin, latent_mask, weight in active:
+            kept = x0 * latent_mask.to(x.device) + origin.to(x.device, torch.float32) * (1 - latent_mask.to(x.device))
+            eps = ((x - a.sqrt() * kept) / (1 - a).sqrt()) * weight + eps * (1 - weight)
+        eps = eps.to(sample.dtype)
+        if isinstance(output, tuple):
+            return (eps, *output[1:])
+        output.sample = eps
+        return output
+
+    hooks.append(pipe.unet.register_forward_hook(blend, with_kwargs=True))
+    return hooks
+
+
+def inpaint_only_paste(image: Any, units: list[ControlUnit], width: int, height: int) -> Any:
+    """The extension's ``inpaint_only`` post-processing of each image: outside the mask (dilated, then blurred,
+    by ``INPAINT_BLUR`` px boxes) the unit's image comes back exactly."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    result = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    for unit in units:
+        if unit.module != "inpaint_only":
+            continue
+        rgb, mask = inpaint_parts(unit, width, height)
+        mask = cv2.dilate(mask, np.ones((INPAINT_BLUR, INPAINT_BLUR), dtype=np.uint8))
+        mask = cv2.blur(mask, (INPAINT_BLUR, INPAINT_BLUR))[:, :, None]
+        result = mask * result.clip(0, 1) + (1 - mask) * rgb
+    return Image.fromarray((result * 255.0).astype(np.uint8))

@@ -31,7 +31,9 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "tile_resample": Preprocessor(None, 1.0, None),
     "scribble_xdog": Preprocessor(512, 32, None),
     "lineart_standard": Preprocessor(512, None, None),
+    "shuffle": Preprocessor(512, None, None),  # v1.1.444+ fixes it at 512; older versions passed -1 through
 }
+SHUFFLE_NOISE_SCALE = 256  # the content shuffle's noise cell, in pixels
 
 
 def _hwc3(image: np.ndarray) -> np.ndarray:
@@ -64,8 +66,11 @@ def settings(module: str, resolution: float, threshold_a: float, threshold_b: fl
     return res, float(a), float(b)
 
 
-def run(module: str, image: np.ndarray, resolution: float, threshold_a: float, threshold_b: float) -> np.ndarray:
-    """The detected map (uint8, H x W x 3) of ``module`` on an RGB image."""
+def run(
+    module: str, image: np.ndarray, resolution: float, threshold_a: float, threshold_b: float, seed: int = 0
+) -> np.ndarray:
+    """The detected map (uint8, H x W x 3) of ``module`` on an RGB image; ``seed`` seeds the random ones
+    (shuffle), as the extension seeds numpy before preprocessing (:func:`gpu_runtime.controlnet.preprocessor_seed`)."""
     import cv2
 
     image = _hwc3(np.ascontiguousarray(image, dtype=np.uint8))
@@ -80,6 +85,8 @@ def run(module: str, image: np.ndarray, resolution: float, threshold_a: float, t
         height, width = int(image.shape[0] / a), int(image.shape[1] / a)
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     padded, (height, width) = _resize_with_pad(image, res)
+    if module == "shuffle":  # the padding is cut off before shuffling
+        return content_shuffle(np.ascontiguousarray(padded[:height, :width]), np.random.RandomState(seed))
     if module == "canny":
         result = _hwc3(cv2.Canny(padded, int(a), int(b)))
     elif module == "threshold":
@@ -102,6 +109,30 @@ def run(module: str, image: np.ndarray, resolution: float, threshold_a: float, t
     else:
         raise ValueError(f"unknown preprocessor {module}")
     return np.ascontiguousarray(result[:height, :width])
+
+
+def noise_disk(rng: np.random.RandomState, height: int, width: int, scale: int) -> np.ndarray:
+    """Smooth noise in [0, 1] (H x W x 1): a coarse uniform grid, one cell per ``scale`` px plus a border,
+    bicubically enlarged, cropped and min-max normalised (the extension's ``make_noise_disk``)."""
+    import cv2
+
+    coarse = rng.uniform(low=0, high=1, size=(height // scale + 2, width // scale + 2, 1))
+    noise = cv2.resize(coarse, (width + 2 * scale, height + 2 * scale), interpolation=cv2.INTER_CUBIC)
+    noise = noise[scale : scale + height, scale : scale + width]
+    noise = noise - np.min(noise)
+    return (noise / np.max(noise))[:, :, None]
+
+
+def content_shuffle(image: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """The extension's ``ContentShuffleDetector``: every pixel is taken from a random, smoothly varying place of
+    the image (x noise drawn first, then y), so the map keeps the colours and textures but not the layout."""
+    import cv2
+
+    height, width = image.shape[:2]
+    x = noise_disk(rng, height, width, SHUFFLE_NOISE_SCALE) * float(width - 1)
+    y = noise_disk(rng, height, width, SHUFFLE_NOISE_SCALE) * float(height - 1)
+    flow = np.concatenate([x, y], axis=2).astype(np.float32)
+    return cv2.remap(image, flow, None, cv2.INTER_LINEAR)
 
 
 def pixel_perfect_resolution(image_hw: tuple[int, int], target_hw: tuple[int, int], resize_mode: int) -> int:

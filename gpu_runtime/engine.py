@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,11 @@ from gpu_runtime.protocol.scripts import (
     FACE_HELPER_FILES,
     FACE_PARSING_FILE,
     FACE_RESTORERS,
+    REMBG_SESSIONS,
     extras_upscaler_names,
     face_restorer_names,
     hires_upscaler_names,
+    rembg_model,
 )
 from gpu_runtime.samplers import custom_timesteps, is_k_diffusion, model_calls, scheduler_for
 from gpu_runtime.vae import encode as vae_encode
@@ -108,6 +110,7 @@ class Prepared:
     faces: dict[str, Path] = field(default_factory=dict)
     face_restorer: str | None = None  # restore_faces: the restorer run on every decoded image
     code_former_weight: float = DEFAULT_CODEFORMER_WEIGHT
+    rembg: Path | None = None  # the rembg task's model file
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -269,6 +272,8 @@ class Engine:
             elif task in ("extra-single-image", "extra-batch-images"):
                 self._prepare_upscalers(job, request, extras_upscaler_names(params), "upscaler")
                 self._prepare_faces(job, request, face_restorer_names(task, params))
+            elif task == "rembg":
+                self._prepare_rembg(job, request)
         except BaseException:
             self.files.release(job.files)
             for cell in job.cells:
@@ -473,9 +478,14 @@ class Engine:
             for m in (request.get("models") or {}).get("ControlNet") or []
             if m["model_name"] in wanted or Path(m["model_name"]).stem in wanted
         }
-        job.control = controlnet.units_of(params, files, job.init_images)
+        init_mask = job.inpaint.model_mask if job.inpaint is not None else None
+        job.control = controlnet.units_of(params, files, job.init_images, init_mask)
+        if job.xl and any(unit.module == "inpaint_only" for unit in job.control):
+            raise JobError("ControlNet inpaint_only is not supported with SDXL by this runtime")
         if job.xl and any(unit.control_mode for unit in job.control):  # the extension's scales are SD 1.x/2.x's
             raise JobError("ControlNet control modes other than Balanced are not supported with SDXL by this runtime")
+        if job.xl:  # the extension pools only SD 1.x/2.x shuffle models
+            job.control = [replace(unit, global_pooling=False) for unit in job.control]
 
     @staticmethod
     def _dynamic_prompts(job: Prepared, params: dict, batch_size: int, n_iter: int) -> None:
@@ -578,6 +588,20 @@ class Engine:
                 )
             job.faces[role] = self._fetch(request, match, job)
 
+    def _prepare_rembg(self, job: Prepared, request: dict) -> None:
+        """The rembg model the request names, as the uploaded ``<name>.onnx`` of type rembg sent with the job."""
+        name = rembg_model(job.params)
+        if name not in REMBG_SESSIONS:
+            raise JobError(
+                f"rembg model {name} is not supported by this runtime; use one of: {', '.join(REMBG_SESSIONS)}"
+            )
+        sent = [m for m in (request.get("models") or {}).get("rembg") or [] if Path(m["model_name"]).stem == name]
+        if not sent:
+            raise JobError(
+                f"rembg model {name} needs a checkpoint of type rembg with a file {name}.onnx sent with the job"
+            )
+        job.rembg = self._fetch(request, sent[0], job)
+
     def face_pass(self, job: Prepared, name: str) -> Callable[..., Any]:
         """A restorer of a prepared job, ready to run on RGB arrays (the models stay cached for the next job)."""
         from gpu_runtime import face_restoration
@@ -642,9 +666,9 @@ class Engine:
                         run_extras(
                             job.task,
                             job.params,
-                            self.root,
                             {name: self.upscaler_pass(job, name) for name in job.upscalers},
                             {name: self.face_pass(job, name) for name in job.faces if name in FACE_RESTORERS},
+                            job.rembg,
                         )
                         for job in jobs
                     ]
@@ -733,6 +757,10 @@ class Engine:
         for job in jobs:
             mine = images[cursor : cursor + len(job.prompts)]
             cursor += len(job.prompts)
+            if any(unit.module == "inpaint_only" for unit in job.control):  # the extension's postprocess_batch
+                from gpu_runtime.controlnet import inpaint_only_paste
+
+                mine = [inpaint_only_paste(image, job.control, job.width, job.height) for image in mine]
             if job.face_restorer is not None:  # A1111: after decoding, before the inpainting overlay
                 mine = self._restore_faces(job, mine)
             if job.inpaint is not None:
@@ -850,6 +878,10 @@ class Engine:
         if is_inpainting(unet):
             pipe.unet = self._conditioned(pipe, unet, job, init_images, len(prompts), job.width, job.height)
         hooks = self._control_modes(pipe, job) if job.control else []
+        if any(unit.module == "inpaint_only" for unit in job.control):
+            from gpu_runtime import controlnet
+
+            hooks += controlnet.inpaint_only_hooks(pipe, job.control, job.width, job.height)
         try:
             with torch.inference_mode(), _tiled([m for m in models if m is not None], job.tiling):
                 latents = pipe(**arguments).images
@@ -929,11 +961,12 @@ class Engine:
         from gpu_runtime import controlnet
 
         nets = getattr(pipe.controlnet, "nets", None) or [pipe.controlnet]
-        hooked = [(net, unit) for net, unit in zip(nets, job.control, strict=True) if unit.control_mode]
+        hooked = [(n, u) for n, u in zip(nets, job.control, strict=True) if u.control_mode or u.global_pooling]
         if hooked and len({id(net) for net in nets}) < len(nets):
             raise JobError("one ControlNet model in two units with a control mode other than Balanced is not supported")
         return [
-            net.register_forward_hook(controlnet.control_mode_hook(pipe, unit.control_mode)) for net, unit in hooked
+            net.register_forward_hook(controlnet.control_mode_hook(pipe, unit.control_mode, unit.global_pooling))
+            for net, unit in hooked
         ]
 
     @staticmethod
@@ -941,7 +974,8 @@ class Engine:
         """The units' maps, weights and active spans, as diffusers' ControlNet pipelines take them."""
         from gpu_runtime import controlnet
 
-        maps = [controlnet.control_image(unit, job.width, job.height) for unit in job.control]
+        seed = controlnet.preprocessor_seed(job.params, job.seeds[0])
+        maps = [controlnet.control_image(unit, job.width, job.height, seed) for unit in job.control]
         single = len(maps) == 1
         key = "control_image" if job.task == "img2img" else "image"
         arguments[key] = maps[0] if single else maps

@@ -1,6 +1,6 @@
 """A1111's "extras" tasks: upscaling with PIL's or uploaded model upscalers (``gpu_runtime.upscalers``), then face
-restoration (GFPGAN, then CodeFormer: A1111's postprocessing order 1000, 2000, 3000), and rembg when its model is
-present.
+restoration (GFPGAN, then CodeFormer: A1111's postprocessing order 1000, 2000, 3000), and the rembg extension's
+background removal with an uploaded rembg model.
 
 An upscaler name that is neither PIL's nor a model sent with the job is refused with a clear error rather than
 silently replaced by a plain resize. Sizes follow A1111 v1.8.0 (``Upscaler.upscale``, ``postprocessing_upscale``):
@@ -10,6 +10,7 @@ upscaler 1 "None" leaves the image as it is, and upscaler 2 is blended in by ``e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from gpu_runtime.errors import JobError
 from gpu_runtime.images import decode_image, encode_image
 from gpu_runtime.protocol.policy import PIL_UPSCALERS
+from gpu_runtime.protocol.scripts import REMBG_SESSIONS, rembg_model
 
 PIL_FILTERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 ModelPass = Callable[[Any], Any]  # one pass of an upscaler over a PIL image
@@ -25,14 +27,20 @@ ModelPass = Callable[[Any], Any]  # one pass of an upscaler over a PIL image
 def run_extras(
     task: str,
     params: dict,
-    root: Path,
     models: Mapping[str, ModelPass] | None = None,
     faces: Mapping[str, Callable[..., Any]] | None = None,
+    rembg_file: Path | None = None,
 ) -> dict:
     """One extras request (the policy has already refused what this cannot do); ``models`` holds one pass of
-    each model upscaler sent with the job, by the name the request uses, ``faces`` each face restorer it runs."""
+    each model upscaler sent with the job, by the name the request uses, ``faces`` each face restorer it runs,
+    ``rembg_file`` the rembg model's uploaded file."""
     if task == "rembg":
-        return {"image": _rembg(params, root), "html_info": ""}
+        if rembg_file is None:
+            raise JobError(f"rembg model {rembg_model(params)} was not sent with the job")
+        return {
+            "image": encode_image(remove_background(decode_image(params.get("input_image", "")), params, rembg_file)),
+            "html_info": "",
+        }
     if task == "extra-single-image":
         image, info = postprocess(decode_image(params.get("image", "")), params, models, faces)
         return {"image": encode_image(image), "html_info": info}
@@ -131,19 +139,29 @@ def upscale(image: Any, params: dict, models: Mapping[str, ModelPass] | None = N
     return result, info
 
 
-def _rembg(params: dict, root: Path) -> str:
-    model = str(params.get("model") or "u2net")
-    if "/" in model or "\\" in model or model.startswith("."):
-        raise JobError(f"rembg model {model} is not allowed")
-    model_file = root / "rembg" / f"{model}.onnx"
-    if not model_file.exists():
-        raise JobError(f"rembg model {model} is not available on this runtime (expected {model_file.name})")
+def remove_background(image: Any, params: dict, model_file: Path) -> Any:
+    """The rembg extension's API call, ``rembg.remove`` with its options, on the uploaded model file (read by the
+    rembg session of that network, so nothing is downloaded)."""
     try:
-        import os
-
-        os.environ.setdefault("U2NET_HOME", str(model_file.parent))
         from rembg import new_session, remove
-    except ImportError:
+    except ImportError:  # pragma: no cover - the runtime extra installs it
         raise JobError("rembg is not installed in this runtime") from None
-    image = decode_image(params.get("input_image", ""))
-    return encode_image(remove(image, session=new_session(model)))
+    name = rembg_model(params)
+    # rembg reads custom models only from its home (U2NET_HOME): the job's file is its own home, one job at a time
+    os.environ["U2NET_HOME"] = str(model_file.parent)
+    session = new_session(REMBG_SESSIONS[name], model_path=str(model_file))
+    options = {
+        "only_mask": _flag(params, "return_mask"),
+        "alpha_matting": _flag(params, "alpha_matting"),
+        "alpha_matting_foreground_threshold": int(_number(params, "alpha_matting_foreground_threshold", 240, 0, 255)),
+        "alpha_matting_background_threshold": int(_number(params, "alpha_matting_background_threshold", 10, 0, 255)),
+        "alpha_matting_erode_size": int(_number(params, "alpha_matting_erode_size", 10, 0, 255)),
+    }
+    return remove(image, session=session, **options)
+
+
+def _flag(params: dict, name: str) -> bool:
+    value = params.get(name, False)
+    if value not in (None, True, False):
+        raise JobError(f"{name} must be true or false")
+    return bool(value)

@@ -280,6 +280,26 @@ def write_tiny_upscaler(path: Path, seed: int = 0, scale: int = 4, arch: str = "
     return path
 
 
+def write_tiny_rembg(path: Path) -> Path:
+    """A rembg model in ONNX whose mask is the image's red channel: a test can predict the cut exactly (a red
+    subject on black keeps the red). rembg feeds any u2net/ISNet file the normalised RGB image, of any size here."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    size = ["batch", 3, "height", "width"]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input.1", "red"], ["mask"], kernel_shape=[1, 1])],
+        "tiny-rembg",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, size)],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+        [helper.make_tensor("red", TensorProto.FLOAT, [1, 3, 1, 1], [1.0, 0.0, 0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
 def write_tiny_model(path: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and write it as an LDM single file, marked ``esd_family=tiny-sd15``.
 

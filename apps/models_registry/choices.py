@@ -15,10 +15,11 @@ class CheckpointType(models.TextChoices):
     ESRGAN = "ESRGAN"
     GFPGAN = "GFPGAN"
     CODEFORMER = "Codeformer"
+    REMBG = "rembg"  # rembg's ONNX models (u2net.onnx, isnet-anime.onnx, ...), named by stem like upscalers
 
 
 # Types whose files a request names without the extension (A1111's upscaler names are file stems).
-STEM_NAMED_TYPES = (CheckpointType.ESRGAN,)
+STEM_NAMED_TYPES = (CheckpointType.ESRGAN, CheckpointType.REMBG)
 
 
 class CheckpointStatus(models.TextChoices):

@@ -27,6 +27,7 @@ MODEL_TYPES = (
     "ESRGAN",
     "GFPGAN",
     "Codeformer",
+    "rembg",
 )
 EVENT_KINDS = ("heartbeat", "inference", "progress", "training")
 INVOCATION_STATUSES = ("Completed", "Failed")

@@ -243,11 +243,11 @@ EXTRA_BATCH: dict[str, Field] = {**EXTRAS, "imageList": HON}
 REMBG: dict[str, Field] = {
     "input_image": HON,
     "model": HON,
-    "return_mask": Field(UNSUPPORTED, (None, False), issue="14"),
-    "alpha_matting": Field(UNSUPPORTED, (None, False), issue="14"),
-    "alpha_matting_foreground_threshold": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
-    "alpha_matting_background_threshold": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
-    "alpha_matting_erode_size": Field(UNSUPPORTED, unless=_on("alpha_matting"), issue="14"),
+    "return_mask": HON,  # gpu_runtime.extras: rembg.remove as the rembg extension calls it
+    "alpha_matting": HON,
+    "alpha_matting_foreground_threshold": HON,
+    "alpha_matting_background_threshold": HON,
+    "alpha_matting_erode_size": HON,
 }
 FIELDS: dict[str, dict[str, Field]] = {
     "txt2img": TXT2IMG,
@@ -380,6 +380,10 @@ CONTROLNET_MODULES = {
     "scribble_xdog": "scribble_xdog",
     "lineart_standard": "lineart_standard",
     "lineart_standard (from white bg & black line)": "lineart_standard",
+    "shuffle": "shuffle",
+    "inpaint": "inpaint",
+    "inpaint_global_harmonious": "inpaint",
+    "inpaint_only": "inpaint_only",
 }
 CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
 # the extension's control modes, by name or index (sd-webui-controlnet ``external_code.ControlMode``)
@@ -412,18 +416,19 @@ def controlnet_module(unit: Mapping[str, Any], index: int) -> str:
 
 
 def _check_controlnet(name: str, args: list, params: Mapping[str, Any]) -> None:
-    """Each enabled unit may use only what the runtime does: its preprocessors and control modes, no separate
-    mask; ControlNet with hires fix or the refiner is refused as a whole."""
+    """Each enabled unit may use only what the runtime does: its preprocessors and control modes, a mask only on
+    the inpaint modules; ControlNet with hires fix or the refiner is refused as a whole."""
     for index, unit in enumerate(args[:CONTROLNET_MAX_UNITS]):
         if not isinstance(unit, Mapping):
             raise PolicyError(f"always-on script {name}: unit {index} must be an object")
         if unit.get("enabled", True) is False:
             continue
-        controlnet_module(unit, index)
+        module = controlnet_module(unit, index)
         control_mode(unit, index)
         image = unit.get("image")
-        if unit.get("mask") or (isinstance(image, Mapping) and image.get("mask")):
-            raise PolicyError(f"ControlNet unit {index}: a unit mask is not supported by this runtime")
+        masked = unit.get("mask") or (isinstance(image, Mapping) and image.get("mask"))
+        if masked and not module.startswith("inpaint"):  # the extension's effective-region masks
+            raise PolicyError(f"ControlNet unit {index}: a mask on a {module} unit is not supported by this runtime")
         if params.get("enable_hr"):
             raise PolicyError("ControlNet with hires fix is not supported by this runtime")
         if params.get("refiner_checkpoint") not in (None, "", "None"):

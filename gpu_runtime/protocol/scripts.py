@@ -48,6 +48,23 @@ FACE_PARSING_FILE = "parsing_parsenet.pth"
 FACE_HELPER_FILES = (FACE_DETECTION_FILE, FACE_PARSING_FILE)
 DEFAULT_FACE_RESTORER = "CodeFormer"  # opts.face_restoration_model
 DEFAULT_CODEFORMER_WEIGHT = 0.5  # opts.code_former_weight
+# The rembg extension's models (its API's ``model``, "u2net" by default), each an uploaded ``<name>.onnx`` of type
+# rembg, with the rembg session that reads that network without downloading it. u2net_cloth_seg (three masks)
+# and the other rembg models are refused by name.
+REMBG_SESSIONS = {
+    "u2net": "u2net_custom",
+    "u2netp": "u2net_custom",
+    "u2net_human_seg": "u2net_custom",
+    "silueta": "u2net_custom",
+    "isnet-general-use": "dis_custom",
+    "isnet-anime": "dis_custom",
+}
+DEFAULT_REMBG_MODEL = "u2net"
+
+
+def rembg_model(params: dict) -> str:
+    """The rembg model a request names (A1111's extension defaults to u2net)."""
+    return str(params.get("model") or DEFAULT_REMBG_MODEL)
 
 
 def _positive_number(value: Any) -> bool:
@@ -123,6 +140,8 @@ def named_models(task: str, params: Any) -> dict[str, list[str]]:
     for model in controlnet_models(params.get("alwayson_scripts")):
         if model not in names.setdefault("ControlNet", []):
             names["ControlNet"].append(model)
+    if task == "rembg":
+        return {"rembg": [rembg_model(params)]} if rembg_model(params) in REMBG_SESSIONS else {}
     upscalers = extras_upscaler_names(params) if task.startswith("extra-") else hires_upscaler_names(task, params)
     if upscalers:
         names["ESRGAN"] = list(dict.fromkeys(file_stem(name) for name in upscalers))

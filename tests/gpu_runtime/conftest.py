@@ -54,6 +54,7 @@ def tiny_dir(tmp_path_factory) -> Path:
         write_tiny_inpainting_model,
         write_tiny_lora,
         write_tiny_model,
+        write_tiny_rembg,
         write_tiny_sdxl_embedding,
         write_tiny_sdxl_model,
         write_tiny_upscaler,
@@ -76,6 +77,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     write_tiny_controlnet(root / "cnxl.safetensors", seed=7, xl=True)
     write_tiny_upscaler(root / "4x-Tiny.pth", seed=11, scale=4)  # RRDBNet, as ESRGAN projects ship it
     write_tiny_upscaler(root / "realesr-general-x4v3.pth", seed=12, scale=2, arch="Compact")
+    write_tiny_rembg(root / "u2net.onnx")  # its mask is the red channel
     return root
 
 

@@ -182,6 +182,36 @@ def test_control_modes_scale_the_residuals_and_controlnet_first_leaves_the_negat
     assert (image(engine, files, {**params, **with_units(unit())}) == balanced).all()
 
 
+def test_a_shuffle_model_is_pooled_and_leaves_the_negative_prediction_alone(engine, files, monkeypatch):
+    """The extension's global average pooling, for a ControlNet whose file name says shuffle: every residual is
+    averaged over height and width and kept off the negative prompt's half. The same file under another name is
+    the Balanced run the pooled residuals are checked against."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    original = UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):
+        residuals = kwargs.get("down_block_additional_residuals")
+        if residuals is not None:
+            seen.append([r.clone() for r in (*residuals, kwargs["mid_block_additional_residual"])])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    params = {**BASE, "steps": 1}
+    plain = image(engine, files, {**params, **with_units(unit())})
+    plain_residuals = seen.pop()
+    request = make_request(files, "c", {**params, **with_units({**unit(), "model": "control_v11e_sd15_shuffle"})})
+    model(files, request, "ControlNet", "c-shuffle", "control_v11e_sd15_shuffle.safetensors", "cn.safetensors")
+    pooled = pixels(engine.run([engine.prepare("c", request)])[0]["images"][0]).astype(int)
+    for got, want in zip(seen.pop(), plain_residuals, strict=True):
+        half = got.shape[0] // 2
+        assert got.shape[2:] == (1, 1) and (got[:half] == 0).all()
+        assert torch.allclose(got[half:], want[half:].mean(dim=(2, 3), keepdim=True), atol=1e-6)
+    assert (pooled != plain).any()
+
+
 def test_control_modes_are_refused_with_sdxl(engine, files):
     cn_xl = {**unit(), "model": "cnxl.safetensors", "control_mode": 1}
     with pytest.raises(JobError, match="control modes other than Balanced are not supported with SDXL"):

@@ -63,3 +63,28 @@ def test_scribble_xdog_and_lineart_mark_dark_lines_on_light_ground():
     lines = pre.run("lineart_standard", drawing, 128, -1, -1)
     assert lines[:, 61].min() > 100 and lines[:, :30].max() == 0  # the line is bright, the paper black
     assert pre.run("lineart_standard", np.full((64, 64, 3), 200, np.uint8), 64, -1, -1).max() == 0
+
+
+def test_shuffle_moves_every_pixel_along_a_seeded_smooth_flow():
+    """The content shuffle samples the image at a smooth random place: on a picture whose red is its x and green
+    its y, the map's red and green are the flow itself - spanning the whole image, smooth, fixed by the seed."""
+    y, x = np.mgrid[0:64, 0:96]
+    ramps = np.stack([x * 2, y * 2, np.full_like(x, 7)], axis=-1).astype(np.uint8)  # 2 levels per pixel
+    shuffled = pre.run("shuffle", ramps, 64, -1, -1, seed=16).astype(int)  # short side 64: no resampling
+    assert shuffled.shape == (64, 96, 3) and (shuffled[:, :, 2] == 7).all()  # colours kept, layout not
+    flow_x, flow_y = shuffled[:, :, 0] / 2, shuffled[:, :, 1] / 2
+    assert flow_x.min() <= 0.5 and flow_x.max() >= 94.5  # min-max normalised noise reaches both edges
+    assert flow_y.min() <= 0.5 and flow_y.max() >= 62.5
+    assert np.abs(np.diff(flow_x, axis=1)).max() < 6 and np.abs(np.diff(flow_y, axis=0)).max() < 6  # smooth
+    assert not np.array_equal(flow_x, np.tile(np.arange(96), (64, 1)))  # moved
+    assert np.array_equal(pre.run("shuffle", ramps, 64, -1, -1, seed=16), shuffled)
+    assert not np.array_equal(pre.run("shuffle", ramps, 64, -1, -1, seed=17), shuffled)
+    assert pre.settings("shuffle", -1, -1, -1)[0] == 512
+
+
+def test_the_shuffle_seed_is_the_requests_seed_plus_subseed_as_the_extension_seeds_numpy():
+    from gpu_runtime.controlnet import preprocessor_seed
+
+    assert preprocessor_seed({"seed": 8}, 8) == 16  # the subseed -1 counts as the first image's seed
+    assert preprocessor_seed({"seed": -1, "subseed": 5}, 1234) == 1239
+    assert preprocessor_seed({"seed": 2**32 - 1, "subseed": 2}, 0) == 1

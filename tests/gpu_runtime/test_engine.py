@@ -151,7 +151,7 @@ def test_extras(engine, files):
     assert [png_size(i) for i in batch["images"]] == [(100, 50)]
     with pytest.raises(JobError, match="upscaler R-ESRGAN 4x\\+ is neither built in"):
         run(engine, files, "e3", {"image": image, "upscaler_1": "R-ESRGAN 4x+"}, task="extra-single-image", types=())
-    with pytest.raises(JobError, match="rembg model u2net is not available"):
+    with pytest.raises(JobError, match=r"rembg model u2net needs a checkpoint of type rembg with a file u2net\.onnx"):
         run(engine, files, "e4", {"input_image": image, "model": "u2net"}, task="rembg", types=())
 
 

@@ -122,8 +122,7 @@ def test_unsupported_img2img_field_is_refused_by_name(engine, files, changes, me
     [
         ("extra-single-image", {"gfpgan_visibility": 1.5}, "gfpgan_visibility must be between 0 and 1"),
         ("extra-batch-images", {"codeformer_visibility": 0.2, "codeformer_weight": -1}, "codeformer_weight must be"),
-        ("rembg", {"return_mask": True}, "return_mask=true is not supported"),
-        ("rembg", {"alpha_matting": True}, "alpha_matting=true is not supported"),
+        ("rembg", {"model": "u2net_cloth_seg"}, "rembg model u2net_cloth_seg is not supported by this runtime"),
     ],
 )
 def test_unsupported_extras_fields_are_refused_by_name(engine, files, task, changes, message):
@@ -192,10 +191,13 @@ def test_capabilities_command_prints_the_policy():
     assert document["alwayson_scripts"]["controlnet_modules"] == [
         "blur_gaussian",
         "canny",
+        "inpaint",
+        "inpaint_only",
         "invert",
         "lineart_standard",
         "none",
         "scribble_xdog",
+        "shuffle",
         "threshold",
         "tile_resample",
     ]
