@@ -4,15 +4,28 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('models_registry', '0002_upscaler_types'),
+        ("models_registry", "0002_upscaler_types"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='checkpoint',
-            name='checkpoint_type',
-            field=models.CharField(choices=[('Stable-diffusion', 'Stable Diffusion'), ('embeddings', 'Embeddings'), ('Lora', 'Lora'), ('hypernetworks', 'Hypernetworks'), ('ControlNet', 'Controlnet'), ('VAE', 'Vae'), ('ESRGAN', 'Esrgan'), ('GFPGAN', 'Gfpgan'), ('Codeformer', 'Codeformer'), ('rembg', 'Rembg')], max_length=32),
+            model_name="checkpoint",
+            name="checkpoint_type",
+            field=models.CharField(
+                choices=[
+                    ("Stable-diffusion", "Stable Diffusion"),
+                    ("embeddings", "Embeddings"),
+                    ("Lora", "Lora"),
+                    ("hypernetworks", "Hypernetworks"),
+                    ("ControlNet", "Controlnet"),
+                    ("VAE", "Vae"),
+                    ("ESRGAN", "Esrgan"),
+                    ("GFPGAN", "Gfpgan"),
+                    ("Codeformer", "Codeformer"),
+                    ("rembg", "Rembg"),
+                ],
+                max_length=32,
+            ),
         ),
     ]
