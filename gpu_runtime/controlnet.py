@@ -42,6 +42,7 @@ class ControlUnit:
     # the extension's global average pooling, decided by the file name alone ("shuffle" in its stem), SD 1.x/2.x
     global_pooling: bool = False
     mask: Any = None  # the inpaint modules' mask (PIL "L", 255 = repaint); None: nothing is masked
+    annotator: Path | None = None  # the uploaded annotator file of a preprocessor that needs weights (hed, ...)
 
 
 # The inpainting preprocessors leave the image as it is; the model sees it with the masked pixels at -1
@@ -63,11 +64,20 @@ def _number(unit: dict, name: str, default: float, low: float, high: float, inde
     return float(value)
 
 
-def units_of(params: dict, files: dict[str, Path], init_images: list[Any], init_mask: Any = None) -> list[ControlUnit]:
+def units_of(
+    params: dict,
+    files: dict[str, Path],
+    init_images: list[Any],
+    init_mask: Any = None,
+    annotators: dict[str, Path] | None = None,
+) -> list[ControlUnit]:
     """The enabled units of a request, with their model files (``files``: the job's ControlNet files by name).
     A unit whose weight is 0 changes nothing and is dropped; at most three units are used, as the extension.
     ``init_mask``: img2img's inpainting mask at the generation size, which inpaint units without an image of their
-    own use with the init image (and which turns ``inpaint_only`` into ``inpaint``, as in the extension)."""
+    own use with the init image (and which turns ``inpaint_only`` into ``inpaint``, as in the extension).
+    ``annotators``: the job's ControlNetAnnotator files by name, for the preprocessors that need weights."""
+    from gpu_runtime.protocol.scripts import ANNOTATOR_FILES
+
     scripts = params.get("alwayson_scripts") or {}
     entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
     args = (entry or {}).get("args") or [] if isinstance(entry, dict) else []
@@ -118,6 +128,13 @@ def units_of(params: dict, files: dict[str, Path], init_images: list[Any], init_
         }
         extra["global_pooling"] = "shuffle" in Path(name).stem.lower()
         extra["mask"] = mask
+        if module in ANNOTATOR_FILES:
+            extra["annotator"] = (annotators or {}).get(ANNOTATOR_FILES[module])
+            if extra["annotator"] is None:
+                raise JobError(
+                    f"ControlNet unit {index}: module {module} needs the annotator file {ANNOTATOR_FILES[module]} "
+                    "(upload it as a checkpoint of type ControlNetAnnotator)"
+                )
         if weight > 0:
             units.append(ControlUnit(name, path, module, weight, start, end, int(resize), image, **extra))
     return units
@@ -166,7 +183,7 @@ def control_image(unit: ControlUnit, width: int, height: int, seed: int = 0) -> 
             (unit.image.height, unit.image.width), (height, width), unit.resize_mode
         )
     pixels = np.asarray(unit.image.convert("RGB"))
-    detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b, seed)
+    detected = pre.run(unit.module, pixels, resolution, unit.threshold_a, unit.threshold_b, seed, unit.annotator)
     return resize_image(unit.resize_mode, Image.fromarray(detected), width, height)
 
 

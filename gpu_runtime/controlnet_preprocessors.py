@@ -2,15 +2,19 @@
 at the commit ESD installs): the input is resized so its short side is the processor resolution (bicubic up,
 area down) and padded to a multiple of 64, processed, and the padding removed.
 
-Kept apart from ``gpu_runtime.controlnet`` because each preprocessor is its own definition to match; the ones that
-need annotator weights (depth, openpose, ...) come with an uploadable model type later and are refused by name.
+Kept apart from ``gpu_runtime.controlnet`` because each preprocessor is its own definition to match; hed and
+lineart run their networks from uploaded annotator files (``gpu_runtime.controlnet_annotators``); the others that
+need weights (depth, openpose, ...) are refused by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from gpu_runtime.protocol.scripts import ANNOTATOR_FILES
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,12 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "scribble_xdog": Preprocessor(512, 32, None),
     "lineart_standard": Preprocessor(512, None, None),
     "shuffle": Preprocessor(512, None, None),  # v1.1.444+ fixes it at 512; older versions passed -1 through
+    # gpu_runtime.controlnet_annotators: from an uploaded annotator file
+    "hed": Preprocessor(512, None, None),
+    "hed_safe": Preprocessor(512, None, None),
+    "scribble_hed": Preprocessor(512, None, None),
+    "lineart": Preprocessor(512, None, None),
+    "lineart_coarse": Preprocessor(512, None, None),
 }
 SHUFFLE_NOISE_SCALE = 256  # the content shuffle's noise cell, in pixels
 
@@ -67,10 +77,17 @@ def settings(module: str, resolution: float, threshold_a: float, threshold_b: fl
 
 
 def run(
-    module: str, image: np.ndarray, resolution: float, threshold_a: float, threshold_b: float, seed: int = 0
+    module: str,
+    image: np.ndarray,
+    resolution: float,
+    threshold_a: float,
+    threshold_b: float,
+    seed: int = 0,
+    annotator: Any = None,
 ) -> np.ndarray:
     """The detected map (uint8, H x W x 3) of ``module`` on an RGB image; ``seed`` seeds the random ones
-    (shuffle), as the extension seeds numpy before preprocessing (:func:`gpu_runtime.controlnet.preprocessor_seed`)."""
+    (shuffle), as the extension seeds numpy before preprocessing (:func:`gpu_runtime.controlnet.preprocessor_seed`);
+    ``annotator``: the uploaded file of a module that needs weights."""
     import cv2
 
     image = _hwc3(np.ascontiguousarray(image, dtype=np.uint8))
@@ -87,6 +104,13 @@ def run(
     padded, (height, width) = _resize_with_pad(image, res)
     if module == "shuffle":  # the padding is cut off before shuffling
         return content_shuffle(np.ascontiguousarray(padded[:height, :width]), np.random.RandomState(seed))
+    if module in ANNOTATOR_FILES:
+        from gpu_runtime import controlnet_annotators
+
+        if annotator is None:
+            raise ValueError(f"preprocessor {module} needs its annotator file {ANNOTATOR_FILES[module]}")
+        result = np.ascontiguousarray(controlnet_annotators.run(module, padded, annotator)[:height, :width])
+        return _hwc3(controlnet_annotators.scribble(result) if module == "scribble_hed" else result)
     if module == "canny":
         result = _hwc3(cv2.Canny(padded, int(a), int(b)))
     elif module == "threshold":

@@ -43,6 +43,7 @@ from gpu_runtime.protocol.scripts import (
     FACE_PARSING_FILE,
     FACE_RESTORERS,
     REMBG_SESSIONS,
+    controlnet_annotator_files,
     extras_upscaler_names,
     face_restorer_names,
     hires_upscaler_names,
@@ -478,8 +479,14 @@ class Engine:
             for m in (request.get("models") or {}).get("ControlNet") or []
             if m["model_name"] in wanted or Path(m["model_name"]).stem in wanted
         }
+        needed = controlnet_annotator_files(scripts)
+        annotators = {
+            m["model_name"]: self._fetch(request, m, job)
+            for m in (request.get("models") or {}).get("ControlNetAnnotator") or []
+            if m["model_name"] in needed
+        }
         init_mask = job.inpaint.model_mask if job.inpaint is not None else None
-        job.control = controlnet.units_of(params, files, job.init_images, init_mask)
+        job.control = controlnet.units_of(params, files, job.init_images, init_mask, annotators)
         if job.xl and any(unit.module == "inpaint_only" for unit in job.control):
             raise JobError("ControlNet inpaint_only is not supported with SDXL by this runtime")
         if job.xl and any(unit.control_mode for unit in job.control):  # the extension's scales are SD 1.x/2.x's

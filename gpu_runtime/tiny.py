@@ -280,6 +280,26 @@ def write_tiny_upscaler(path: Path, seed: int = 0, scale: int = 4, arch: str = "
     return path
 
 
+def write_tiny_annotator(path: Path, kind: str, seed: int = 0) -> Path:
+    """A ControlNet annotator file with random weights in the published architecture and layout (a plain state
+    dict, as lllyasviel/Annotators ships ``ControlNetHED.pth`` and ``sk_model.pth``): ``kind`` hed or lineart."""
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        if kind == "hed":
+            from controlnet_aux.hed import ControlNetHED_Apache2
+
+            net = ControlNetHED_Apache2()
+        else:
+            from controlnet_aux.lineart import Generator
+
+            net = Generator(3, 1, 3)
+    torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return Path(path)
+
+
 def write_tiny_rembg(path: Path) -> Path:
     """A rembg model in ONNX whose mask is the image's red channel: a test can predict the cut exactly (a red
     subject on black keeps the red). rembg feeds any u2net/ISNet file the normalised RGB image, of any size here."""

@@ -16,6 +16,7 @@ class CheckpointType(models.TextChoices):
     GFPGAN = "GFPGAN"
     CODEFORMER = "Codeformer"
     REMBG = "rembg"  # rembg's ONNX models (u2net.onnx, isnet-anime.onnx, ...), named by stem like upscalers
+    CONTROLNET_ANNOTATOR = "ControlNetAnnotator"  # the ControlNet extension's annotator downloads (ControlNetHED.pth)
 
 
 # Types whose files a request names without the extension (A1111's upscaler names are file stems).

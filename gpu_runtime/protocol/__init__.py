@@ -28,6 +28,7 @@ MODEL_TYPES = (
     "GFPGAN",
     "Codeformer",
     "rembg",
+    "ControlNetAnnotator",
 )
 EVENT_KINDS = ("heartbeat", "inference", "progress", "training")
 INVOCATION_STATUSES = ("Completed", "Failed")

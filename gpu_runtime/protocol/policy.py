@@ -384,6 +384,15 @@ CONTROLNET_MODULES = {
     "inpaint": "inpaint",
     "inpaint_global_harmonious": "inpaint",
     "inpaint_only": "inpaint_only",
+    # with an uploaded annotator file (gpu_runtime.controlnet_annotators)
+    "hed": "hed",
+    "softedge_hed": "hed",
+    "hed_safe": "hed_safe",
+    "softedge_hedsafe": "hed_safe",
+    "scribble_hed": "scribble_hed",
+    "lineart": "lineart",
+    "lineart_realistic": "lineart",
+    "lineart_coarse": "lineart_coarse",
 }
 CONTROLNET_MAX_UNITS = 3  # the extension's control_net_unit_count
 # the extension's control modes, by name or index (sd-webui-controlnet ``external_code.ControlMode``)

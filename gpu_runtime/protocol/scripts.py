@@ -140,6 +140,9 @@ def named_models(task: str, params: Any) -> dict[str, list[str]]:
     for model in controlnet_models(params.get("alwayson_scripts")):
         if model not in names.setdefault("ControlNet", []):
             names["ControlNet"].append(model)
+    for annotator in controlnet_annotator_files(params.get("alwayson_scripts")):
+        if annotator not in names.setdefault("ControlNetAnnotator", []):
+            names["ControlNetAnnotator"].append(annotator)
     if task == "rembg":
         return {"rembg": [rembg_model(params)]} if rembg_model(params) in REMBG_SESSIONS else {}
     upscalers = extras_upscaler_names(params) if task.startswith("extra-") else hires_upscaler_names(task, params)
@@ -192,6 +195,34 @@ def controlnet_models(scripts: Any) -> list[str]:
             if model not in _NO_FILE:
                 models.append(model)
     return models
+
+
+# ControlNet module (as the runtime names it) -> the annotator file the extension downloads for it
+ANNOTATOR_FILES = {
+    "hed": "ControlNetHED.pth",
+    "hed_safe": "ControlNetHED.pth",
+    "scribble_hed": "ControlNetHED.pth",
+    "lineart": "sk_model.pth",
+    "lineart_coarse": "sk_model2.pth",
+}
+
+
+def controlnet_annotator_files(scripts: Any) -> list[str]:
+    """The annotator files the enabled ControlNet units' preprocessors need (sent like the units' models)."""
+    from gpu_runtime.protocol.policy import CONTROLNET_MODULES
+
+    if not isinstance(scripts, dict):
+        return []
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    units = entry.get("args") if isinstance(entry, dict) else None
+    found = []
+    for unit in units if isinstance(units, list) else []:
+        if isinstance(unit, dict) and unit.get("enabled", True) is not False:
+            module = unit.get("module", "none")
+            name = ANNOTATOR_FILES.get(CONTROLNET_MODULES.get(module, "")) if isinstance(module, str) else None
+            if name and name not in found:
+                found.append(name)
+    return found
 
 
 def xyz_model_names(task: str, script_args: Any) -> dict[str, list[str]]:

@@ -57,7 +57,7 @@ def test_refusals_name_the_model_or_the_value(engine, files):
         rembg(engine, files, {"model": "birefnet-general"})
     with pytest.raises(JobError, match="return_mask must be true or false"):
         rembg(engine, files, {"return_mask": "yes"})
-    with pytest.raises(JobError, match="alpha_matting_erode_size must be between 0 and 255"):
+    with pytest.raises(JobError, match="alpha_matting_erode_size must be a number between 0 and 255"):
         rembg(engine, files, {"alpha_matting": True, "alpha_matting_erode_size": 500})
 
 

@@ -222,7 +222,8 @@ def test_create_rules(api: Api, admin_key, disk_store, body, message):
             {
                 "checkpoint_type": [
                     'instance value ("Foo") not found in enum (possible values: ["Stable-diffusion",'
-                    '"embeddings","Lora","hypernetworks","ControlNet","VAE","ESRGAN","GFPGAN","Codeformer"])'  # issue 14
+                    '"embeddings","Lora","hypernetworks","ControlNet","VAE","ESRGAN","GFPGAN","Codeformer","rembg",'
+                    '"ControlNetAnnotator"])'  # issue 14
                 ]
             },
         ),
