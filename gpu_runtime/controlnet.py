@@ -113,6 +113,8 @@ def units_of(
                     mask = decode_image(raw_mask).convert("RGB").getchannel(0)
             except Exception:
                 raise JobError(f"ControlNet unit {index}: the image or its mask could not be decoded") from None
+        elif raw_mask and module in INPAINT_MODULES:
+            raise JobError(f"ControlNet unit {index}: a mask needs the unit's image")
         elif init_images:  # the extension's choose_input_image: img2img falls back to the init image
             image, mask = init_images[0], init_mask if module in INPAINT_MODULES else None
         else:
@@ -143,10 +145,16 @@ def units_of(
 def preprocessor_seed(params: dict, first_seed: int) -> int:
     """The seed the extension gives numpy before it preprocesses (the shuffle's noise): the request's seed plus
     its subseed, each the first image's seed when -1 (also the subseed), wrapped to 32 bits."""
-    seed, subseed = params.get("seed", -1), params.get("subseed", -1)
-    seed = first_seed if seed in (-1, None) else max(int(seed), 0)
-    subseed = first_seed if subseed in (-1, None) else max(int(subseed), 0)
-    return (seed + subseed) & 0xFFFFFFFF
+
+    def value(name: str) -> int:
+        raw = params.get(name, -1)
+        if raw is None or raw == -1:
+            return first_seed
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw) or abs(raw) >= 2**63:
+            raise JobError(f"{name} must be an integer")
+        return max(int(raw), 0)
+
+    return (value("seed") + value("subseed")) & 0xFFFFFFFF
 
 
 def inpaint_parts(unit: ControlUnit, width: int, height: int) -> tuple[Any, Any]:
@@ -300,11 +308,12 @@ def pipeline(pipe: Any, controlnets: list[Any], image_to_image: bool, xl: bool) 
     return made
 
 
-def inpaint_only_hooks(pipe: Any, units: list[ControlUnit], width: int, height: int) -> list[Any]:
+def inpaint_only_hooks(pipe: Any, units: list[ControlUnit], width: int, height: int, hooks: list[Any]) -> None:
     """The extension's ``inpaint_only`` latent blend, as hooks on the pipeline's models (removed after the call):
     while an inpaint_only unit is active (its ControlNet runs with a scale above 0), every noise prediction of the
     UNet is pulled, by the unit's weight (at most 1), towards the one whose x0 keeps the unit's image outside the
-    mask (VAE-encoded; the mask max-pooled to the latents, 10 px windows every 8 px)."""
+    mask (VAE-encoded; the mask max-pooled to the latents, 10 px windows every 8 px). Each hook is appended to
+    ``hooks`` as it is registered, so the caller removes them even when a later one fails."""
     import numpy as np
     import torch
 
@@ -317,7 +326,7 @@ def inpaint_only_hooks(pipe: Any, units: list[ControlUnit], width: int, height: 
         raise JobError("ControlNet inpaint_only is supported with epsilon-prediction models only by this runtime")
     alphas = 1 / (1 + model.sigmas**2)  # the checkpoint's alphas_cumprod, as A1111 holds them
     nets = getattr(pipe.controlnet, "nets", None) or [pipe.controlnet]
-    blends, hooks = [], []
+    blends = []
     for net, unit in zip(nets, units, strict=True):
         if unit.module != "inpaint_only":
             continue
@@ -356,7 +365,6 @@ def inpaint_only_hooks(pipe: Any, units: list[ControlUnit], width: int, height: 
         return output
 
     hooks.append(pipe.unet.register_forward_hook(blend, with_kwargs=True))
-    return hooks
 
 
 def inpaint_only_paste(image: Any, units: list[ControlUnit], width: int, height: int) -> Any:

@@ -297,8 +297,8 @@ class Engine:
             except policy.PolicyError as exc:
                 raise JobError(f"x/y/z plot cell {cell.index + 1}: {exc}") from None
             prepared = Prepared(job_id=f"{job.job_id}/{cell.index}", task=job.task, params=cell.params)
+            job.cells.append(prepared)  # first: a failing cell's files are released with the others
             self._prepare_diffusion(prepared, request, cell.params)
-            job.cells.append(prepared)
             self._prepare_faces(prepared, request, face_restorer_names(job.task, cell.params))
         first = job.cells[0]
         job.checkpoint, job.family, job.seeds = first.checkpoint, first.family, first.seeds
@@ -487,6 +487,7 @@ class Engine:
         }
         init_mask = job.inpaint.model_mask if job.inpaint is not None else None
         job.control = controlnet.units_of(params, files, job.init_images, init_mask, annotators)
+        controlnet.preprocessor_seed(params, 0)  # its seed and subseed checked before any work
         if job.xl and any(unit.module == "inpaint_only" for unit in job.control):
             raise JobError("ControlNet inpaint_only is not supported with SDXL by this runtime")
         if job.xl and any(unit.control_mode for unit in job.control):  # the extension's scales are SD 1.x/2.x's
@@ -559,9 +560,9 @@ class Engine:
         the job (A1111 takes them from its GFPGAN and Codeformer model folders)."""
         from fnmatch import fnmatchcase
 
-        for name in ("restore_faces",) if job.task in ("txt2img", "img2img") else ():
-            if job.params.get(name) not in (None, True, False):
-                raise JobError(f"{name} must be true or false")
+        restore = job.params.get("restore_faces")
+        if job.task in ("txt2img", "img2img") and restore is not None and not isinstance(restore, bool):
+            raise JobError("restore_faces must be true or false")
         for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
             if job.task.startswith("extra-"):
                 _number(job.params, name, 0, 0, 1)
@@ -602,7 +603,7 @@ class Engine:
             raise JobError(
                 f"rembg model {name} is not supported by this runtime; use one of: {', '.join(REMBG_SESSIONS)}"
             )
-        sent = [m for m in (request.get("models") or {}).get("rembg") or [] if Path(m["model_name"]).stem == name]
+        sent = [m for m in (request.get("models") or {}).get("rembg") or [] if m["model_name"] == f"{name}.onnx"]
         if not sent:
             raise JobError(
                 f"rembg model {name} needs a checkpoint of type rembg with a file {name}.onnx sent with the job"
@@ -884,12 +885,14 @@ class Engine:
         arguments["callback_on_step_end_tensor_inputs"] = sorted(tensors)
         if is_inpainting(unet):
             pipe.unet = self._conditioned(pipe, unet, job, init_images, len(prompts), job.width, job.height)
-        hooks = self._control_modes(pipe, job) if job.control else []
-        if any(unit.module == "inpaint_only" for unit in job.control):
-            from gpu_runtime import controlnet
-
-            hooks += controlnet.inpaint_only_hooks(pipe, job.control, job.width, job.height)
+        hooks: list[Any] = []  # on shared, cached models: removed whatever happens
         try:
+            if job.control:
+                hooks += self._control_modes(pipe, job)
+            if any(unit.module == "inpaint_only" for unit in job.control):
+                from gpu_runtime import controlnet
+
+                controlnet.inpaint_only_hooks(pipe, job.control, job.width, job.height, hooks)
             with torch.inference_mode(), _tiled([m for m in models if m is not None], job.tiling):
                 latents = pipe(**arguments).images
                 if job.hires is not None:
@@ -970,7 +973,10 @@ class Engine:
         nets = getattr(pipe.controlnet, "nets", None) or [pipe.controlnet]
         hooked = [(n, u) for n, u in zip(nets, job.control, strict=True) if u.control_mode or u.global_pooling]
         if hooked and len({id(net) for net in nets}) < len(nets):
-            raise JobError("one ControlNet model in two units with a control mode other than Balanced is not supported")
+            raise JobError(
+                "one ControlNet model in two units is not supported by this runtime with a control mode other than "
+                "Balanced or a shuffle model's pooling"
+            )
         return [
             net.register_forward_hook(controlnet.control_mode_hook(pipe, unit.control_mode, unit.global_pooling))
             for net, unit in hooked

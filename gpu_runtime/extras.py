@@ -147,9 +147,13 @@ def remove_background(image: Any, params: dict, model_file: Path) -> Any:
     except ImportError:  # pragma: no cover - the runtime extra installs it
         raise JobError("rembg is not installed in this runtime") from None
     name = rembg_model(params)
-    # rembg reads custom models only from its home (U2NET_HOME): the job's file is its own home, one job at a time
+    # rembg reads custom models only from its home (U2NET_HOME): the job's file is its own home (jobs run one at a
+    # time under the engine's lock, and nothing else in the runtime reads that variable)
     os.environ["U2NET_HOME"] = str(model_file.parent)
-    session = new_session(REMBG_SESSIONS[name], model_path=str(model_file))
+    try:
+        session = new_session(REMBG_SESSIONS[name], model_path=str(model_file))
+    except Exception as exc:  # not an ONNX file, or another network's
+        raise JobError(f"rembg model {model_file.name} could not be loaded: {str(exc)[:200]}") from None
     options = {
         "only_mask": _flag(params, "return_mask"),
         "alpha_matting": _flag(params, "alpha_matting"),
@@ -157,7 +161,10 @@ def remove_background(image: Any, params: dict, model_file: Path) -> Any:
         "alpha_matting_background_threshold": int(_number(params, "alpha_matting_background_threshold", 10, 0, 255)),
         "alpha_matting_erode_size": int(_number(params, "alpha_matting_erode_size", 10, 0, 255)),
     }
-    return remove(image, session=session, **options)
+    try:
+        return remove(image, session=session, **options)
+    except Exception as exc:  # onnxruntime's errors: a model whose inputs or outputs are not rembg's
+        raise JobError(f"rembg model {model_file.name} failed on the image: {str(exc)[:200]}") from None
 
 
 def _flag(params: dict, name: str) -> bool:

@@ -18,8 +18,10 @@ restorer that fails is an error of the job, not a face silently left as it was.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,9 @@ class FaceModels:
     """Loaded restorers and face helpers, keyed by their files: a batch restores every image with the same ones,
     and the next job with the same files pays no load."""
 
-    def __init__(self, device: str, dtype: Any, links: Path):
+    def __init__(self, device: str, dtype: Any, links: Path) -> None:
         self.device, self.dtype, self.links = device, dtype, links
-        self._restorers: dict[str, Any] = {}
+        self._restorers: OrderedDict[str, Any] = OrderedDict()  # the last two, most recently used last
         self._helpers: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -51,13 +53,16 @@ class FaceModels:
 
         with self._lock:
             if str(path) in self._restorers:
+                self._restorers.move_to_end(str(path))
                 return self._restorers[str(path)]
         model_type = FACE_RESTORERS[name][0]
         descriptor = load_descriptor(path, model_type, self.device, self.dtype)
         if descriptor.architecture.id != ARCHITECTURES[name]:
             raise JobError(f"{model_type} model {path.name} is a {descriptor.architecture.name} model, not {name}")
         with self._lock:
-            self._restorers = {str(path): descriptor, **dict(list(self._restorers.items())[-1:])}
+            self._restorers[str(path)] = descriptor
+            while len(self._restorers) > 2:  # GFPGAN and CodeFormer for an extras job that runs both
+                self._restorers.popitem(last=False)
         return descriptor
 
     def helper(self, detection: Path, parsing: Path) -> Any:
@@ -71,15 +76,15 @@ class FaceModels:
         from facexlib.utils.face_restoration_helper import FaceRestoreHelper
 
         folder = self.links / hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, target in ((FACE_DETECTION_FILE, detection), (FACE_PARSING_FILE, parsing)):
-            link = folder / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(target.resolve())
         device = torch.device(self.device)
         retinaface.device = device  # facexlib builds its anchors on this module-level device
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, target in ((FACE_DETECTION_FILE, detection), (FACE_PARSING_FILE, parsing)):
+                staged = folder / f".{name}.{os.getpid()}"  # replaced atomically: workers may share the folder
+                staged.unlink(missing_ok=True)
+                staged.symlink_to(target.resolve())
+                os.replace(staged, folder / name)
             with warnings.catch_warnings():  # torchvision's notice about resnet50(pretrained=False)
                 warnings.simplefilter("ignore", UserWarning)
                 helper = FaceRestoreHelper(
@@ -92,7 +97,7 @@ class FaceModels:
                     device=device,
                     model_rootpath=str(folder),
                 )
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:  # a file of another network
+        except Exception as exc:  # a file of another network, truncated, or not a state dict at all
             raise JobError(f"the face detector or parser file could not be loaded: {str(exc)[:200]}") from None
         with self._lock:
             self._helpers = {key: helper}

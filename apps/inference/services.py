@@ -26,13 +26,15 @@ from apps.endpoints.choices import USABLE, EndpointStatus
 from apps.endpoints.models import Endpoint
 from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
 from apps.inference.models import InferenceJob
-from apps.models_registry.choices import STEM_NAMED_TYPES, URL_EXTENSIONS, CheckpointStatus
+from apps.models_registry.choices import STEM_NAMED_TYPES, STEM_SUFFIXES, CheckpointStatus
 from apps.models_registry.models import Checkpoint, CheckpointFile
 from esd import keys
 from esd.api.errors import BadRequest
 from esd.storage import blob_store
+from gpu_runtime.protocol.scripts import FACE_HELPER_FILES, FACE_RESTORERS
 
 log = logging.getLogger(__name__)
+FACE_RESTORER_PATTERNS = set(FACE_RESTORERS.values())
 
 BUILTIN_VAES = ("None", "Automatic")
 
@@ -67,22 +69,24 @@ def resolve_models(user: User, permissions: frozenset[str], models: dict[str, An
     missing: list[str] = []
     wanted = [(model_type, name) for model_type, names in models.items() for name in (names or [])]
     names = [name for _, name in wanted if isinstance(name, str)]
-    stems = [name for model_type, name in wanted if model_type in STEM_NAMED_TYPES and isinstance(name, str)]
-    candidates = names + [stem + suffix for stem in stems for suffix in URL_EXTENSIONS]
+    stems = [(t, name) for t, name in wanted if t in STEM_NAMED_TYPES and isinstance(name, str)]
+    candidates = names + [stem + suffix for t, stem in stems for suffix in STEM_SUFFIXES[t]]
     files: dict[tuple[str, str], tuple[Checkpoint, str]] = {}
     found_files = CheckpointFile.objects.select_related("checkpoint").filter(
         name__in=candidates, checkpoint__in=visible
     )
     for f in found_files.order_by("-checkpoint__created", "name"):  # newest first: the first match of a name wins
         files.setdefault((f.checkpoint.checkpoint_type, f.name), (f.checkpoint, f.name))
-        if f.checkpoint.checkpoint_type in STEM_NAMED_TYPES:
-            files.setdefault((f.checkpoint.checkpoint_type, f.name.rsplit(".", 1)[0]), (f.checkpoint, f.name))
+        kind = f.checkpoint.checkpoint_type
+        if kind in STEM_NAMED_TYPES and f.name.lower().endswith(STEM_SUFFIXES[kind]):
+            files.setdefault((kind, f.name.rsplit(".", 1)[0]), (f.checkpoint, f.name))
     store = blob_store()
     for model_type, name in wanted:
         if model_type == "VAE" and name in BUILTIN_VAES:
             used.setdefault("VAE", []).append({"s3": "None", "id": "VAE", "model_name": name, "type": "VAE"})
             continue
-        if isinstance(name, str) and "*" in name:  # a face restorer's file pattern (protocol FACE_RESTORERS)
+        # a face restorer's file is found A1111's way, by the pattern of its model folder
+        if isinstance(name, str) and (model_type, name) in FACE_RESTORER_PATTERNS:
             found = _newest_matching(visible, model_type, name)
             if found is None:
                 missing.append(f"checkpoint with a file matching {name}, type {model_type} is not found")
@@ -105,8 +109,6 @@ def _newest_matching(visible: Any, model_type: str, pattern: str) -> tuple[Check
     """The newest visible file of ``model_type`` matching ``pattern`` (A1111 takes a restorer from its model folder
     by such a pattern), never one of facexlib's helper files that share the GFPGAN folder."""
     from fnmatch import fnmatchcase
-
-    from gpu_runtime.protocol.scripts import FACE_HELPER_FILES
 
     files = CheckpointFile.objects.select_related("checkpoint").filter(
         checkpoint__in=visible, checkpoint__checkpoint_type=model_type, name__endswith=pattern.rsplit("*", 1)[1]

@@ -21,6 +21,11 @@ class CheckpointType(models.TextChoices):
 
 # Types whose files a request names without the extension (A1111's upscaler names are file stems).
 STEM_NAMED_TYPES = (CheckpointType.ESRGAN, CheckpointType.REMBG)
+# The file extensions a stem may stand for, per stem-named type (spandrel's files; rembg's ONNX models).
+STEM_SUFFIXES = {
+    CheckpointType.ESRGAN: (".pth", ".pt", ".safetensors", ".ckpt", ".bin"),
+    CheckpointType.REMBG: (".onnx",),
+}
 
 
 class CheckpointStatus(models.TextChoices):

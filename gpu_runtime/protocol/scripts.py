@@ -98,10 +98,9 @@ def _xyz_restores_faces(task: str, params: dict) -> bool:
     if not isinstance(args, Sequence) or isinstance(args, str) or len(args) not in (15, 18):
         return False
     for offset in (0, 3, 6):
-        kind, text, dropdown = args[offset : offset + 3]
-        if kind == XYZ_FACE_RESTORE_AXIS.get(task) and not isinstance(kind, bool):
-            values = dropdown if isinstance(dropdown, list) and dropdown and not args[-1] else [text]
-            words = {v.strip().lower() for value in values for v in str(value or "").split(",")}
+        kind, text = args[offset : offset + 2]
+        if kind == XYZ_FACE_RESTORE_AXIS.get(task) and not isinstance(kind, bool):  # no choices: the text counts
+            words = {v.strip().lower() for row in csv.reader(io.StringIO(str(text or ""))) for v in row}
             if words & {"codeformer", "gfpgan", "true", "yes", "y", "1"}:
                 return True
     return False
@@ -182,19 +181,23 @@ def hires_upscaler_names(task: str, params: dict) -> list[str]:
     return [] if name in HIRES_UPSCALERS else [name]
 
 
-def controlnet_models(scripts: Any) -> list[str]:
-    """The models of the enabled ControlNet units (a unit without ``enabled`` is on, as in the extension)."""
+def _enabled_units(scripts: Any) -> list[dict]:
+    """The enabled ControlNet units of ``alwayson_scripts`` (a unit without ``enabled`` is on, as in the
+    extension); malformed entries give none, the runtime refuses them with the reason."""
     if not isinstance(scripts, dict):
         return []
     entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    from gpu_runtime.protocol.policy import CONTROLNET_MAX_UNITS
+
     units = entry.get("args") if isinstance(entry, dict) else None
-    models = []
-    for unit in units if isinstance(units, list) else []:
-        if isinstance(unit, dict) and unit.get("enabled", True) is not False:
-            model = str(unit.get("model") or "None").split(" [")[0]
-            if model not in _NO_FILE:
-                models.append(model)
-    return models
+    units = units[:CONTROLNET_MAX_UNITS] if isinstance(units, list) else []  # the runtime uses no more
+    return [u for u in units if isinstance(u, dict) and u.get("enabled", True) is not False]
+
+
+def controlnet_models(scripts: Any) -> list[str]:
+    """The models of the enabled ControlNet units."""
+    models = [str(unit.get("model") or "None").split(" [")[0] for unit in _enabled_units(scripts)]
+    return [model for model in models if model not in _NO_FILE]
 
 
 # ControlNet module (as the runtime names it) -> the annotator file the extension downloads for it
@@ -211,17 +214,12 @@ def controlnet_annotator_files(scripts: Any) -> list[str]:
     """The annotator files the enabled ControlNet units' preprocessors need (sent like the units' models)."""
     from gpu_runtime.protocol.policy import CONTROLNET_MODULES
 
-    if not isinstance(scripts, dict):
-        return []
-    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
-    units = entry.get("args") if isinstance(entry, dict) else None
     found = []
-    for unit in units if isinstance(units, list) else []:
-        if isinstance(unit, dict) and unit.get("enabled", True) is not False:
-            module = unit.get("module", "none")
-            name = ANNOTATOR_FILES.get(CONTROLNET_MODULES.get(module, "")) if isinstance(module, str) else None
-            if name and name not in found:
-                found.append(name)
+    for unit in _enabled_units(scripts):
+        module = unit.get("module", "none")
+        name = ANNOTATOR_FILES.get(CONTROLNET_MODULES.get(module, "")) if isinstance(module, str) else None
+        if name and name not in found:
+            found.append(name)
     return found
 
 

@@ -55,6 +55,24 @@ def image(engine, files, params, **kw):
     return pixels(run(engine, files, params, **kw)["images"][0]).astype(int)
 
 
+@pytest.fixture
+def residuals(monkeypatch):
+    """Every ControlNet residual list the UNet receives (the 12 or 6 down residuals, then the middle one)."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    original = UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):
+        down = kwargs.get("down_block_additional_residuals")
+        if down is not None:
+            seen.append([r.clone() for r in (*down, kwargs["mid_block_additional_residual"])])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    return seen
+
+
 def test_an_enabled_unit_changes_the_image_and_weight_0_or_disabled_is_none(engine, files):
     plain = image(engine, files, BASE)
     controlled = image(engine, files, {**BASE, **with_units(unit())})
@@ -141,26 +159,16 @@ def test_a_canny_unit_controls_with_the_edges_of_its_image(engine, files):
 
 
 def test_control_modes_scale_the_residuals_and_controlnet_first_leaves_the_negative_prediction_alone(
-    engine, files, monkeypatch
+    engine, files, residuals
 ):
     """The extension's modes: "My prompt is more important" scales residual i of n (13 for SD 1.5, 7 for the tiny
     UNet) by 0.825^(n-1-i) on both halves of the CFG batch; "ControlNet is more important" does so on the prompt's half only. Checked on the residuals
     the UNet receives, against the Balanced run's, and on the images."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from gpu_runtime.controlnet import layer_scales
 
-    seen = []
-    original = UNet2DConditionModel.forward
-
-    def forward(self, *args, **kwargs):
-        residuals = kwargs.get("down_block_additional_residuals")
-        if residuals is not None:
-            seen.append([r.clone() for r in (*residuals, kwargs["mid_block_additional_residual"])])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    seen = residuals
     params = {**BASE, "steps": 1}
     balanced = image(engine, files, {**params, **with_units(unit())})
     plain_residuals = seen.pop()
@@ -182,23 +190,13 @@ def test_control_modes_scale_the_residuals_and_controlnet_first_leaves_the_negat
     assert (image(engine, files, {**params, **with_units(unit())}) == balanced).all()
 
 
-def test_a_shuffle_model_is_pooled_and_leaves_the_negative_prediction_alone(engine, files, monkeypatch):
+def test_a_shuffle_model_is_pooled_and_leaves_the_negative_prediction_alone(engine, files, residuals):
     """The extension's global average pooling, for a ControlNet whose file name says shuffle: every residual is
     averaged over height and width and kept off the negative prompt's half. The same file under another name is
     the Balanced run the pooled residuals are checked against."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    seen = []
-    original = UNet2DConditionModel.forward
-
-    def forward(self, *args, **kwargs):
-        residuals = kwargs.get("down_block_additional_residuals")
-        if residuals is not None:
-            seen.append([r.clone() for r in (*residuals, kwargs["mid_block_additional_residual"])])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    seen = residuals
     params = {**BASE, "steps": 1}
     plain = image(engine, files, {**params, **with_units(unit())})
     plain_residuals = seen.pop()

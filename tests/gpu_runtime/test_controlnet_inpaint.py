@@ -116,7 +116,8 @@ def test_the_latent_blend_pulls_the_prediction_towards_the_image_outside_the_mas
     )
     unit = controlnet.units_of({"alwayson_scripts": {"controlnet": {"args": [inpaint_unit()]}}}, {"cn": "cn"}, [])[0]
     unit = dataclasses.replace(unit, weight=0.5)
-    hooks = controlnet.inpaint_only_hooks(pipe, [unit], 64, 64)
+    hooks = []
+    controlnet.inpaint_only_hooks(pipe, [unit], 64, 64, hooks)
     sample, t = torch.randn(2, 4, 8, 8), torch.tensor(500.0)
     pipe.controlnet(sample, t, conditioning_scale=0.0)  # outside guidance_start..end: untouched
     assert (pipe.unet(sample, t)[0] == 0.3).all()
@@ -138,3 +139,9 @@ def test_refusals(engine, files):
     units = {"alwayson_scripts": {"controlnet": {"args": [{**inpaint_unit(), "module": "canny"}]}}}
     with pytest.raises(JobError, match="a mask on a canny unit is not supported"):
         generate(engine, files, {**BASE, **units})
+    units = {"alwayson_scripts": {"controlnet": {"args": [{**inpaint_unit(), "image": None}]}}}
+    with pytest.raises(JobError, match="ControlNet unit 0: a mask needs the unit's image"):
+        generate(engine, files, {**BASE, **units})
+    units = {"alwayson_scripts": {"controlnet": {"args": [inpaint_unit()]}}}
+    with pytest.raises(JobError, match="subseed must be an integer"):  # it seeds the preprocessors
+        generate(engine, files, {**BASE, **units, "subseed": "abc"})

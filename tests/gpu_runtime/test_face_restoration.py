@@ -135,9 +135,10 @@ def test_refusals_name_the_missing_file_the_wrong_model_and_bad_values(face_engi
     request = make_request(files, "r", {**params, "gfpgan_visibility": 2}, task="extra-single-image", types=())
     with pytest.raises(JobError, match="gfpgan_visibility must be between 0 and 1"):
         face_engine.prepare("r", request)
-    request = make_request(files, "r", {**BASE, "restore_faces": "yes"}, types=("Stable-diffusion",))
-    with pytest.raises(JobError, match="restore_faces must be true or false"):
-        face_engine.prepare("r", request)
+    for value in ("yes", 1):  # 1 is not true here: a value that would be silently read as "off" is refused
+        request = make_request(files, "r", {**BASE, "restore_faces": value}, types=("Stable-diffusion",))
+        with pytest.raises(JobError, match="restore_faces must be true or false"):
+            face_engine.prepare("r", request)
     with pytest.raises(policy.PolicyError, match='face_restoration_model="RestoreFormer" is not supported'):
         policy.check("txt2img", {**BASE, "override_settings": {"face_restoration_model": "RestoreFormer"}})
 

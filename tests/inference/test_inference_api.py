@@ -272,6 +272,20 @@ def test_model_upscalers_named_by_extras_or_hires_are_sent_by_file_stem(api: Api
     assert answer.body["message"] == "checkpoint with name 4x-Secret, type ESRGAN is not found"
 
 
+def test_the_rembg_model_is_sent_by_stem_as_its_onnx_file(api: Api, admin_key, ready):
+    import json
+
+    register("isnet-anime.pth", checkpoint_type="rembg")  # not an ONNX file: never a rembg model
+    register("isnet-anime.onnx", checkpoint_type="rembg")
+    params = json.dumps({"input_image": "", "model": "isnet-anime"})
+    answer = create(api, admin_key, task_type="rembg", models={}, payload_string=params)
+    assert answer.status == 202, answer.body
+    job = InferenceJob.objects.get(pk=answer.body["data"]["inference"]["inference_id"])
+    assert [e["model_name"] for e in job.used_models["rembg"]] == ["isnet-anime.onnx"]
+    answer = create(api, admin_key, task_type="rembg", models={}, payload_string=json.dumps({"input_image": ""}))
+    assert answer.status == 400 and answer.body["message"] == "checkpoint with name u2net, type rembg is not found"
+
+
 def test_face_restorers_and_facexlibs_files_are_sent_from_the_owners_checkpoints(api: Api, admin_key, ready):
     """``restore_faces`` and extras' visibilities send the newest visible restorer file (A1111: a ``.pth`` with
     GFPGAN in its name from the GFPGAN folder, any ``.pth`` from the Codeformer folder) and facexlib's detector and
