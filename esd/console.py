@@ -1,4 +1,5 @@
-"""The browser console's shared parts: access by ESD permissions, the navigation, and the dashboard.
+"""The browser console's shared parts: access by ESD permissions and the navigation (the dashboard, which reads
+every app, lives in ``apps.endpoints.dashboard``).
 
 Console pages are plain Django views rendering ``templates/console``; live parts refresh with htmx (served from our
 own static files). Each page declares the ESD permissions it needs with ``@console_view``; the navigation shows only
@@ -11,10 +12,11 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.module_loading import import_string
 
 NAV: list[tuple[str, str, tuple[str, ...]]] = [
     # (label, url name, any of these permissions; () = every signed-in user)
@@ -33,8 +35,7 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
 def permissions(request: HttpRequest) -> frozenset[str]:
     """The signed-in user's ESD permissions, once per request."""
     if not hasattr(request, "_esd_permissions"):
-        from apps.accounts.models import permissions_of
-
+        permissions_of = import_string(settings.ESD_PERMISSIONS_OF)  # the accounts app's rule
         user = request.user
         request._esd_permissions = permissions_of(user) if user.is_authenticated and user.is_active else frozenset()
     return request._esd_permissions
@@ -68,39 +69,3 @@ def navigation(request: HttpRequest) -> dict[str, Any]:
         "nav": [(label, name) for label, name, wanted in NAV if holds(request, *wanted)],
         "esd_permissions": permissions(request),
     }
-
-
-@console_view()
-def dashboard(request: HttpRequest) -> HttpResponse:
-    return render(request, "console/dashboard.html", dashboard_context(request))
-
-
-@console_view()
-def dashboard_live(request: HttpRequest) -> HttpResponse:
-    """The part of the dashboard htmx refreshes every few seconds."""
-    return render(request, "console/_dashboard_live.html", dashboard_context(request))
-
-
-def dashboard_context(request: HttpRequest) -> dict[str, Any]:
-    from apps.endpoints import services as endpoint_services
-    from apps.endpoints.models import Endpoint
-    from apps.inference.models import InferenceJob
-    from apps.training.models import TrainingJob
-
-    user, perms = request.user, permissions(request)
-    context: dict[str, Any] = {}
-    if holds(request, "inference:all", "inference:list", "inference:create"):
-        jobs = InferenceJob.objects.visible_to(user, perms)
-        counts = dict(jobs.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
-        context["job_counts"] = [(s, counts.get(s, 0)) for s in ("created", "inprogress", "succeed", "failed")]
-        context["failed_jobs"] = list(jobs.filter(status="failed").order_by("-complete_time")[:5])
-    if holds(request, "sagemaker_endpoint:all", "sagemaker_endpoint:list"):
-        endpoints = Endpoint.objects.visible_to(user, perms).live().order_by("name")[:50]
-        context["endpoints"] = [endpoint_services.describe_for_operators(e) for e in endpoints]
-    if holds(request, "train:all"):
-        trainings = TrainingJob.objects.visible_to(user, perms)
-        context["running_trainings"] = list(
-            trainings.exclude(status__in=("Completed", "Failed", "Stopped")).order_by("-created")[:5]
-        )
-        context["failed_trainings"] = list(trainings.filter(status="Failed").order_by("-finished")[:5])
-    return context

@@ -3,13 +3,9 @@
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from esd import console
-
 app_name = "console"
 
 urlpatterns = [
-    path("", console.dashboard, name="dashboard"),
-    path("dashboard/live", console.dashboard_live, name="dashboard-live"),
     path("login/", auth_views.LoginView.as_view(template_name="console/login.html"), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="console:login"), name="logout"),
     path("", include("apps.accounts.urls")),

@@ -90,6 +90,9 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",
 ]
 
+# The accounts app's rules, which the plumbing (esd.api, esd.console) applies without importing any app.
+ESD_AUTHORIZE = "apps.accounts.access.authorize"
+ESD_PERMISSIONS_OF = "apps.accounts.models.permissions_of"
 ROOT_URLCONF = "esd.urls"
 WSGI_APPLICATION = "esd.wsgi.application"
 

@@ -18,15 +18,24 @@ from django.apps import apps
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from django.utils.module_loading import import_string
 
 log = logging.getLogger("esd.tasks")
 
 _RECOVERERS: dict[str, Callable[[], int]] = {}
 
 
-def enqueue(actor: dramatiq.Actor, *args: Any, **kwargs: Any) -> None:
-    """Send after the surrounding transaction commits, so a worker never reads a row that does not exist yet."""
-    transaction.on_commit(lambda: actor.send(*args, **kwargs))
+def enqueue(actor: dramatiq.Actor | str, *args: Any, **kwargs: Any) -> None:
+    """Send after the surrounding transaction commits, so a worker never reads a row that does not exist yet.
+
+    Services name their actors by dotted path (``"apps.inference.tasks.invoke_realtime"``): a service never
+    imports its app's ``tasks`` module, which imports the service (the layering contracts in pyproject.toml)."""
+
+    def send() -> None:
+        found = import_string(actor) if isinstance(actor, str) else actor
+        found.send(*args, **kwargs)
+
+    transaction.on_commit(send)
 
 
 def recoverer(name: str) -> Callable[[Callable[[], int]], Callable[[], int]]:

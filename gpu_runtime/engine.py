@@ -34,8 +34,8 @@ from gpu_runtime.errors import JobError
 from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, is_inpainting
-from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
+from gpu_runtime.protocol.prompts import extract_loras
 from gpu_runtime.protocol.scripts import (
     DEFAULT_CODEFORMER_WEIGHT,
     FACE_DETECTION_FILE,

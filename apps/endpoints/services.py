@@ -61,7 +61,6 @@ def normalise_extensions(text: str) -> list[str]:
 
 def create_endpoint(request: EndpointRequest, *, creator: str) -> Endpoint:
     """Validate in the contract's order, record the endpoint, provision it, start its monitor."""
-    from apps.endpoints.tasks import reconcile_endpoint
     from esd.tasks import enqueue
 
     backend_name = request.backend or settings.ESD_DEFAULT_ENDPOINT_BACKEND
@@ -130,7 +129,7 @@ def create_endpoint(request: EndpointRequest, *, creator: str) -> Endpoint:
         if isinstance(exc, BackendError):
             raise BadRequest(exc.message) from exc
         raise
-    enqueue(reconcile_endpoint, str(endpoint.id))
+    enqueue("apps.endpoints.tasks.reconcile_endpoint", str(endpoint.id))
     return endpoint
 
 

@@ -223,10 +223,9 @@ def start_job(job_id: str) -> Started:
             request = build_request(job, self_hosted=True)
             transaction.on_commit(lambda: send_to_worker(endpoint.queue_name, str(job.id), request))
         elif realtime:
-            from apps.inference.tasks import invoke_realtime
             from esd.tasks import enqueue
 
-            enqueue(invoke_realtime, str(job.id))
+            enqueue("apps.inference.tasks.invoke_realtime", str(job.id))
     if endpoint.backend == "sagemaker" and not realtime:
         _invoke_async(job, endpoint)
     return Started(job, realtime)

@@ -34,9 +34,9 @@ from esd import keys
 from esd.api.errors import EsdError
 from esd.console import console_view, permissions
 from esd.storage import blob_store
-from gpu_runtime.prompts import extract_loras
 from gpu_runtime.protocol import policy
 from gpu_runtime.protocol.policy import DEFAULT_SAMPLER, SAMPLER_NAMES
+from gpu_runtime.protocol.prompts import extract_loras
 from gpu_runtime.protocol.scripts import FACE_RESTORERS
 
 READ = ("inference:all", "inference:list", "inference:create")

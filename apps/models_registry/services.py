@@ -169,8 +169,6 @@ def create_from_urls(
     *, checkpoint_type: str, creator: str, owners: list[str], params: dict[str, Any], urls: list[str]
 ) -> list[Checkpoint]:
     """One ``Initial`` row per URL (reserving its name at once) and a download job each."""
-    from apps.models_registry.tasks import download_checkpoint
-
     probes = [probe_url(url) for url in dict.fromkeys(urls)]
     names = [p.name for p in probes]
     check_new_names(names)
@@ -181,7 +179,7 @@ def create_from_urls(
                 checkpoint_type, creator, params, source_url=found.final_url, bytes_total=found.size
             )
             _register(checkpoint, [found.name], owners)
-            enqueue(download_checkpoint, str(checkpoint.id))
+            enqueue("apps.models_registry.tasks.download_checkpoint", str(checkpoint.id))
             checkpoints.append(checkpoint)
     return checkpoints
 
@@ -191,8 +189,6 @@ def create_from_urls(
 
 def request_rename(checkpoint: Checkpoint, name: str) -> bool:
     """``PUT name``: False when nothing is to do; else a rename job is queued."""
-    from apps.models_registry.tasks import rename_checkpoint
-
     if checkpoint.status != CheckpointStatus.ACTIVE:
         raise BadRequest("only active can update name")
     first = checkpoint.files.first()
@@ -200,7 +196,7 @@ def request_rename(checkpoint: Checkpoint, name: str) -> bool:
         return False
     if CheckpointFile.objects.filter(name=name).exists():
         raise already_exists(name)
-    enqueue(rename_checkpoint, str(checkpoint.id), name)
+    enqueue("apps.models_registry.tasks.rename_checkpoint", str(checkpoint.id), name)
     return True
 
 

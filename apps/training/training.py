@@ -261,10 +261,9 @@ def _submit_sagemaker(job: TrainingJob) -> None:
         raise
     TrainingJob.objects.filter(pk=job.pk).update(sagemaker_name=name)
     job.sagemaker_name = name
-    from apps.training.tasks import monitor_sagemaker_training
     from esd.tasks import enqueue
 
-    enqueue(monitor_sagemaker_training, job_id)
+    enqueue("apps.training.tasks.monitor_sagemaker_training", job_id)
 
 
 def stop(job: TrainingJob) -> None:

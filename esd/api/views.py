@@ -19,6 +19,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.request import RawPostDataException
+from django.utils.module_loading import import_string
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -104,10 +105,8 @@ class EsdView(APIView):
         request.esd_query = parse_query(spec.query, request.query_params, settings.ESD_PAGE_MAX)
         request.esd_body = validate_body(spec.body, parse_body(_raw_body(request))) if spec.body is not None else {}
         self.validate(request, spec)
-        # 4-5. acting user and permission (accounts owns the rules; imported lazily to keep esd app-agnostic)
-        from apps.accounts.access import authorize
-
-        authorize(request, spec)
+        # 4-5. acting user and permission: the accounts app owns the rules, named by ESD_AUTHORIZE
+        import_string(settings.ESD_AUTHORIZE)(request, spec)
 
     def validate(self, request: Request, spec: RouteSpec) -> None:
         """Hook for route-specific syntactic checks that the schema cannot express (still step 3)."""

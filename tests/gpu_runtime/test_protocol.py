@@ -8,7 +8,7 @@ import pytest
 
 from gpu_runtime import protocol
 from gpu_runtime.errors import JobError
-from gpu_runtime.prompts import extract_loras
+from gpu_runtime.protocol.prompts import extract_loras
 
 
 def request(**changes):
@@ -35,7 +35,7 @@ def request(**changes):
 
 def test_runtime_imports_no_django():
     code = (
-        "import sys, gpu_runtime.protocol, gpu_runtime.worker, gpu_runtime.server, gpu_runtime.prompts, "
+        "import sys, gpu_runtime.protocol, gpu_runtime.worker, gpu_runtime.server, gpu_runtime.protocol.prompts, "
         "gpu_runtime.samplers, gpu_runtime.files; "
         "bad = [m for m in sys.modules if m == 'django' or m.startswith(('django.', 'apps.', 'esd.'))]; "
         "print(bad); sys.exit(1 if bad else 0)"

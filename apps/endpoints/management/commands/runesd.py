@@ -52,7 +52,7 @@ class Command(BaseCommand):
         start_periodic()
         runtime = None
         if not options["no_worker"] and settings.ESD_EMBEDDED_GPU_WORKER:
-            from esd.embedded_runtime import EmbeddedRuntime, runtime_available
+            from apps.endpoints.embedded import EmbeddedRuntime, runtime_available
 
             if runtime_available():
                 runtime = EmbeddedRuntime(settings.ESD_EMBEDDED_GPU_DEVICE)

@@ -1,4 +1,5 @@
-"""A1111 prompt syntax the runtime understands: ``<lora:name:weight>`` network tags.
+"""A1111 prompt syntax both sides read: ``<lora:name:weight>`` network tags (the runtime loads them, the console
+shows and edits them). Standard library only, like the rest of the protocol.
 
 The tags are removed from the text the text encoder sees, as A1111 does, and returned as (name, weight) pairs.
 """
