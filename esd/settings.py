@@ -232,17 +232,18 @@ ESD_SAGEMAKER_SUCCESS_TOPIC = env.str("ESD_SAGEMAKER_SUCCESS_TOPIC", default="")
 ESD_SAGEMAKER_ERROR_TOPIC = env.str("ESD_SAGEMAKER_ERROR_TOPIC", default="")
 ESD_SAGEMAKER_NOTIFICATION_QUEUE = env.str("ESD_SAGEMAKER_NOTIFICATION_QUEUE", default="")
 
+# django-storages' S3Storage does every S3 object operation (esd.storage.S3BlobStore adds the bucket, endpoint and
+# region it is asked for): path-style addressing, SigV4, keys written as given.
+ESD_S3_OPTIONS = {"addressing_style": "path", "signature_version": "s3v4", "file_overwrite": True}
 # Django's own file storage (used by Django-level file fields) lives in the same place as the blob store.
 if ESD_STORAGE == "s3":
     _default_storage = {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {
+            **ESD_S3_OPTIONS,
             "bucket_name": ESD_BUCKET,
             "endpoint_url": AWS_ENDPOINT_URL or None,
             "region_name": AWS_REGION,
-            "addressing_style": "path",
-            "signature_version": "s3v4",
-            "file_overwrite": True,
             "location": "django",
         },
     }

@@ -22,12 +22,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote, urlencode
 
 from botocore.exceptions import ClientError
 from django.conf import settings
 from django.core import signing
+from django.core.files import File
+
+if TYPE_CHECKING:
+    from storages.backends.s3 import S3Storage
 
 CHUNK = 1024 * 1024
 
@@ -134,20 +138,39 @@ class BlobStore(ABC):
 # --- S3 ----------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _s3_storage(bucket: str, endpoint: str | None, region: str) -> S3Storage:
+    from botocore.config import Config
+    from storages.backends.s3 import S3Storage
+
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=32,
+    )
+    options = {**settings.ESD_S3_OPTIONS, "bucket_name": bucket, "endpoint_url": endpoint, "region_name": region}
+    return S3Storage(**options, location="", client_config=config)
+
+
 class S3BlobStore(BlobStore):
-    """S3 or MinIO through the boto3 client factory; URLs are signed for ``S3_PUBLIC_ENDPOINT_URL``."""
+    """S3 or MinIO through django-storages' ``S3Storage`` (its session, region, retries and managed uploads);
+    presigned URLs and multipart calls go through its client. URLs handed to clients are signed by a second
+    storage for ``S3_PUBLIC_ENDPOINT_URL``: SigV4 signs the Host header, which may differ from the one this server
+    reaches (``AWS_ENDPOINT_URL``)."""
+
+    @property
+    def storage(self) -> S3Storage:
+        return _s3_storage(self.bucket, settings.AWS_ENDPOINT_URL or None, settings.AWS_REGION)
 
     @property
     def client(self):
-        from esd.aws import client
-
-        return client("s3")
+        return self.storage.connection.meta.client
 
     @property
     def signer(self):
-        from esd.aws import client
-
-        return client("s3", public=True)
+        endpoint = settings.S3_PUBLIC_ENDPOINT_URL or settings.AWS_ENDPOINT_URL or None
+        return _s3_storage(self.bucket, endpoint, settings.AWS_REGION).connection.meta.client
 
     def presign_get(self, key: str, expires: int) -> str:
         return self.signer.generate_presigned_url(
@@ -201,12 +224,12 @@ class S3BlobStore(BlobStore):
 
     def write(self, key: str, stream: BinaryIO) -> int:
         counter = _CountingReader(stream)
-        self.client.upload_fileobj(counter, self.bucket, key)
+        self.storage.save(key, File(counter, name=key))  # S3Storage's managed (multipart) upload, key as given
         return counter.count
 
     def open(self, key: str) -> BinaryIO:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:  # streamed: S3Storage.open would buffer the whole object first
+            return self.storage.bucket.Object(key).get()["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(key) from exc
@@ -222,13 +245,11 @@ class S3BlobStore(BlobStore):
         return ObjectInfo(key, answer["ContentLength"])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        for page in pages:
-            for item in page.get("Contents", ()):
-                yield ObjectInfo(item["Key"], item["Size"])
+        for item in self.storage.bucket.objects.filter(Prefix=prefix):
+            yield ObjectInfo(item.key, item.size)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=key)
+        self.storage.delete(key)
 
     def delete_folder(self, prefix: str) -> int:
         keys = [info.key for info in self.list(prefix.rstrip("/") + "/")]

@@ -203,3 +203,19 @@ def test_a_part_left_short_by_a_crash_is_not_assembled(local_store: LocalBlobSto
     with pytest.raises(StorageError):
         local_store.complete_multipart(key, upload_id, [{"ETag": etag, "PartNumber": 1}])
     assert not local_store.exists(key)
+
+
+@pytest.mark.parametrize("store", ["s3"], indirect=True)
+def test_s3_mode_does_object_io_through_django_storages(store):
+    """One S3 configuration: the blob store's objects are django-storages' S3Storage objects, so Django's own
+    storage API reads what the store wrote, and the presigned URLs come from that storage's client."""
+    from storages.backends.s3 import S3Storage
+
+    assert isinstance(store.storage, S3Storage)
+    store.put_bytes("embeddings/checkpoint/custom/x/a.pt", b"tensor bytes")
+    with store.storage.open("embeddings/checkpoint/custom/x/a.pt", "rb") as handle:
+        assert handle.read() == b"tensor bytes"
+    assert store.storage.size("embeddings/checkpoint/custom/x/a.pt") == len(b"tensor bytes")
+    assert store.client is store.storage.connection.meta.client
+    store.delete("embeddings/checkpoint/custom/x/a.pt")
+    assert not store.storage.exists("embeddings/checkpoint/custom/x/a.pt")
