@@ -2,8 +2,9 @@
 
 Each route declares its body as a small JSON Schema (the subset ESD used: type, required, properties, items,
 length, pattern, enum, item counts, bounds). The same dict is published in the OpenAPI document, so the schema a
-client reads is the one the server enforces. Messages and the ``errors`` map are built exactly as ESD clients
-expect them; the walk is hand-written because no validator library produces that wording.
+client reads is the one the server enforces. The ``jsonschema`` library does the walk (draft 4, as API Gateway,
+with strict JSON types and ECMA 262 patterns); its errors are put in the order ESD's validator reports them and
+worded, with the ``errors`` map, exactly as ESD clients expect.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from esd.api.errors import BadRequest
@@ -77,99 +78,149 @@ def _allowed_types(schema: dict) -> list[str]:
     return sorted(types)
 
 
+# The schema keywords our request schemas may use, in the order ESD's validator reports them at one node (a type
+# mismatch ends the node); annotations (description, default, example) are ignored as JSON Schema says. A schema
+# with any other keyword is refused when it is first used: nothing a schema says may go unchecked.
+_ORDER = {
+    "type": 0,
+    "enum": 1,
+    "minLength": 2,
+    "maxLength": 3,
+    "pattern": 4,
+    "minimum": 5,
+    "maximum": 6,
+    "minItems": 7,
+    "maxItems": 8,
+    "items": 9,
+    "required": 10,
+    "properties": 11,
+    "additionalProperties": 12,
+}
+_ANNOTATIONS = {"description", "default", "example", "title"}
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Any:
+    from jsonschema import ValidationError
+
+    if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@cache
+def _validator_class() -> Any:
+    """JSON Schema draft 4 (API Gateway's) with strict JSON types and ECMA 262 patterns."""
+    from jsonschema import Draft4Validator, validators
+
+    return validators.extend(Draft4Validator, {"pattern": _ecma_pattern})
+
+
+def _validator(schema: dict) -> Any:
+    """The schema's validator, made once per distinct schema (views may build small schemas per request)."""
+    return _validator_for(json.dumps(schema, sort_keys=True))
+
+
+@lru_cache(maxsize=512)
+def _validator_for(text: str) -> Any:
+    schema = json.loads(text)
+    _check_keywords(schema)
+    return _validator_class()(schema)
+
+
+def _check_keywords(schema: dict) -> None:
+    unknown = set(schema) - set(_ORDER) - _ANNOTATIONS
+    if unknown:
+        raise ValueError(f"request schema keyword(s) {sorted(unknown)} have no ESD message")
+    for sub in (schema.get("properties") or {}).values():
+        _check_keywords(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _check_keywords(schema[key])
+
+
+def _walk_order(error: Any, schema: dict, value: Any) -> list[tuple[int, Any]]:
+    """Where ESD's depth-first walk meets this error: per level, the keyword's rank and the property's place in
+    ``properties`` (the item's index; the key's place in the object for ``additionalProperties``)."""
+    tokens, path = list(error.schema_path), list(error.path)
+    key, index, depth = [], 0, 0
+    while index < len(tokens):
+        keyword = tokens[index]
+        if keyword == "properties":
+            name = tokens[index + 1]
+            key.append((_ORDER[keyword], list(schema["properties"]).index(name)))
+            schema, value, index, depth = schema["properties"][name], value[name], index + 2, depth + 1
+        elif keyword == "items" and depth < len(path):
+            key.append((_ORDER[keyword], path[depth]))
+            schema, value, index, depth = schema["items"], value[path[depth]], index + 1, depth + 1
+        elif keyword == "additionalProperties" and index + 1 < len(tokens) and depth < len(path):
+            key.append((_ORDER[keyword], list(value).index(path[depth])))
+            schema, value = schema["additionalProperties"], value[path[depth]]
+            index, depth = index + 1, depth + 1
+        else:
+            key.append((_ORDER.get(keyword, len(_ORDER)), 0))
+            index += 1
+    return key
+
+
 def check(schema: dict, value: Any, path: str, problems: Problems) -> None:
-    """Validate ``value`` against ``schema``, recording every problem under ``path``."""
-    if "type" in schema:
+    """Validate ``value`` against ``schema`` with the ``jsonschema`` library, recording every problem under
+    ``path`` in ESD's wording and order."""
+    errors = list(_validator(schema).iter_errors(value))
+    errors.sort(key=lambda error: _walk_order(error, schema, value))
+    typed = {tuple(e.path) for e in errors if e.validator == "type"}
+    reported: set[tuple[str, tuple]] = set()
+    for error in errors:
+        node = tuple(error.path)
+        if node in typed and error.validator != "type":
+            continue  # a value of the wrong type is reported once, for its type
+        if (error.validator, node) in reported and error.validator in ("required", "additionalProperties"):
+            continue  # one message for all of an object's missing (or unexpected) properties
+        reported.add((error.validator, node))
+        where = path
+        for part in node:
+            where = _join(where, part)
+        _report(error, where, problems)
+
+
+def _report(error: Any, path: str, problems: Problems) -> None:
+    kind, limit, value, schema = error.validator, error.validator_value, error.instance, error.schema
+    if kind == "type":
         allowed = _allowed_types(schema)
         actual = json_type(value)
-        if actual not in allowed:
-            problems.add(
-                path,
-                f"instance type ({actual}) does not match any allowed primitive type (allowed: {dumps(allowed)})",
-            )
-            return
-    if "enum" in schema and value not in schema["enum"]:
         problems.add(
-            path, f"instance value ({dumps(value)}) not found in enum (possible values: {dumps(schema['enum'])})"
+            path, f"instance type ({actual}) does not match any allowed primitive type (allowed: {dumps(allowed)})"
         )
-    if isinstance(value, str):
-        _check_string(schema, value, path, problems)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        _check_number(schema, value, path, problems)
-    elif isinstance(value, list):
-        _check_array(schema, value, path, problems)
-    elif isinstance(value, dict):
-        _check_object(schema, value, path, problems)
-
-
-def _check_string(schema: dict, value: str, path: str, problems: Problems) -> None:
-    length = len(value)
-    if "minLength" in schema and length < schema["minLength"]:
+    elif kind == "enum":
+        problems.add(path, f"instance value ({dumps(value)}) not found in enum (possible values: {dumps(limit)})")
+    elif kind == "minLength":
+        problems.add(path, f"string {dumps(value)} is too short (length: {len(value)}, required minimum: {limit})")
+    elif kind == "maxLength":
+        problems.add(path, f"string {dumps(value)} is too long (length: {len(value)}, allowed maximum: {limit})")
+    elif kind == "pattern":
+        problems.add(path, f'ECMA 262 regex "{limit}" does not match input string {dumps(value)}')
+    elif kind == "minimum":
+        problems.add(path, f"numeric instance is lower than the required minimum (minimum: {limit}, found: {value})")
+    elif kind == "maximum":
+        problems.add(path, f"numeric instance is greater than the required maximum (maximum: {limit}, found: {value})")
+    elif kind == "minItems":
         problems.add(
-            path,
-            f"string {dumps(value)} is too short (length: {length}, required minimum: {schema['minLength']})",
+            path, f"array is too short: must have at least {limit} elements but instance has {len(value)} elements"
         )
-    if "maxLength" in schema and length > schema["maxLength"]:
+    elif kind == "maxItems":
         problems.add(
-            path,
-            f"string {dumps(value)} is too long (length: {length}, allowed maximum: {schema['maxLength']})",
+            path, f"array is too long: must have at most {limit} elements but instance has {len(value)} elements"
         )
-    if "pattern" in schema and not _regex(schema["pattern"]).search(value):
-        problems.add(path, f'ECMA 262 regex "{schema["pattern"]}" does not match input string {dumps(value)}')
-
-
-def _check_number(schema: dict, value: float, path: str, problems: Problems) -> None:
-    if "minimum" in schema and value < schema["minimum"]:
-        problems.add(
-            path,
-            f"numeric instance is lower than the required minimum (minimum: {schema['minimum']}, found: {value})",
-        )
-    if "maximum" in schema and value > schema["maximum"]:
-        problems.add(
-            path,
-            f"numeric instance is greater than the required maximum (maximum: {schema['maximum']}, found: {value})",
-        )
-
-
-def _check_array(schema: dict, value: list, path: str, problems: Problems) -> None:
-    count = len(value)
-    if "minItems" in schema and count < schema["minItems"]:
-        problems.add(
-            path,
-            f"array is too short: must have at least {schema['minItems']} elements but instance has {count} elements",
-        )
-    if "maxItems" in schema and count > schema["maxItems"]:
-        problems.add(
-            path,
-            f"array is too long: must have at most {schema['maxItems']} elements but instance has {count} elements",
-        )
-    items = schema.get("items")
-    if items:
-        for index, item in enumerate(value):
-            check(items, item, _join(path, index), problems)
-
-
-def _check_object(schema: dict, value: dict, path: str, problems: Problems) -> None:
-    missing = sorted(name for name in schema.get("required", ()) if name not in value)
-    if missing:
+    elif kind == "required":
+        missing = sorted(name for name in limit if name not in value)
         problems.messages.append(f"object has missing required properties ({dumps(missing)})")
         for name in missing:
             problems.add(_join(path, name), f"object has missing required properties ({dumps([name])})", listed=False)
-    properties = schema.get("properties", {})
-    for name, subschema in properties.items():
-        if name in value:
-            check(subschema, value[name], _join(path, name), problems)
-    additional = schema.get("additionalProperties")
-    if additional is False:
-        extra = sorted(set(value) - set(properties))
-        if extra:
-            problems.messages.append(f"unexpected properties: {dumps(extra)}")
-            for name in extra:
-                problems.add(_join(path, name), "unexpected property", listed=False)
-    elif isinstance(additional, dict):
-        for name in value:
-            if name not in properties:
-                check(additional, value[name], _join(path, name), problems)
+    elif kind == "additionalProperties":
+        extra = sorted(set(value) - set(schema.get("properties", {})))
+        problems.messages.append(f"unexpected properties: {dumps(extra)}")
+        for name in extra:
+            problems.add(_join(path, name), "unexpected property", listed=False)
+    else:  # pragma: no cover - _check_keywords refuses such schemas first
+        raise ValueError(f"request schema keyword {kind} has no ESD message")
 
 
 MAX_JSON_DEPTH = 64  # A1111's deepest request (ControlNet units in alwayson_scripts) nests about 6 levels
