@@ -6,8 +6,10 @@ authentication, permissions or validation is mocked.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 import uuid
@@ -72,6 +74,62 @@ def _seed_after_flush(request):
         seed(apps)
 
 
+@functools.cache
+def published_operations() -> list[tuple[re.Pattern[str], dict]]:
+    """The OpenAPI document the server publishes, as (path regex, path item) pairs, with every ``$ref`` inlined
+    and OpenAPI's ``nullable`` written as JSON Schema's null type, so responses can be checked by jsonschema."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    document = SchemaGenerator().get_schema(request=None, public=True)
+    components = document.get("components", {}).get("schemas", {})
+
+    def plain(node: Any) -> Any:
+        if isinstance(node, list):
+            return [plain(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            return plain(components[node["$ref"].rsplit("/", 1)[1]])
+        out = {k: plain(v) for k, v in node.items() if k not in ("nullable", "example", "readOnly", "writeOnly")}
+        if node.get("nullable"):
+            kind = out.get("type")
+            out["type"] = [*(kind if isinstance(kind, list) else [kind] if kind else []), "null"] if kind else None
+            if out["type"] is None:
+                out.pop("type")
+            if "enum" in out:
+                out["enum"] = [*out["enum"], None]
+        return out
+
+    operations = []
+    for template, item in document["paths"].items():
+        regex = re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template.rstrip("/"))) + "/?$")
+        operations.append((regex, plain(item)))
+    return operations
+
+
+def check_against_schema(method: str, path: str, answer: Any) -> None:
+    """Every JSON response a test receives must match what the published document says for its route and
+    status; a documented route answering with an undocumented status fails too."""
+    from jsonschema import Draft4Validator
+
+    for regex, item in published_operations():
+        if regex.match(path) and method.lower() in item:
+            responses = item[method.lower()].get("responses", {})
+            declared = responses.get(str(answer.status))
+            if declared is None:
+                raise AssertionError(f"{method} {path} answered {answer.status}, which its schema does not list")
+            schema = (declared.get("content", {}).get("application/json") or {}).get("schema")
+            if schema is not None:
+                validator = declared.get("_validator") or declared.setdefault("_validator", Draft4Validator(schema))
+                errors = sorted(validator.iter_errors(answer.body), key=str)
+                if errors:
+                    raise AssertionError(
+                        f"{method} {path} {answer.status} does not match its published schema: {errors[0].message} "
+                        f"at {list(errors[0].absolute_path)}"
+                    )
+            return
+
+
 @dataclass
 class Answer:
     """A response, with the body parsed when there is one."""
@@ -87,6 +145,7 @@ class Api:
 
     def __init__(self, client: Client):
         self.client = client
+        published_operations()  # built once per session, before any test starts timing its calls
 
     def call(
         self,
@@ -115,7 +174,10 @@ class Api:
         parsed = (
             json.loads(content) if content and response.get("Content-Type", "").startswith("application/json") else None
         )
-        return Answer(response.status_code, parsed, response.headers, content)
+        answer = Answer(response.status_code, parsed, response.headers, content)
+        if url.startswith(PREFIX) and parsed is not None:
+            check_against_schema(method, url.split("?")[0], answer)
+        return answer
 
     def get(self, path: str, **kw: Any) -> Answer:
         return self.call("GET", path, **kw)

@@ -86,6 +86,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Service key without a (known) acting user",
     403: 'Missing, invalid, revoked or expired key (`{"message":"Forbidden"}`), or no permission',
     404: "Not found or not visible to the caller",
+    413: "The body is larger than ESD_MAX_BODY_BYTES",
 }
 
 USERNAME_HEADER = OpenApiParameter(
@@ -139,6 +140,8 @@ def document(
     errors = [400, 401, 403] if needs_user else [400, 403]
     if path_params:
         errors.append(404)
+    if body is not None:
+        errors.append(413)
     for status in errors:
         documented.setdefault(status, OpenApiResponse(response=ERROR_SCHEMA, description=_ERROR_DESCRIPTIONS[status]))
     parameters = [_parameter(q) for q in query]
