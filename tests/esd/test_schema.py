@@ -77,3 +77,17 @@ def test_docs_can_require_a_key(api: Api, settings, admin_key):
     assert (refused.status_code, refused.json()) == (403, {"message": "Forbidden"})
     assert api.client.get("/api/docs/").status_code == 403
     assert api.client.get("/api/schema/", headers={"x-api-key": admin_key}).status_code == 200
+
+
+def test_the_api_helper_checks_every_response_against_the_published_document():
+    """The shared ``Api`` helper fails a test whose response breaks the document: a body that does not match,
+    or a status the route does not list."""
+    import pytest
+
+    from tests.conftest import Answer, check_against_schema
+
+    with pytest.raises(AssertionError, match="does not match its published schema"):
+        check_against_schema("GET", "/api/checkpoints", Answer(200, {"statusCode": "200"}, {}, b""))
+    with pytest.raises(AssertionError, match="answered 418, which its schema does not list"):
+        check_against_schema("GET", "/api/checkpoints/", Answer(418, {}, {}, b""))
+    check_against_schema("GET", "/api/checkpoints", Answer(403, {"message": "Forbidden"}, {}, b""))
