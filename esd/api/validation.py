@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
@@ -181,35 +182,34 @@ def check(schema: dict, value: Any, path: str, problems: Problems) -> None:
         _report(error, where, problems)
 
 
+# ESD's wording of a value that breaks one keyword (value, the keyword's limit) -> message
+_MESSAGES: dict[str, Callable[[Any, Any], str]] = {
+    "enum": lambda v, limit: f"instance value ({dumps(v)}) not found in enum (possible values: {dumps(limit)})",
+    "minLength": lambda v, limit: f"string {dumps(v)} is too short (length: {len(v)}, required minimum: {limit})",
+    "maxLength": lambda v, limit: f"string {dumps(v)} is too long (length: {len(v)}, allowed maximum: {limit})",
+    "pattern": lambda v, limit: f'ECMA 262 regex "{limit}" does not match input string {dumps(v)}',
+    "minimum": lambda v, limit: f"numeric instance is lower than the required minimum (minimum: {limit}, found: {v})",
+    "maximum": lambda v, limit: f"numeric instance is greater than the required maximum (maximum: {limit}, found: {v})",
+    "minItems": lambda v, limit: (
+        f"array is too short: must have at least {limit} elements but instance has {len(v)} elements"
+    ),
+    "maxItems": lambda v, limit: (
+        f"array is too long: must have at most {limit} elements but instance has {len(v)} elements"
+    ),
+}
+
+
 def _report(error: Any, path: str, problems: Problems) -> None:
     kind, limit, value, schema = error.validator, error.validator_value, error.instance, error.schema
     if kind == "type":
         allowed = _allowed_types(schema)
-        actual = json_type(value)
         problems.add(
-            path, f"instance type ({actual}) does not match any allowed primitive type (allowed: {dumps(allowed)})"
+            path,
+            f"instance type ({json_type(value)}) does not match any allowed primitive type (allowed: {dumps(allowed)})",
         )
-    elif kind == "enum":
-        problems.add(path, f"instance value ({dumps(value)}) not found in enum (possible values: {dumps(limit)})")
-    elif kind == "minLength":
-        problems.add(path, f"string {dumps(value)} is too short (length: {len(value)}, required minimum: {limit})")
-    elif kind == "maxLength":
-        problems.add(path, f"string {dumps(value)} is too long (length: {len(value)}, allowed maximum: {limit})")
-    elif kind == "pattern":
-        problems.add(path, f'ECMA 262 regex "{limit}" does not match input string {dumps(value)}')
-    elif kind == "minimum":
-        problems.add(path, f"numeric instance is lower than the required minimum (minimum: {limit}, found: {value})")
-    elif kind == "maximum":
-        problems.add(path, f"numeric instance is greater than the required maximum (maximum: {limit}, found: {value})")
-    elif kind == "minItems":
-        problems.add(
-            path, f"array is too short: must have at least {limit} elements but instance has {len(value)} elements"
-        )
-    elif kind == "maxItems":
-        problems.add(
-            path, f"array is too long: must have at most {limit} elements but instance has {len(value)} elements"
-        )
-    elif kind == "required":
+    elif kind in _MESSAGES:
+        problems.add(path, _MESSAGES[kind](value, limit))
+    elif kind == "required":  # one message for all the missing names, and one entry per name in the map
         missing = sorted(name for name in limit if name not in value)
         problems.messages.append(f"object has missing required properties ({dumps(missing)})")
         for name in missing:
