@@ -91,9 +91,14 @@ MIDDLEWARE = [
 ]
 
 # The accounts app's rules, which the plumbing (esd.api, esd.console) applies without importing any app.
-ESD_AUTHORIZE = "apps.accounts.access.authorize"
 ESD_PERMISSIONS_OF = "apps.accounts.models.permissions_of"
 ROOT_URLCONF = "esd.urls"
+# Every API resource, registered on the one router under ESD_API_PREFIX (esd.api.routers).
+ESD_API_RESOURCES = {
+    "ping": "apps.accounts.api.views.PingViewSet",
+    "roles": "apps.accounts.api.views.RoleViewSet",
+    "users": "apps.accounts.api.views.UserViewSet",
+}
 WSGI_APPLICATION = "esd.wsgi.application"
 
 TEMPLATES = [
@@ -274,7 +279,11 @@ REST_FRAMEWORK = {
         "apps.accounts.authentication.ApiKeyAuthentication",
         "apps.accounts.authentication.EsdSessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": [],
+    # Steps 4 and 5 of the contract's check order (§3.3), run by EsdViewSet after validation, in this order.
+    "DEFAULT_PERMISSION_CLASSES": [
+        "apps.accounts.access.ActingUser",
+        "apps.accounts.access.HoldsRequiredPermission",
+    ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["esd.api.negotiation.DeferredBodyParser"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "esd.api.negotiation.JsonOnlyNegotiation",

@@ -5,11 +5,12 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 
 from esd.api.docs import DocsView, SchemaView
+from esd.api.routers import api_urls
 from esd.api.views import not_found
 from esd.storage_views import blob
 
 api_patterns = [
-    path("", include("apps.accounts.api.urls")),
+    *api_urls(settings.ESD_API_RESOURCES),
     path("", include("apps.models_registry.api.urls")),
     path("", include("apps.training.api.urls")),
     path("", include("apps.endpoints.api.urls")),

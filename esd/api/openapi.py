@@ -1,24 +1,30 @@
 """OpenAPI documentation built from the same declarations the server enforces.
 
-A route's body schema (the JSON Schema its requests are validated against), its query parameters and its response
-shapes are given once, to ``@route``; this module turns them into drf-spectacular annotations.
+An action's body schema (the JSON Schema its requests are validated against), its query parameters and its response
+serializers are given once, to ``@operation``; this module turns them into drf-spectacular annotations.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.serializers import Serializer
 
-from esd.api.errors import DEFAULT_MESSAGES
 from esd.api.schemas import ERROR_SCHEMA
+from esd.api.serializers import envelope_serializer
 from esd.api.validation import BOOLEAN_WORDS, MAX_INT, Query
 
 
 class EsdAutoSchema(AutoSchema):
-    """ESD's bulk ``DELETE`` routes take a JSON body; drf-spectacular documents bodies for PUT/PATCH/POST only."""
+    """ESD's bulk ``DELETE`` routes take a JSON body (drf-spectacular documents bodies for PUT/PATCH/POST only),
+    and a ``list`` action answers one envelope, never a bare array."""
+
+    def _is_list_view(self, serializer: Any = None) -> bool:
+        return False
 
     def _get_request_body(self, direction: str = "request") -> Any:
         if self.method == "DELETE":
@@ -67,18 +73,14 @@ def bodies_are_required(result: dict, generator: Any, request: Any, public: bool
     return result
 
 
-def envelope_schema(
-    status: int, data: dict | None = None, message: str | None = None, data_required: bool = True
-) -> dict:
-    """The response envelope around ``data`` (contract §2); ``data_required=False`` where it is sometimes absent."""
-    properties: dict[str, Any] = {"statusCode": {"type": "integer", "enum": [status]}}
-    required = ["statusCode"]
-    if data is not None:
-        properties["data"] = data
-        if data_required:
-            required.append("data")
-    properties["message"] = {"type": "string", "example": message or DEFAULT_MESSAGES.get(status, "")}
-    return {"type": "object", "properties": properties, "required": required}
+@dataclass(frozen=True)
+class Answer:
+    """One documented response of an action: the serializer of its ``data`` (or none), its message, and when."""
+
+    data: type[Serializer] | None = None
+    message: str | None = None
+    description: str = ""
+    data_required: bool = True
 
 
 _ERROR_DESCRIPTIONS = {
@@ -128,15 +130,20 @@ def document(
     needs_user: bool = True,
     description: str = "",
 ) -> Any:
-    """``extend_schema`` for one ESD handler; ``responses`` maps status to a ``data`` schema (or None)."""
+    """``extend_schema`` for one ESD action; ``responses`` maps status to the ``data`` serializer (or None), to an
+    ``Answer``, or to a bare ``OpenApiResponse`` (the gateway's 504 without envelope)."""
     documented: dict[int, Any] = {}
-    for status, data in responses.items():
+    for status, answer in responses.items():
         if status == 204:
             documented[status] = OpenApiResponse(description="No Content")
-        elif isinstance(data, OpenApiResponse):
-            documented[status] = data
-        else:
-            documented[status] = OpenApiResponse(response=envelope_schema(status, data))
+            continue
+        if isinstance(answer, OpenApiResponse):
+            documented[status] = answer
+            continue
+        if not isinstance(answer, Answer):
+            answer = Answer(data=answer)
+        serializer = envelope_serializer(status, answer.data, answer.message, answer.data_required)
+        documented[status] = OpenApiResponse(response=serializer, description=answer.description)
     errors = [400, 401, 403] if needs_user else [400, 403]
     if path_params:
         errors.append(404)

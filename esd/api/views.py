@@ -1,10 +1,12 @@
-"""The base view of every ESD route: the one place where the check order of contract §3.3 is applied.
+"""The base viewset of every ESD resource: the one place where the check order of contract §3.3 is applied.
 
 1. route (404/405) -> 2. key or session (403) -> 3. body and query validation (400) -> 4. acting user
-(401/403) -> 5. permission (403) -> 6. the handler, which reads querysets through ``visible()`` only.
+(401/403) -> 5. permission (403) -> 6. the action, which reads rows through ``get_queryset()`` only.
 
-Handlers declare what they need with ``@route(...)``; no handler authenticates, validates or checks a
-permission by hand, so none can forget to.
+Actions declare what they need with ``@operation(...)`` (body schema, query parameters, acting-user rules) and the
+viewset declares the ESD permission strings per action in ``required``. Steps 4 and 5 are DRF permission classes
+named in ``REST_FRAMEWORK["DEFAULT_PERMISSION_CLASSES"]`` (the accounts app owns them), so no action
+authenticates, validates or checks a permission by hand and none can forget to.
 """
 
 from __future__ import annotations
@@ -12,19 +14,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.request import RawPostDataException
-from django.utils.module_loading import import_string
+from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
+from rest_framework.viewsets import GenericViewSet
 
-from esd.api.errors import DEFAULT_MESSAGES, GatewayForbidden
+from esd.api.errors import DEFAULT_MESSAGES, GatewayForbidden, NotFound
 from esd.api.middleware import json_response
 from esd.api.openapi import document
 from esd.api.validation import Query, parse_body, parse_query, validate_body
@@ -44,10 +46,9 @@ def envelope(status: int = 200, data: Any = None, message: str | None = None) ->
 
 
 @dataclass(frozen=True)
-class RouteSpec:
-    """What a handler needs before it runs (contract §3-§5)."""
+class Operation:
+    """What an action needs before it runs (contract §3-§5), besides its permission strings."""
 
-    permissions: tuple[str, ...] = ()
     body: dict | None = None
     query: tuple[Query, ...] = ()
     # A service key naming no user acts as its own user on the routes ESD served without one (§3.1).
@@ -57,7 +58,7 @@ class RouteSpec:
     needs_user: bool = True
 
 
-def route(
+def operation(
     *,
     operation_id: str,
     summary: str,
@@ -67,54 +68,81 @@ def route(
     description: str = "",
     **spec: Any,
 ) -> Callable[[Callable], Callable]:
-    """Declare a handler: its ``RouteSpec`` (enforced by ``EsdView``) and its OpenAPI documentation."""
-    route_spec = RouteSpec(**spec)
+    """Declare an action: its ``Operation`` (enforced by ``EsdViewSet``) and its OpenAPI documentation."""
+    declared = Operation(**spec)
     documented = document(
         operation_id=operation_id,
         summary=summary,
         tags=tags,
-        body=route_spec.body,
-        query=route_spec.query,
+        body=declared.body,
+        query=declared.query,
         responses=responses,
         path_params=path_params,
-        needs_user=route_spec.needs_user,
+        needs_user=declared.needs_user,
         description=description,
     )
 
     def decorate(handler: Callable) -> Callable:
-        handler.route_spec = route_spec  # type: ignore[attr-defined]
+        handler.operation = declared  # type: ignore[attr-defined]
         return documented(handler)
 
     return decorate
 
 
-class EsdView(APIView):
-    """Base of every API view. Subclasses define ``get``/``post``/... decorated with ``@route``."""
+class EsdViewSet(GenericViewSet):
+    """Base of every API resource. Subclasses set ``model`` and ``required`` and define actions with
+    ``@operation``: ``list``/``create``/``bulk_destroy`` on the collection, ``retrieve``/``update`` on one object,
+    ``@action`` for the rest (``EsdRouter`` maps them)."""
+
+    model: ClassVar[type[Model]]
+    # ESD permission strings per action: any one suffices (contract §4.1), checked by the permission classes.
+    required: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # The 404 message of each single-object action, formatted with the path's kwargs (contract §9).
+    not_found: ClassVar[dict[str, str]] = {}
+    lookup_field = "pk"
+    lookup_url_kwarg = "id"
+    lookup_value_regex = "[^/]+"
+    pagination_class = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        method = request.method.lower()
-        spec: RouteSpec | None = getattr(getattr(self, method, None), "route_spec", None)
-        if spec is None or method not in self.http_method_names:
-            self.http_method_not_allowed(request)
+        handler = getattr(self, request.method.lower(), None)
+        spec: Operation | None = getattr(handler, "operation", None)
+        if spec is None or request.method.lower() not in self.http_method_names:
+            raise MethodNotAllowed(request.method)
         self.format_kwarg = None
         request.accepted_renderer, request.accepted_media_type = self.perform_content_negotiation(request)
         # 2. key or session: the authentication classes raise for a bad key; no credentials at all is 403 too.
         if request.auth is None:
             raise GatewayForbidden()
         # 3. validation
+        request.esd_operation = spec
         request.esd_query = parse_query(spec.query, request.query_params, settings.ESD_PAGE_MAX)
         request.esd_body = validate_body(spec.body, parse_body(_raw_body(request))) if spec.body is not None else {}
         self.validate(request, spec)
-        # 4-5. acting user and permission: the accounts app owns the rules, named by ESD_AUTHORIZE
-        import_string(settings.ESD_AUTHORIZE)(request, spec)
+        # 4-5. acting user and permission: DRF's permission classes, in the order the settings name them
+        self.check_permissions(request)
 
-    def validate(self, request: Request, spec: RouteSpec) -> None:
-        """Hook for route-specific syntactic checks that the schema cannot express (still step 3)."""
+    def validate(self, request: Request, spec: Operation) -> None:
+        """Hook for action-specific syntactic checks that the schema cannot express (still step 3)."""
 
-    # Helpers for handlers -------------------------------------------------------------------------------
-    def visible(self, model: type[Model]) -> QuerySet:
-        """The only way a handler reads objects: the caller's visibility rule of contract §4.2."""
-        return model.objects.visible_to(self.request.user, self.request.esd_permissions)
+    @property
+    def required_permissions(self) -> tuple[str, ...]:
+        return self.required.get(self.action, ())
+
+    # Reading rows --------------------------------------------------------------------------------------------
+    def get_queryset(self) -> QuerySet:
+        """The visibility chokepoint (contract §4.2): every action reads the model's rows through this."""
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular inspecting the class
+            return self.model.objects.none()
+        return self.model.objects.visible_to(self.request.user, self.request.esd_permissions)
+
+    def get_object(self, queryset: QuerySet | None = None) -> Any:
+        """The one visible row the path names, else the action's own 404 (a malformed id is simply not found)."""
+        value = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
+        found = find(self.get_queryset() if queryset is None else queryset, **{self.lookup_field: value})
+        if found is None:
+            raise NotFound(self.not_found[self.action].format(**self.kwargs))
+        return found
 
 
 def find(queryset: QuerySet, **lookup: Any) -> Any:

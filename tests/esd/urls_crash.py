@@ -3,13 +3,13 @@
 from django.urls import include, path, re_path
 from rest_framework.request import Request
 
-from esd.api.views import EsdView, route
+from esd.api.views import EsdViewSet, operation
 from esd.urls import urlpatterns as real_patterns
 
 
-class CrashView(EsdView):
-    @route(operation_id="Crash", summary="crash", tags=["Test"], needs_user=False, responses={200: None})
-    def get(self, request: Request):
+class CrashViewSet(EsdViewSet):
+    @operation(operation_id="Crash", summary="crash", tags=["Test"], needs_user=False, responses={200: None})
+    def list(self, request: Request):
         raise RuntimeError("secret internal detail")
 
 
@@ -18,7 +18,7 @@ def crash_outside_drf(request):
 
 
 urlpatterns = [
-    re_path(r"^api/crash/?$", CrashView.as_view()),
+    re_path(r"^api/crash/?$", CrashViewSet.as_view({"get": "list"})),
     path("api/plain-crash", crash_outside_drf),
     path("", include(real_patterns)),
 ]

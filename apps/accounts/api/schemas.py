@@ -1,4 +1,4 @@
-"""Body and response schemas of the account routes (contract §9.1-9.3). Validated and published as given."""
+"""Body schemas of the account routes (contract §9.1-9.3). Validated and published as given."""
 
 from apps.accounts.permissions import PERMISSIONS
 from esd.api.schemas import delete_body
@@ -42,53 +42,3 @@ CREATE_USER = {
 }
 
 DELETE_USERS = delete_body("user_name_list", items={"type": "string", "minLength": 1, "maxLength": 150})
-
-_STRINGS = {"type": "array", "items": {"type": "string"}}
-
-ROLE_LIST = {
-    "type": "object",
-    "properties": {
-        "roles": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "role_name": {"type": "string"},
-                    "creator": {"type": "string"},
-                    "permissions": _STRINGS,
-                },
-            },
-        },
-        "previous_evaluated_key": {"type": "string", "example": "not_applicable"},
-        "last_evaluated_key": {"type": "string", "nullable": True},
-    },
-}
-
-USER_LIST = {
-    "type": "object",
-    "properties": {
-        "users": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "username": {"type": "string"},
-                    "roles": _STRINGS,
-                    "creator": {"type": "string"},
-                    "permissions": _STRINGS,
-                    "password": {"type": "string", "description": '"********", "*" without password, or a token'},
-                },
-            },
-        },
-        "previous_evaluated_key": {"type": "string", "example": "not_applicable"},
-        "last_evaluated_key": {"type": "string", "example": "not_applicable"},
-    },
-}
-
-FIRST_RUN_USER = {
-    "type": "object",
-    "properties": {
-        "user": {"type": "object", "properties": {"username": {"type": "string"}, "roles": _STRINGS}},
-        "all_roles": _STRINGS,
-    },
-}

@@ -4,46 +4,52 @@ from __future__ import annotations
 
 import secrets
 
-from drf_spectacular.utils import OpenApiResponse
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.accounts import services
 from apps.accounts.api import schemas
+from apps.accounts.api.serializers import FirstRunUserSerializer, RoleListSerializer, UserListSerializer
 from apps.accounts.authentication import SESSION
 from apps.accounts.crypto import decrypt_password
 from apps.accounts.models import Role, User, role_permissions, user_roles
 from apps.accounts.permissions import ALL_PERMISSIONS
-from esd.api.openapi import envelope_schema
+from esd.api.openapi import Answer
 from esd.api.validation import Query
-from esd.api.views import EsdView, envelope, route
+from esd.api.views import EsdViewSet, envelope, operation
 
 NOT_APPLICABLE = "not_applicable"
 
 
-class PingView(EsdView):
-    @route(
+class PingViewSet(EsdViewSet):
+    @operation(
         operation_id="TestConnection",
         summary="Check that the API is reachable and the key is valid",
         tags=["Service"],
         needs_user=False,
-        responses={200: OpenApiResponse(response=envelope_schema(200, message="pong"))},
+        responses={200: Answer(message="pong")},
     )
-    def get(self, request: Request) -> Response:
+    def list(self, request: Request) -> Response:
         return envelope(200, message="pong")
 
 
-class RolesView(EsdView):
-    @route(
+class RoleViewSet(EsdViewSet):
+    model = Role
+    required = {
+        "list": ("role:all", "role:list"),
+        "create": ("role:all", "role:create"),
+        "bulk_destroy": ("role:all",),
+    }
+
+    @operation(
         operation_id="ListRoles",
         summary="List the roles visible to the caller",
         tags=["Roles"],
-        permissions=("role:all", "role:list"),
         query=(Query("role", description="Exact role name"),),
-        responses={200: schemas.ROLE_LIST},
+        responses={200: RoleListSerializer},
     )
-    def get(self, request: Request) -> Response:
-        roles = self.visible(Role)
+    def list(self, request: Request) -> Response:
+        roles = self.get_queryset()
         if request.esd_query["role"] is not None:
             roles = roles.filter(name=request.esd_query["role"])
         rows = list(roles.values_list("pk", "name", "creator"))
@@ -52,18 +58,18 @@ class RolesView(EsdView):
             {"role_name": name, "creator": creator, "permissions": sorted(permissions.get(pk, ()))}
             for pk, name, creator in sorted(rows, key=lambda row: row[1], reverse=True)
         ]
-        return envelope(200, {"roles": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": None})
+        data = {"roles": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": None}
+        return envelope(200, RoleListSerializer(data).data)
 
-    @route(
+    @operation(
         operation_id="CreateRole",
         summary="Create a role or replace its permissions",
         tags=["Roles"],
-        permissions=("role:all", "role:create"),
         body=schemas.CREATE_ROLE,
         first_run_initial=True,
-        responses={201: OpenApiResponse(response=envelope_schema(201, message="role created"))},
+        responses={201: Answer(message="role created")},
     )
-    def post(self, request: Request) -> Response:
+    def create(self, request: Request) -> Response:
         body = request.esd_body
         if request.esd_first_run:
             actor = _first_run_actor(request)
@@ -83,28 +89,29 @@ class RolesView(EsdView):
             )
         return envelope(201, message="role created")
 
-    @route(
+    @operation(
         operation_id="DeleteRoles",
         summary="Delete roles (the default role cannot be deleted)",
         tags=["Roles"],
-        permissions=("role:all",),
         body=schemas.DELETE_ROLES,
         keyless_user_ok=True,
         responses={204: None},
     )
-    def delete(self, request: Request) -> Response:
+    def bulk_destroy(self, request: Request) -> Response:
         names = request.esd_body["role_name_list"]
-        visible = list(self.visible(Role).filter(name__in=names).prefetch_related("permissions"))
+        visible = list(self.get_queryset().filter(name__in=names).prefetch_related("permissions"))
         services.delete_roles(names, visible=visible, actor_permissions=request.esd_permissions)
         return envelope(204)
 
 
-class UsersView(EsdView):
-    @route(
+class UserViewSet(EsdViewSet):
+    model = User
+    required = {"list": ("user:all", "user:list"), "create": ("user:all",), "bulk_destroy": ("user:all",)}
+
+    @operation(
         operation_id="ListUsers",
         summary="List the users visible to the caller",
         tags=["Users"],
-        permissions=("user:all", "user:list"),
         query=(
             Query("username", description="Exact user name"),
             Query(
@@ -114,10 +121,10 @@ class UsersView(EsdView):
                 description="Return a password field for the WebUI's login table (see the contract, §9.3)",
             ),
         ),
-        responses={200: schemas.USER_LIST},
+        responses={200: UserListSerializer},
     )
-    def get(self, request: Request) -> Response:
-        users = self.visible(User)
+    def list(self, request: Request) -> Response:
+        users = self.get_queryset()
         if request.esd_query["username"] is not None:
             users = users.filter(username=request.esd_query["username"])
         users = list(users.only("username", "creator", "password", "is_superuser", "encrypted_password"))
@@ -141,9 +148,8 @@ class UsersView(EsdView):
                     "password": reveal(user),
                 }
             )
-        return envelope(
-            200, {"users": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": NOT_APPLICABLE}
-        )
+        data = {"users": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": NOT_APPLICABLE}
+        return envelope(200, UserListSerializer(data).data)
 
     @staticmethod
     def _password_reveal(request: Request):
@@ -161,21 +167,21 @@ class UsersView(EsdView):
 
         return reveal
 
-    @route(
+    @operation(
         operation_id="CreateUser",
         summary="Create a user or replace their password and roles",
         tags=["Users"],
-        permissions=("user:all",),
         body=schemas.CREATE_USER,
         first_run_initial=True,
         responses={
-            201: OpenApiResponse(
-                response=envelope_schema(201, schemas.FIRST_RUN_USER, data_required=False),
+            201: Answer(
+                FirstRunUserSerializer,
                 description="`data` only when the request had `initial: true`",
+                data_required=False,
             )
         },
     )
-    def post(self, request: Request) -> Response:
+    def create(self, request: Request) -> Response:
         body = request.esd_body
         initial = body.get("initial") is True
         saved = services.save_user(
@@ -190,20 +196,19 @@ class UsersView(EsdView):
             return envelope(201)
         all_roles = sorted(Role.objects.values_list("name", flat=True))
         data = {"user": {"username": saved.user.username, "roles": saved.roles}, "all_roles": all_roles}
-        return envelope(201, data)
+        return envelope(201, FirstRunUserSerializer(data).data)
 
-    @route(
+    @operation(
         operation_id="DeleteUsers",
         summary="Delete users with their API keys and sessions",
         tags=["Users"],
-        permissions=("user:all",),
         body=schemas.DELETE_USERS,
         responses={204: None},
     )
-    def delete(self, request: Request) -> Response:
+    def bulk_destroy(self, request: Request) -> Response:
         names = request.esd_body["user_name_list"]
         services.delete_users(
-            list(self.visible(User).filter(username__in=names)),
+            list(self.get_queryset().filter(username__in=names)),
             actor=request.user.username,
             actor_permissions=request.esd_permissions,
         )

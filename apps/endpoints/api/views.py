@@ -15,10 +15,10 @@ from apps.endpoints.api import schemas
 from apps.endpoints.models import Endpoint, EndpointOwner
 from esd.api.errors import BadRequest
 from esd.api.formats import utc_string
-from esd.api.openapi import envelope_schema
+from esd.api.legacy import EsdView, RouteSpec, envelope_schema, route
 from esd.api.pagination import keyset_page
 from esd.api.validation import Problems, Query, check
-from esd.api.views import EsdView, RouteSpec, envelope, route, uuid_list
+from esd.api.views import envelope, uuid_list
 
 TAGS = ["Endpoints"]
 COUNTS = ("initial_instance_count", "min_instance_number", "max_instance_number")

@@ -19,10 +19,10 @@ from apps.inference.models import InferenceJob
 from esd import keys
 from esd.api.errors import BadRequest, GatewayTimeout, NotFound
 from esd.api.formats import utc_string
-from esd.api.openapi import envelope_schema
+from esd.api.legacy import EsdView, RouteSpec, envelope_schema, route
 from esd.api.pagination import keyset_page
 from esd.api.validation import Query, clean_json
-from esd.api.views import EsdView, RouteSpec, envelope, find, route, uuid_list
+from esd.api.views import envelope, find, uuid_list
 from esd.storage import blob_store
 
 TAGS = ["Inferences"]

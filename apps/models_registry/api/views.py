@@ -16,10 +16,10 @@ from apps.models_registry.api import schemas
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
 from esd.api.errors import BadRequest, NotFound
 from esd.api.formats import epoch_string, utc_string
-from esd.api.openapi import envelope_schema
+from esd.api.legacy import EsdView, envelope_schema, route
 from esd.api.pagination import numbered_page
 from esd.api.validation import Query
-from esd.api.views import EsdView, envelope, find, route, uuid_list
+from esd.api.views import envelope, find, uuid_list
 from esd.owners import owned_by
 from esd.storage import blob_store
 

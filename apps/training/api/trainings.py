@@ -13,9 +13,10 @@ from apps.training.models import TrainingJob
 from esd import keys
 from esd.api.errors import NotFound
 from esd.api.formats import epoch_string
+from esd.api.legacy import EsdView, RouteSpec, route
 from esd.api.pagination import keyset_page
 from esd.api.validation import Problems, Query, check
-from esd.api.views import EsdView, RouteSpec, envelope, find, route, uuid_list
+from esd.api.views import envelope, find, uuid_list
 from esd.storage import blob_store
 
 TAGS = ["Trainings"]

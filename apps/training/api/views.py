@@ -14,9 +14,10 @@ from apps.training.api import schemas
 from apps.training.models import Dataset
 from esd.api.errors import NotFound
 from esd.api.formats import epoch_string
+from esd.api.legacy import EsdView, route
 from esd.api.pagination import keyset_page
 from esd.api.validation import Query
-from esd.api.views import EsdView, envelope, route
+from esd.api.views import envelope
 from esd.storage import blob_store
 
 TAGS = ["Datasets"]
