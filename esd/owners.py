@@ -1,9 +1,9 @@
 """Owner lists of shared resources (checkpoints, datasets, endpoints): names of roles or users, or ``*``.
 
 ESD stores owners as names, and names outlive roles (deleting a role keeps it in owner lists, contract §9.2), so
-they cannot be foreign keys to groups (nor django-guardian group permissions). Each resource keeps them in its own
-indexed table (``<Resource>Owner(resource, position, name)``); visibility is one ``EXISTS`` subquery, so lists cost
-the same number of queries whatever their length.
+they cannot be foreign keys to groups. Each resource keeps them, in order, in its own indexed table
+(``<Resource>Owner(resource, position, name)``): they are the wire data. Who may see or change the resource is
+derived from them as django-guardian object permissions by the accounts app, which listens to ``owners_changed``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from collections.abc import Iterable
 
 from django.db import models
 from django.db.models import Exists, Model, OuterRef, Q, QuerySet
+from django.dispatch import Signal
+
+# Sent with ``resource`` after its owner names were replaced: the grants derived from them follow.
+owners_changed = Signal()
 
 
 class OwnerEntry(models.Model):
@@ -45,3 +49,4 @@ def save_owners(owner_model: type[Model], resource: Model, names: Iterable[str])
     owner_model.objects.bulk_create(
         owner_model(resource=resource, position=index, name=name) for index, name in enumerate(dict.fromkeys(names))
     )
+    owners_changed.send(sender=type(resource), resource=resource)

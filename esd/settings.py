@@ -148,8 +148,11 @@ AUTH_USER_MODEL = "accounts.User"
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",  # first: a locked-out user and address never reach the password check
     "django.contrib.auth.backends.ModelBackend",
-    "guardian.backends.ObjectPermissionBackend",
+    # django-guardian's backend, answering for shared resources with the API's own visibility querysets
+    "apps.accounts.backends.SharedResourceBackend",
 ]
+# guardian.W001 asks for its own backend class; ours is a subclass of it.
+SILENCED_SYSTEM_CHECKS = ["guardian.W001"]
 # No guardian "AnonymousUser" row: it would show up in GET /users.
 ANONYMOUS_USER_NAME = None
 GUARDIAN_MONKEY_PATCH_USER = False

@@ -7,10 +7,12 @@ import uuid
 from django.db import models
 from django.db.models import Q, QuerySet
 from django.utils import timezone
+from guardian.models import GroupObjectPermissionBase, UserObjectPermissionBase
 
+from apps.accounts.grants import GrantPolicy, granted
 from apps.accounts.models import Role, User
 from apps.endpoints.choices import Backend, EndpointStatus, EndpointType
-from esd.owners import OwnerEntry, owned_by
+from esd.owners import OwnerEntry
 
 
 class EndpointQuerySet(QuerySet):
@@ -19,17 +21,18 @@ class EndpointQuerySet(QuerySet):
         created, or by their name."""
         if "sagemaker_endpoint:all" in permissions:
             return self.all()
-        roles = Role.objects.held_or_created_by(user).values("name")
-        return self.filter(owned_by(EndpointOwner, roles, [user.username], unowned=False))
+        roles = Role.objects.held_or_created_by(user).values("pk")
+        return self.filter(granted(Endpoint, "view", user, roles))
 
     def usable_by(self, user: User) -> EndpointQuerySet:
         """Endpoints whose owners share a role with ``user`` or name them (the inference scheduling rule)."""
-        roles = Role.objects.held_by(user).values("name")
-        return self.filter(owned_by(EndpointOwner, roles, [user.username], unowned=False))
+        return self.filter(granted(Endpoint, "view", user, Role.objects.held_by(user).values("pk")))
 
     def changeable_by(self, user: User, permissions: frozenset[str]) -> EndpointQuerySet:
         visible = self.visible_to(user, permissions)
-        return visible if "sagemaker_endpoint:all" in permissions else visible.filter(creator=user.username)
+        if "sagemaker_endpoint:all" in permissions:
+            return visible
+        return visible.filter(granted(Endpoint, "change", user, None))
 
     def live(self) -> EndpointQuerySet:
         """Every endpoint that still exists somewhere (a Failed one counts: its name and quota are taken)."""
@@ -62,6 +65,12 @@ class Endpoint(models.Model):
     checked_at = models.DateTimeField(null=True, blank=True)
 
     objects = EndpointQuerySet.as_manager()
+    grant_policy = GrantPolicy(
+        owner_lookup="owners__name",
+        creator_field="creator",
+        creator_actions=("change", "delete"),
+        rules={"view": "visible_to", "change": "changeable_by", "delete": "changeable_by"},
+    )
 
     class Meta:
         indexes = [models.Index(fields=["-start_time", "-id"], name="endpoint_newest")]
@@ -118,3 +127,15 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.worker} @ {self.endpoint_name}"
+
+
+class EndpointUserObjectPermission(UserObjectPermissionBase):
+    """A user's object permission on an endpoint (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Endpoint, on_delete=models.CASCADE)
+
+
+class EndpointGroupObjectPermission(GroupObjectPermissionBase):
+    """A role's object permission on an endpoint (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Endpoint, on_delete=models.CASCADE)

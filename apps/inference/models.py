@@ -7,7 +7,9 @@ import uuid
 from django.db import models
 from django.db.models import QuerySet
 from django.utils import timezone
+from guardian.models import UserObjectPermissionBase
 
+from apps.accounts.grants import GrantPolicy, granted
 from apps.accounts.models import User
 from apps.inference.choices import InferenceStatus, InferenceType
 
@@ -17,7 +19,7 @@ class InferenceJobQuerySet(QuerySet):
         """Contract §4.2: the owner, or anyone holding ``inference:all``."""
         if "inference:all" in permissions:
             return self.all()
-        return self.filter(owner=user.username)
+        return self.filter(granted(InferenceJob, "view", user, None))
 
 
 class InferenceJob(models.Model):
@@ -55,6 +57,8 @@ class InferenceJob(models.Model):
     runtime_seconds = models.FloatField(null=True, blank=True, help_text="Generation time the runtime reported")
 
     objects = InferenceJobQuerySet.as_manager()
+    # The owner is the creating user; a role of the same name gains nothing (contract §4.2).
+    grant_policy = GrantPolicy(owner_lookup="owner", owner_actions=("view", "change", "delete"), roles_may_own=False)
 
     class Meta:
         indexes = [
@@ -64,3 +68,9 @@ class InferenceJob(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_type} {self.id} ({self.status})"
+
+
+class InferenceJobUserObjectPermission(UserObjectPermissionBase):
+    """A user's object permission on an inference job (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(InferenceJob, on_delete=models.CASCADE)

@@ -7,7 +7,9 @@ import uuid
 from django.db import models
 from django.db.models import QuerySet
 from django.utils import timezone
+from guardian.models import GroupObjectPermissionBase, UserObjectPermissionBase
 
+from apps.accounts.grants import GrantPolicy, granted
 from apps.accounts.models import Role, User
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
 from esd.owners import OwnerEntry, owned_by
@@ -19,19 +21,24 @@ class CheckpointQuerySet(QuerySet):
         they hold or created."""
         if "user:all" in permissions:
             return self.all()
-        roles = Role.objects.held_or_created_by(user).values("name")
-        return self.filter(owned_by(CheckpointOwner, roles, [user.username, "*"], unowned=True))
+        roles = Role.objects.held_or_created_by(user).values("pk")
+        return self.filter(granted(Checkpoint, "view", user, roles) | self._public())
 
     def usable_by(self, user: User) -> CheckpointQuerySet:
         """The ``?username=`` filter: unowned, ``*``, the user's name, or a role the user holds."""
-        roles = Role.objects.held_by(user).values("name")
-        return self.filter(owned_by(CheckpointOwner, roles, [user.username, "*"], unowned=True))
+        roles = Role.objects.held_by(user).values("pk")
+        return self.filter(granted(Checkpoint, "view", user, roles) | self._public())
+
+    @staticmethod
+    def _public() -> models.Q:
+        """Owners empty or ``*``: everyone may use the checkpoint (a rule of the names, not a grant)."""
+        return owned_by(CheckpointOwner, ["*"], unowned=True)
 
     def changeable_by(self, user: User, permissions: frozenset[str]) -> CheckpointQuerySet:
         """Changing or deleting needs ``checkpoint:all`` or being the creator (contract §4.2), on top of
         visibility."""
         visible = self.visible_to(user, permissions)
-        return visible if "checkpoint:all" in permissions else visible.filter(creator=user.username)
+        return visible if "checkpoint:all" in permissions else visible.filter(granted(Checkpoint, "change", user, None))
 
     def active(self) -> CheckpointQuerySet:
         return self.filter(status=CheckpointStatus.ACTIVE)
@@ -59,6 +66,12 @@ class Checkpoint(models.Model):
     error = models.TextField(blank=True, default="")
 
     objects = CheckpointQuerySet.as_manager()
+    grant_policy = GrantPolicy(
+        owner_lookup="owners__name",
+        creator_field="creator",
+        creator_actions=("change", "delete"),
+        rules={"view": "visible_to", "change": "changeable_by", "delete": "changeable_by"},
+    )
 
     class Meta:
         indexes = [
@@ -99,3 +112,15 @@ class CheckpointOwner(OwnerEntry):
 
     class Meta(OwnerEntry.Meta):
         pass
+
+
+class CheckpointUserObjectPermission(UserObjectPermissionBase):
+    """A user's object permission on a checkpoint (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Checkpoint, on_delete=models.CASCADE)
+
+
+class CheckpointGroupObjectPermission(GroupObjectPermissionBase):
+    """A role's object permission on a checkpoint (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Checkpoint, on_delete=models.CASCADE)

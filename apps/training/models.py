@@ -5,11 +5,13 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import QuerySet
 from django.utils import timezone
+from guardian.models import GroupObjectPermissionBase, UserObjectPermissionBase
 
+from apps.accounts.grants import GrantPolicy, granted
 from apps.accounts.models import Role, User
 from apps.training.choices import DatasetStatus, TrainingStatus
 from esd import keys
-from esd.owners import OwnerEntry, owned_by
+from esd.owners import OwnerEntry
 
 
 class DatasetQuerySet(QuerySet):
@@ -17,8 +19,7 @@ class DatasetQuerySet(QuerySet):
         """Contract §4.2: owners share a role with the caller or name them; unowned rows only for ``user:all``."""
         if "user:all" in permissions:
             return self.all()
-        roles = Role.objects.held_by(user).values("name")
-        return self.filter(owned_by(DatasetOwner, roles, [user.username], unowned=False))
+        return self.filter(granted(Dataset, "view", user, Role.objects.held_by(user).values("pk")))
 
 
 class Dataset(models.Model):
@@ -32,6 +33,8 @@ class Dataset(models.Model):
     created = models.DateTimeField(default=timezone.now)
 
     objects = DatasetQuerySet.as_manager()
+    # Whoever may see a dataset may also change or delete it (train:all on top, contract §4.1).
+    grant_policy = GrantPolicy(owner_lookup="owners__name", owner_actions=("view", "change", "delete"))
 
     class Meta:
         indexes = [models.Index(fields=["-created", "-id"], name="dataset_newest")]
@@ -81,8 +84,7 @@ class TrainingJobQuerySet(QuerySet):
         """Contract §4.2: owners ([creator]) share a role with the caller or name them; ``user:all`` sees all."""
         if "user:all" in permissions:
             return self.all()
-        roles = Role.objects.held_by(user).values("name")
-        return self.filter(models.Q(owner=user.username) | models.Q(owner__in=roles))
+        return self.filter(granted(TrainingJob, "view", user, Role.objects.held_by(user).values("pk")))
 
 
 class TrainingJob(models.Model):
@@ -108,6 +110,7 @@ class TrainingJob(models.Model):
     output_files = models.JSONField(default=list, blank=True)
 
     objects = TrainingJobQuerySet.as_manager()
+    grant_policy = GrantPolicy(owner_lookup="owner", owner_actions=("view", "change", "delete"))
 
     class Meta:
         indexes = [models.Index(fields=["-created", "-id"], name="training_newest")]
@@ -118,3 +121,27 @@ class TrainingJob(models.Model):
     @property
     def output_name(self) -> str:
         return self.params["config_params"]["saving_arguments"]["output_name"]
+
+
+class DatasetUserObjectPermission(UserObjectPermissionBase):
+    """A user's object permission on a dataset (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Dataset, on_delete=models.CASCADE)
+
+
+class DatasetGroupObjectPermission(GroupObjectPermissionBase):
+    """A role's object permission on a dataset (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(Dataset, on_delete=models.CASCADE)
+
+
+class TrainingJobUserObjectPermission(UserObjectPermissionBase):
+    """A user's object permission on a training job (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(TrainingJob, on_delete=models.CASCADE)
+
+
+class TrainingJobGroupObjectPermission(GroupObjectPermissionBase):
+    """A role's object permission on a training job (django-guardian, direct foreign key for indexed joins)."""
+
+    content_object = models.ForeignKey(TrainingJob, on_delete=models.CASCADE)
