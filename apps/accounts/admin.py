@@ -9,11 +9,14 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import Group
-from django.db.models import Count, QuerySet
-from django.http import HttpRequest, HttpResponseRedirect
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Model, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from guardian.admin import AdminGroupObjectPermissionsForm, AdminUserObjectPermissionsForm, GuardedModelAdminMixin
 
-from apps.accounts import services
+from apps.accounts import grants, services
 from apps.accounts.models import ApiKey, Role, User, esd_permission_queryset, permissions_of
 from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS, first_not_covered
 from esd.api.errors import EsdError
@@ -64,6 +67,63 @@ class EsdPermissionsAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return self._holds(request, self.change_permissions)
+
+
+class _SharingForm:
+    """Guardian's per-object permission form, restricted to what an owner name grants; saving adds or removes the
+    principal's name in the object's owner list (``grants.share``), which derives the grants: a grant made here
+    is ESD wire data like any other owner name."""
+
+    principal_name: str
+
+    def get_obj_perms_field_choices(self) -> list[tuple[str, str]]:
+        actions = grants.policy_of(type(self.obj)).owner_actions
+        return [(grants.codename(type(self.obj), a), f"{a.capitalize()} (as an owner)") for a in actions]
+
+    def save_obj_perms(self) -> None:
+        selected = bool(self.cleaned_data[self.get_obj_perms_field_name()])
+        grants.share(self.obj, self.principal_name, shared=selected)
+
+
+class UserSharingForm(_SharingForm, AdminUserObjectPermissionsForm):
+    @property
+    def principal_name(self) -> str:
+        return self.user.username
+
+
+class GroupSharingForm(_SharingForm, AdminGroupObjectPermissionsForm):
+    @property
+    def principal_name(self) -> str:
+        return self.group.name
+
+
+class SharedResourceAdmin(GuardedModelAdminMixin, EsdPermissionsAdmin):
+    """An owner-listed resource (checkpoint, endpoint, dataset): its "Object permissions" page shows the guardian
+    grants of users and roles, and an operator who may change the object shares it with a role or user there."""
+
+    def get_obj_perms_manage_user_form(self, request: HttpRequest) -> type:
+        return UserSharingForm
+
+    def get_obj_perms_manage_group_form(self, request: HttpRequest) -> type:
+        return GroupSharingForm
+
+    def _may_share(self, request: HttpRequest, object_pk: str) -> None:
+        obj: Model = get_object_or_404(self.get_queryset(request), pk=object_pk)
+        change = f"{obj._meta.app_label}.{grants.codename(type(obj), 'change')}"
+        if not self.has_change_permission(request, obj) or not request.user.has_perm(change, obj):
+            raise PermissionDenied
+
+    def obj_perms_manage_view(self, request: HttpRequest, object_pk: str) -> HttpResponse:
+        self._may_share(request, object_pk)
+        return super().obj_perms_manage_view(request, object_pk)
+
+    def obj_perms_manage_user_view(self, request: HttpRequest, object_pk: str, user_id: int) -> HttpResponse:
+        self._may_share(request, object_pk)
+        return super().obj_perms_manage_user_view(request, object_pk, user_id)
+
+    def obj_perms_manage_group_view(self, request: HttpRequest, object_pk: str, group_id: int) -> HttpResponse:
+        self._may_share(request, object_pk)
+        return super().obj_perms_manage_group_view(request, object_pk, group_id)
 
 
 @admin.register(User)

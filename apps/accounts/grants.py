@@ -138,7 +138,7 @@ def _desired(model: type[models.Model], pks: list) -> tuple[set[tuple], set[tupl
     return users, groups
 
 
-def _apply(grant_model: type[models.Model], principal: str, pks: list, desired: set[tuple]) -> SyncReport:
+def _apply(grant_model: type[models.Model], principal: str, pks: list, desired: set[tuple], repair: bool) -> SyncReport:
     rows = grant_model.objects.filter(content_object_id__in=pks)
     current = {
         (principal_id, perm_id, obj_pk): grant_pk
@@ -148,6 +148,8 @@ def _apply(grant_model: type[models.Model], principal: str, pks: list, desired: 
     }
     extra = [grant_pk for key, grant_pk in current.items() if key not in desired]
     missing = [key for key in desired if key not in current]
+    if not repair:
+        return SyncReport(added=len(missing), removed=len(extra))
     if extra:
         grant_model.objects.filter(pk__in=extra).delete()
     grant_model.objects.bulk_create(
@@ -160,17 +162,18 @@ def _apply(grant_model: type[models.Model], principal: str, pks: list, desired: 
     return SyncReport(added=len(missing), removed=len(extra))
 
 
-def sync_objects(model: type[models.Model], pks: Iterable) -> SyncReport:
-    """Make the grants of these objects exactly what their names say (idempotent; a few queries per call)."""
+def sync_objects(model: type[models.Model], pks: Iterable, *, repair: bool = True) -> SyncReport:
+    """Make the grants of these objects exactly what their names say (idempotent; a few queries per call).
+    ``repair=False`` only counts what would change."""
     pks = list(pks)
     report = SyncReport()
     if not pks:
         return report
     users, groups = _desired(model, pks)
     with transaction.atomic():
-        report += _apply(get_user_obj_perms_model(model), "user", pks, users)
+        report += _apply(get_user_obj_perms_model(model), "user", pks, users, repair)
         if policy_of(model).roles_may_own:
-            report += _apply(get_group_obj_perms_model(model), "group", pks, groups)
+            report += _apply(get_group_obj_perms_model(model), "group", pks, groups, repair)
     return report
 
 
@@ -197,14 +200,14 @@ def sync_principal(principal: models.Model) -> None:
         sync_objects(model, pks)
 
 
-def sync_all(chunk: int = 500) -> dict[str, SyncReport]:
+def sync_all(*, repair: bool = True, chunk: int = 500) -> dict[str, SyncReport]:
     """Verify and repair every shared object's grants (``manage.py sync_object_permissions``, ``migrate``)."""
     reports: dict[str, SyncReport] = {}
     for model in shared_models():
         report = SyncReport()
         pks = list(model.objects.order_by("pk").values_list("pk", flat=True))
         for start in range(0, len(pks), chunk):
-            report += sync_objects(model, pks[start : start + chunk])
+            report += sync_objects(model, pks[start : start + chunk], repair=repair)
         reports[model._meta.label] = report
     return reports
 

@@ -6,13 +6,13 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from apps.accounts.admin import EsdPermissionsAdmin, request_permissions
+from apps.accounts.admin import EsdPermissionsAdmin, SharedResourceAdmin, request_permissions
 from apps.endpoints import services
 from apps.endpoints.models import Endpoint, Worker
 
 
 @admin.register(Endpoint)
-class EndpointAdmin(EsdPermissionsAdmin):
+class EndpointAdmin(SharedResourceAdmin):
     bulk_delete = False
     view_permissions = ("sagemaker_endpoint:all", "sagemaker_endpoint:list")
     add_permissions = ()  # deployed through the API (and the console's deploy page)

@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from apps.accounts.admin import EsdPermissionsAdmin, request_permissions
+from apps.accounts.admin import SharedResourceAdmin, request_permissions
 from apps.models_registry import services
 from apps.models_registry.choices import CheckpointStatus
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
@@ -34,7 +34,7 @@ class OwnerInline(admin.TabularInline):
 
 
 @admin.register(Checkpoint)
-class CheckpointAdmin(EsdPermissionsAdmin):
+class CheckpointAdmin(SharedResourceAdmin):
     bulk_delete = False
     view_permissions = ("checkpoint:all", "checkpoint:list")
     add_permissions = ()  # uploads start from the API or `manage.py import_checkpoint`
@@ -66,10 +66,10 @@ class CheckpointAdmin(EsdPermissionsAdmin):
         )
 
     def has_change_permission(self, request: HttpRequest, obj: Checkpoint | None = None) -> bool:
-        # Enable/disable/delete follow the API's rule: checkpoint:all, or the creator with checkpoint:create.
+        # Enable/disable/delete/share follow the API's rule: checkpoint:all, or the creator with checkpoint:create.
         if not super().has_change_permission(request, obj):
             return False
-        return obj is None or "checkpoint:all" in request_permissions(request) or obj.creator == request.user.username
+        return obj is None or request.user.has_perm("models_registry.change_checkpoint", obj)
 
     has_delete_permission = has_change_permission
 

@@ -6,7 +6,7 @@ from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
-from apps.accounts.admin import EsdPermissionsAdmin, request_permissions
+from apps.accounts.admin import SharedResourceAdmin, request_permissions
 from apps.training import services
 from apps.training.choices import DatasetStatus
 from apps.training.models import Dataset, DatasetItem
@@ -22,7 +22,7 @@ class ItemInline(admin.TabularInline):
 
 
 @admin.register(Dataset)
-class DatasetAdmin(EsdPermissionsAdmin):
+class DatasetAdmin(SharedResourceAdmin):
     bulk_delete = False
     view_permissions = change_permissions = ("train:all",)
     add_permissions = ()  # datasets are uploaded through the API
