@@ -98,6 +98,7 @@ ESD_API_RESOURCES = {
     "ping": "apps.accounts.api.views.PingViewSet",
     "roles": "apps.accounts.api.views.RoleViewSet",
     "users": "apps.accounts.api.views.UserViewSet",
+    "inferences": "apps.inference.api.views.InferenceViewSet",
 }
 WSGI_APPLICATION = "esd.wsgi.application"
 

@@ -14,7 +14,6 @@ api_patterns = [
     path("", include("apps.models_registry.api.urls")),
     path("", include("apps.training.api.urls")),
     path("", include("apps.endpoints.api.urls")),
-    path("", include("apps.inference.api.urls")),
     re_path(r"^schema/?$", SchemaView.as_view(), name="schema"),
     re_path(r"^docs/?$", DocsView.as_view(url_name="schema"), name="docs"),
     # Anything else under the prefix: the ESD 404 envelope, before authentication (contract §2).

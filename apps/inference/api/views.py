@@ -8,21 +8,28 @@ from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiResponse
+from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.accounts.models import User
 from apps.inference import services
 from apps.inference.api import schemas
+from apps.inference.api.serializers import (
+    CreatedInferenceSerializer,
+    InferenceJobDetailSerializer,
+    InferenceJobListSerializer,
+    StartedInferenceSerializer,
+)
 from apps.inference.choices import DIFFUSION_TASKS, TERMINAL, InferenceStatus
 from apps.inference.models import InferenceJob
 from esd import keys
-from esd.api.errors import BadRequest, GatewayTimeout, NotFound
+from esd.api.errors import BadRequest, GatewayTimeout
 from esd.api.formats import utc_string
-from esd.api.legacy import EsdView, RouteSpec, envelope_schema, route
+from esd.api.openapi import Answer
 from esd.api.pagination import keyset_page
 from esd.api.validation import Query, clean_json
-from esd.api.views import envelope, find, uuid_list
+from esd.api.views import EsdViewSet, Operation, envelope, operation, uuid_list
 from esd.storage import blob_store
 
 TAGS = ["Inferences"]
@@ -31,6 +38,7 @@ WRITE = ("inference:all", "inference:create")
 
 
 def render_job(job: InferenceJob) -> dict[str, Any]:
+    """A job as the list shows it (``InferenceJobSerializer``); its ``params`` name the blob store's URLs."""
     store = blob_store()
     params: dict[str, Any] = {
         "input_body_s3": store.uri(services.params_key(job)),
@@ -60,6 +68,7 @@ def render_job(job: InferenceJob) -> dict[str, Any]:
 
 
 def render_detail(job: InferenceJob) -> dict[str, Any]:
+    """A job with presigned URLs of its images and result parameters (``InferenceJobDetailSerializer``)."""
     store = blob_store()
     expires = settings.ESD_PRESIGN_EXPIRES
     job_id = str(job.id)
@@ -77,23 +86,21 @@ def start_response(job_id: str) -> Response:
     started = services.start_job(job_id)
     job = started.job
     if not started.realtime:
-        return envelope(
-            202,
-            {
-                "inference": {
-                    "inference_id": str(job.id),
-                    "status": InferenceStatus.IN_PROGRESS,
-                    "endpoint_name": job.endpoint_name,
-                    "output_path": job.output_location,
-                }
-            },
-        )
+        accepted = {
+            "inference": {
+                "inference_id": str(job.id),
+                "status": InferenceStatus.IN_PROGRESS,
+                "endpoint_name": job.endpoint_name,
+                "output_path": job.output_location,
+            }
+        }
+        return envelope(202, StartedInferenceSerializer(accepted).data)
     finished = wait_for(job_id, settings.ESD_REALTIME_TIMEOUT)
     if finished is None:
         raise GatewayTimeout()
     if finished.status == InferenceStatus.FAILED:
         raise BadRequest(error_text(finished.sagemaker_raw))
-    return envelope(200, render_detail(finished))
+    return envelope(200, InferenceJobDetailSerializer(render_detail(finished)).data)
 
 
 def wait_for(job_id: str, timeout: float) -> InferenceJob | None:
@@ -111,17 +118,30 @@ def wait_for(job_id: str, timeout: float) -> InferenceJob | None:
 
 
 def error_text(raw: Any) -> str:
+    """The message of a failed job's report (the 400 of a real-time start; the console shows it too)."""
     if isinstance(raw, dict) and isinstance(raw.get("error"), str):
         return raw["error"]
     return raw if isinstance(raw, str) else json.dumps(raw)
 
 
-class InferencesView(EsdView):
-    @route(
+class InferenceViewSet(EsdViewSet):
+    model = InferenceJob
+    required = {
+        "list": READ,
+        "create": WRITE,
+        "bulk_destroy": WRITE,
+        "retrieve": READ,
+        "start": WRITE,
+    }
+    not_found = {
+        "retrieve": "inference with id {id} not found",
+        "start": "InferenceJobId {id} not found",
+    }
+
+    @operation(
         operation_id="ListInferenceJobs",
         summary="List inference jobs, newest first",
         tags=TAGS,
-        permissions=READ,
         keyless_user_ok=True,
         query=(
             Query("type", kind="enum", choices=tuple(schemas.TASKS), default="txt2img", description="Task type"),
@@ -129,11 +149,11 @@ class InferencesView(EsdView):
             Query("exclusive_start_key", description="last_evaluated_key of the previous page"),
             Query("username", description="Jobs of this user"),
         ),
-        responses={200: schemas.LIST},
+        responses={200: InferenceJobListSerializer},
     )
-    def get(self, request: Request) -> Response:
+    def list(self, request: Request) -> Response:
         query = request.esd_query
-        jobs = self.visible(InferenceJob).filter(task_type=query["type"])
+        jobs = self.get_queryset().filter(task_type=query["type"])
         if query["username"] is not None:
             if not User.objects.filter(username=query["username"]).exists():
                 raise BadRequest(f'user: "{query["username"]}" not exist')
@@ -141,13 +161,12 @@ class InferencesView(EsdView):
         page = keyset_page(
             jobs, order=("create_time", "id"), limit=query["limit"], start_key=query["exclusive_start_key"]
         )
-        return envelope(
-            200, {"inferences": [render_job(j) for j in page.rows], "last_evaluated_key": page.last_evaluated_key}
-        )
+        data = {"inferences": [render_job(j) for j in page.rows], "last_evaluated_key": page.last_evaluated_key}
+        return envelope(200, InferenceJobListSerializer(data).data)
 
-    def validate(self, request: Request, spec: RouteSpec) -> None:
+    def validate(self, request: Request, spec: Operation) -> None:
         """``payload_string`` must parse to a JSON object (after the schema, before the user and permission)."""
-        payload = request.esd_body.get("payload_string") if request.method == "POST" else None
+        payload = request.esd_body.get("payload_string") if self.action == "create" else None
         if payload is not None:
             try:
                 parsed = json.loads(payload)
@@ -156,23 +175,19 @@ class InferencesView(EsdView):
             if not isinstance(parsed, dict) or not clean_json(parsed):
                 raise BadRequest("payload_string must be valid json string")
 
-    @route(
+    @operation(
         operation_id="CreateInferenceJob",
         summary="Create an inference job (or, with payload_string, create and start it in one call)",
         tags=TAGS,
-        permissions=WRITE,
         body=schemas.CREATE,
         responses={
-            201: OpenApiResponse(response=envelope_schema(201, schemas.CREATED), description="Created"),
-            202: OpenApiResponse(response=envelope_schema(202, schemas.ACCEPTED), description="One call, Async"),
-            200: OpenApiResponse(
-                response=envelope_schema(200, schemas.JOB_WITH_URLS),
-                description="One call, Real-time: the finished job",
-            ),
+            201: Answer(CreatedInferenceSerializer, description="Created"),
+            202: Answer(StartedInferenceSerializer, description="One call, Async"),
+            200: Answer(InferenceJobDetailSerializer, description="One call, Real-time: the finished job"),
             504: OpenApiResponse(description='One call, Real-time, too slow: {"message":"Endpoint request timed out"}'),
         },
     )
-    def post(self, request: Request) -> Response:
+    def create(self, request: Request) -> Response:
         body = request.esd_body
         job = services.create_job(
             user=request.user,
@@ -199,55 +214,43 @@ class InferencesView(EsdView):
                 for entry in entries
                 if entry["id"] != "VAE"
             ]
-        return envelope(201, {"inference": data})
+        return envelope(201, CreatedInferenceSerializer({"inference": data}).data)
 
-    @route(
+    @operation(
         operation_id="DeleteInferenceJobs",
         summary="Delete inference jobs with their parameters and results",
         tags=TAGS,
-        permissions=WRITE,
         body=schemas.DELETE,
         keyless_user_ok=True,
         responses={204: None},
     )
-    def delete(self, request: Request) -> Response:
+    def bulk_destroy(self, request: Request) -> Response:
         ids = uuid_list(request.esd_body["inference_id_list"])
-        services.delete_jobs(list(self.visible(InferenceJob).filter(pk__in=ids)))
+        services.delete_jobs(list(self.get_queryset().filter(pk__in=ids)))
         return envelope(204)
 
-
-class InferenceView(EsdView):
-    @route(
+    @operation(
         operation_id="GetInferenceJob",
         summary="An inference job with presigned URLs of its images and parameter file",
         tags=TAGS,
-        permissions=READ,
         keyless_user_ok=True,
         path_params=("id",),
-        responses={200: schemas.JOB_WITH_URLS},
+        responses={200: InferenceJobDetailSerializer},
     )
-    def get(self, request: Request, id: str) -> Response:
-        job = find(self.visible(InferenceJob), pk=id)
-        if job is None:
-            raise NotFound(f"inference with id {id} not found")
-        return envelope(200, render_detail(job))
+    def retrieve(self, request: Request, id: str) -> Response:
+        return envelope(200, InferenceJobDetailSerializer(render_detail(self.get_object())).data)
 
-
-class StartInferenceView(EsdView):
-    @route(
+    @operation(
         operation_id="StartInferenceJob",
         summary="Start a created job: Async answers 202, Real-time waits for the result",
         tags=TAGS,
-        permissions=WRITE,
         path_params=("id",),
         responses={
-            202: OpenApiResponse(response=envelope_schema(202, schemas.ACCEPTED), description="Async"),
-            200: OpenApiResponse(response=envelope_schema(200, schemas.JOB_WITH_URLS), description="Real-time"),
+            202: Answer(StartedInferenceSerializer, description="Async"),
+            200: Answer(InferenceJobDetailSerializer, description="Real-time"),
             504: OpenApiResponse(description='Real-time, too slow: {"message":"Endpoint request timed out"}'),
         },
     )
-    def put(self, request: Request, id: str) -> Response:
-        job = find(self.visible(InferenceJob), pk=id)
-        if job is None:
-            raise NotFound(f"InferenceJobId {id} not found")
-        return start_response(str(job.id))
+    @action(detail=True, methods=["put"], url_path="start")
+    def start(self, request: Request, id: str) -> Response:
+        return start_response(str(self.get_object().id))
