@@ -98,6 +98,8 @@ ESD_API_RESOURCES = {
     "ping": "apps.accounts.api.views.PingViewSet",
     "roles": "apps.accounts.api.views.RoleViewSet",
     "users": "apps.accounts.api.views.UserViewSet",
+    "datasets": "apps.training.api.views.DatasetViewSet",
+    "trainings": "apps.training.api.trainings.TrainingViewSet",
     "inferences": "apps.inference.api.views.InferenceViewSet",
 }
 WSGI_APPLICATION = "esd.wsgi.application"

@@ -1,4 +1,4 @@
-"""Body and response schemas of the dataset routes (contract §9.5)."""
+"""Body schemas of the dataset and training routes (contract §9.5, §9.8). Validated and published as given."""
 
 from apps.training.choices import DatasetStatus
 from esd.api.schemas import delete_body
@@ -38,60 +38,6 @@ UPDATE_DATASET = {
 }
 DELETE_DATASETS = delete_body("dataset_name_list", items=DATASET_NAME, max_items=10)
 
-CREATED = {
-    "type": "object",
-    "properties": {
-        "datasetName": {"type": "string"},
-        "s3PresignUrl": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-}
-UPDATED = {"type": "object", "properties": {"datasetName": {"type": "string"}, "status": {"type": "string"}}}
-LISTED = {
-    "type": "object",
-    "properties": {
-        "datasets": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": True,
-                "properties": {
-                    "datasetName": {"type": "string"},
-                    "s3": {"type": "string"},
-                    "status": {"type": "string", "enum": STATUSES},
-                    "timestamp": {"type": "string"},
-                },
-            },
-        },
-        "last_evaluated_key": {"type": "string", "nullable": True},
-    },
-}
-DETAIL = {
-    "type": "object",
-    "additionalProperties": True,
-    "properties": {
-        "dataset_name": {"type": "string"},
-        "datasetName": {"type": "string"},
-        "prefix": {"type": "string"},
-        "s3": {"type": "string"},
-        "status": {"type": "string", "enum": STATUSES},
-        "timestamp": {"type": "string"},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": True,
-                "properties": {
-                    "key": {"type": "string"},
-                    "name": {"type": "string"},
-                    "type": {"type": "string"},
-                    "preview_url": {"type": "string"},
-                    "dataStatus": {"type": "string", "enum": STATUSES},
-                    "original_file_name": {"type": "string"},
-                },
-            },
-        },
-    },
-}
 
 # --- trainings (contract §9.8) ----------------------------------------------------------------------------------
 
@@ -173,48 +119,3 @@ DOCUMENT_PARAMS = {
     },
 }
 DELETE_TRAININGS = delete_body("training_id_list")
-TRAINING_PARAMS = {"type": "object", "additionalProperties": True}
-TRAINING_CREATED = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "status": {"type": "string"},
-        "created": {"type": "string"},
-        "params": TRAINING_PARAMS,
-        "input_location": {"type": "string"},
-        "output_location": {"type": "string"},
-    },
-}
-TRAINING_DETAIL = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "checkpoint_id": {"type": "string"},
-        "job_status": {"type": "string"},
-        "model_id": {"type": "string"},
-        "params": TRAINING_PARAMS,
-        "timestamp": {"type": "string"},
-        "train_type": {"type": "string"},
-    },
-}
-TRAINING_LIST = {
-    "type": "object",
-    "properties": {
-        "trainings": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string"},
-                    "modelName": {"type": "string"},
-                    "status": {"type": "string"},
-                    "trainType": {"type": "string"},
-                    "created": {"type": "string"},
-                    "sagemakerTrainName": {"type": "string", "nullable": True},
-                    "params": TRAINING_PARAMS,
-                },
-            },
-        },
-        "last_evaluated_key": {"type": "string", "nullable": True},
-    },
-}
