@@ -6,6 +6,10 @@ GET /api/users (with --users users in the list) and the bare views returning the
 --concurrency keep-alive clients for --requests requests, and prints requests/s, p50, p99 and ours/bare.
 
     .venv/bin/python bench/api_bench.py [--requests 4000] [--concurrency 16] [--workers 2] [--threads 4]
+        [--baseline REV [--rounds 3]]
+
+With ``--baseline REV`` the same cases also run against a checkout of REV (a temporary git worktree, same
+virtualenv), alternating baseline and HEAD for ``--rounds`` rounds, and the medians are compared: HEAD/REV.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def manage(env: dict, *args: str) -> str:
+def manage(env: dict, *args: str, root: Path = ROOT) -> str:
     result = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+        [sys.executable, "manage.py", *args], cwd=root, env=env, check=True, capture_output=True, text=True
     )
     return result.stdout
 
@@ -112,15 +116,8 @@ def drive(port: int, path: str, headers: dict, total: int, concurrency: int) -> 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--users", type=int, default=20, help="users in the GET /api/users answer")
-    args = parser.parse_args()
-
+def run_cases(args: argparse.Namespace, root: Path) -> tuple[str, dict[str, dict]]:
+    """Start gunicorn on the code under ``root`` with a fresh database and drive every case once."""
     var_dir = Path(tempfile.mkdtemp(prefix="esd-bench-"))
     env = {
         **os.environ,
@@ -132,9 +129,9 @@ def main() -> None:
     }
     env.pop("DRAMATIQ_BROKER_URL", None)
     database = "PostgreSQL" if env.get("DATABASE_URL", "").startswith("postgres") else "SQLite"
-    manage(env, "migrate", "--noinput")
+    manage(env, "migrate", "--noinput", root=root)
     tag = secrets.token_hex(3)
-    key = manage(env, "shell", "-c", SETUP.format(tag=tag, users=args.users)).strip().splitlines()[-1]
+    key = manage(env, "shell", "-c", SETUP.format(tag=tag, users=args.users), root=root).strip().splitlines()[-1]
     port = free_port()
     users_body = var_dir / "users.json"
     env["ESD_BENCH_USERS_BODY"] = str(users_body)
@@ -155,7 +152,7 @@ def main() -> None:
             "--log-level",
             "warning",
         ],
-        cwd=ROOT,
+        cwd=root,
         env=env,
     )
     try:
@@ -178,13 +175,13 @@ def main() -> None:
     finally:
         gunicorn.terminate()
         gunicorn.wait(timeout=30)
-        manage(env, "shell", "-c", TEARDOWN)
+        manage(env, "shell", "-c", TEARDOWN, root=root)
         shutil.rmtree(var_dir, ignore_errors=True)
+    return database, results
 
-    print(
-        f"database {database}; gunicorn {args.workers} workers x {args.threads} threads (gthread); "
-        f"{args.requests} requests per case at concurrency {args.concurrency}; {args.users + 2} users listed"
-    )
+
+def report(label: str, results: dict[str, dict]) -> None:
+    print(f"{label}")
     print(f"{'case':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for name, r in results.items():
         print(f"{name:<18}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}")
@@ -193,5 +190,44 @@ def main() -> None:
     print(f"ours/bare  ping {ping:.2f} (target >= 0.6)   users {users:.2f}")
 
 
-if __name__ == "__main__":
-    main()
+def median_results(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    return {
+        name: {k: statistics.median(run[name][k] for run in runs) for k in ("rps", "p50", "p99")} for name in runs[0]
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--users", type=int, default=20, help="users in the GET /api/users answer")
+    parser.add_argument("--baseline", help="a git revision to compare with, in the same run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/HEAD rounds with --baseline")
+    args = parser.parse_args()
+    header = (
+        f"gunicorn {args.workers} workers x {args.threads} threads (gthread); "
+        f"{args.requests} requests per case at concurrency {args.concurrency}; {args.users + 2} users listed"
+    )
+    if not args.baseline:
+        database, results = run_cases(args, ROOT)
+        print(f"database {database}; {header}")
+        report("HEAD", results)
+        return
+    tree = Path(tempfile.mkdtemp(prefix="esd-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=ROOT, check=True)
+    try:
+        runs: dict[str, list] = {"baseline": [], "HEAD": []}
+        for _ in range(args.rounds):
+            database, results = run_cases(args, tree)
+            runs["baseline"].append(results)
+            runs["HEAD"].append(run_cases(args, ROOT)[1])
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    print(f"database {database}; {header}; medians of {args.rounds} alternating rounds")
+    base, head = median_results(runs["baseline"]), median_results(runs["HEAD"])
+    report(f"baseline {args.baseline}", base)
+    report("HEAD", head)
+    for name in ("GET /api/ping", "GET /api/users"):
+        print(f"HEAD/baseline {name}: {head[name]['rps'] / base[name]['rps']:.2f} x req/s")
