@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 
 from django.apps import apps
 from django.contrib.auth.models import Permission
@@ -99,11 +100,18 @@ class SyncReport:
         return self
 
 
+@cache
 def _permission_ids(model: type[models.Model]) -> dict[str, int]:
+    """The model's view/change/delete permission ids, cached per process (``migrate`` and a test flush, which may
+    recreate them, clear the cache through ``forget_permission_ids``)."""
     content_type = ContentType.objects.get_for_model(model)
     rows = Permission.objects.filter(content_type=content_type, codename__in=[codename(model, a) for a in ACTIONS])
     by_codename = dict(rows.values_list("codename", "pk"))
     return {action: by_codename[codename(model, action)] for action in ACTIONS}
+
+
+def forget_permission_ids() -> None:
+    _permission_ids.cache_clear()
 
 
 def _desired(model: type[models.Model], pks: list) -> tuple[set[tuple], set[tuple]]:

@@ -65,6 +65,7 @@ def grant_on_create(sender: type[Model], instance: Model, created: bool, raw: bo
 def repair_grants(sender: AppConfig, **kwargs) -> None:
     """Grants are derived data: every ``migrate`` (an upgrade included) verifies and repairs them, once, after
     the last app (when every model's permissions exist)."""
+    grants.forget_permission_ids()
     last = list(django_apps.get_app_configs())[-1]
     if sender is last and kwargs.get("using", "default") == "default":
         grants.sync_all()
