@@ -98,6 +98,8 @@ ESD_API_RESOURCES = {
     "ping": "apps.accounts.api.views.PingViewSet",
     "roles": "apps.accounts.api.views.RoleViewSet",
     "users": "apps.accounts.api.views.UserViewSet",
+    "checkpoints": "apps.models_registry.api.views.CheckpointViewSet",
+    "endpoints": "apps.endpoints.api.views.EndpointViewSet",
 }
 WSGI_APPLICATION = "esd.wsgi.application"
 

@@ -197,18 +197,21 @@ def test_the_jsonschema_walk_refuses_a_keyword_it_cannot_word_and_every_route_sc
     with pytest.raises(ValueError, match=r"request schema keyword\(s\) \['uniqueItems'\] have no ESD message"):
         validate_body({"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}, {})
 
-    def views(patterns):
+    def handlers(patterns):
+        """Each route's handlers: a viewset's actions (``@operation``) or an APIView's methods (``@route``)."""
         for pattern in patterns:
             if hasattr(pattern, "url_patterns"):
-                yield from views(pattern.url_patterns)
+                yield from handlers(pattern.url_patterns)
+            elif getattr(pattern.callback, "actions", None):
+                yield from (getattr(pattern.callback.cls, action) for action in pattern.callback.actions.values())
             elif getattr(pattern.callback, "view_class", None) is not None:
-                yield pattern.callback.view_class
+                yield from (getattr(pattern.callback.view_class, m, None) for m in ("get", "post", "put", "delete"))
 
     bodies = [
         spec.body
-        for view in views(get_resolver().url_patterns)
-        for method in ("get", "post", "put", "delete")
-        if (spec := getattr(getattr(view, method, None), "route_spec", None)) is not None and spec.body
+        for handler in handlers(get_resolver().url_patterns)
+        if (spec := getattr(handler, "route_spec", None) or getattr(handler, "operation", None)) is not None
+        and spec.body
     ]
     assert len(bodies) >= 10
     for body in bodies:
