@@ -98,8 +98,10 @@ ESD_API_RESOURCES = {
     "ping": "apps.accounts.api.views.PingViewSet",
     "roles": "apps.accounts.api.views.RoleViewSet",
     "users": "apps.accounts.api.views.UserViewSet",
+    "checkpoints": "apps.models_registry.api.views.CheckpointViewSet",
     "datasets": "apps.training.api.views.DatasetViewSet",
     "trainings": "apps.training.api.trainings.TrainingViewSet",
+    "endpoints": "apps.endpoints.api.views.EndpointViewSet",
     "inferences": "apps.inference.api.views.InferenceViewSet",
 }
 WSGI_APPLICATION = "esd.wsgi.application"
@@ -311,6 +313,14 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/" + ESD_API_PREFIX.rstrip("/"),
     "COMPONENT_SPLIT_REQUEST": False,
+    # Several resources have a "status" (and "type"): each enum gets its resource's name in the document.
+    "ENUM_NAME_OVERRIDES": {
+        "CheckpointStatusEnum": "apps.models_registry.choices.CheckpointStatus",
+        "CheckpointTypeEnum": "apps.models_registry.choices.CheckpointType",
+        "InferenceStatusEnum": "apps.inference.choices.InferenceStatus",
+        "EndpointStatusEnum": "apps.endpoints.choices.EndpointStatus",
+        "EndpointTypeEnum": "apps.endpoints.choices.EndpointType",
+    },
     "APPEND_COMPONENTS": {"schemas": {"Error": ERROR_COMPONENT}},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -11,8 +11,6 @@ from esd.storage_views import blob
 
 api_patterns = [
     *api_urls(settings.ESD_API_RESOURCES),
-    path("", include("apps.models_registry.api.urls")),
-    path("", include("apps.endpoints.api.urls")),
     re_path(r"^schema/?$", SchemaView.as_view(), name="schema"),
     re_path(r"^docs/?$", DocsView.as_view(url_name="schema"), name="docs"),
     # Anything else under the prefix: the ESD 404 envelope, before authentication (contract §2).

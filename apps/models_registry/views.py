@@ -25,7 +25,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from apps.accounts.models import held_role_names
 from apps.models_registry import services
 from apps.models_registry.api.schemas import STATUSES, TYPES, UPDATE
-from apps.models_registry.api.views import render_params
+from apps.models_registry.api.serializers import render_params
 from apps.models_registry.choices import CheckpointStatus
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner, CheckpointQuerySet
 from esd.api.errors import EsdError

@@ -64,12 +64,14 @@ class SessionScheme(OpenApiAuthenticationExtension):
 
 
 def bodies_are_required(result: dict, generator: Any, request: Any, public: bool) -> dict:
-    """Every route that takes a body refuses a request without one (``parse_body``: it must be a JSON object
-    with the required fields), so the document says the body is required."""
+    """A route whose body has required fields refuses a request without one (an empty body counts as ``{}``), so
+    the document says the body is required there; ``PUT /checkpoints/{id}`` (no required field) accepts none."""
     for operations in result.get("paths", {}).values():
         for operation in operations.values():
             if isinstance(operation, dict) and "requestBody" in operation:
-                operation["requestBody"]["required"] = True
+                schema = operation["requestBody"].get("content", {}).get("application/json", {}).get("schema", {})
+                if schema.get("required"):
+                    operation["requestBody"]["required"] = True
     return result
 
 

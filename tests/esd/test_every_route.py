@@ -1,4 +1,4 @@
-"""Every route of the router × every kind of credential, against the contract's tables (§3.1, §3.3, §4.1).
+"""Every route of the router, times every kind of credential, against the contract's tables (§3.1, §3.3, §4.1).
 
 The routes come from the URL resolver (whatever the router serves is tested); the expectations come from the
 contract, written out below, not from the viewsets' own declarations. Each request carries a body that passes the

@@ -201,16 +201,13 @@ def test_the_jsonschema_walk_refuses_a_keyword_it_cannot_word_and_every_route_sc
         for pattern in patterns:
             if hasattr(pattern, "url_patterns"):
                 yield from handlers(pattern.url_patterns)
-            elif getattr(pattern.callback, "view_class", None) is not None:  # legacy APIView
-                yield from (getattr(pattern.callback.view_class, m, None) for m in ("get", "post", "put", "delete"))
-            elif getattr(pattern.callback, "cls", None) is not None:  # viewset: its routed actions
+            elif getattr(pattern.callback, "actions", None) is not None:  # viewset: its routed actions
                 yield from (getattr(pattern.callback.cls, a) for a in pattern.callback.actions.values())
 
     bodies = [
         spec.body
         for handler in handlers(get_resolver().url_patterns)
-        if (spec := getattr(handler, "route_spec", None) or getattr(handler, "operation", None)) is not None
-        and spec.body
+        if (spec := getattr(handler, "operation", None)) is not None and spec.body
     ]
     assert len(bodies) >= 10
     for body in bodies:

@@ -1,6 +1,6 @@
-"""Body and response schemas of the endpoint routes (contract §9.6)."""
+"""Body schemas of the endpoint routes (contract §9.6); the responses are serializers (``serializers``)."""
 
-from apps.endpoints.choices import REQUEST_TYPES, Backend, EndpointStatus, EndpointType
+from apps.endpoints.choices import REQUEST_TYPES, Backend
 from esd.api.schemas import delete_body
 
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
@@ -52,32 +52,3 @@ CREATE = {
 }
 
 DELETE = delete_body("endpoint_name_list", max_items=10, username={"type": "string", "description": "Ignored"})
-
-ENDPOINT = {
-    "type": "object",
-    "properties": {
-        "EndpointDeploymentJobId": {"type": "string"},
-        "autoscaling": {"type": "boolean"},
-        "max_instance_number": {"type": "string"},
-        "min_instance_number": {"type": "string"},
-        "startTime": {"type": "string"},
-        "endTime": {"type": "string", "nullable": True},
-        "status": {"type": "string", "nullable": True, "description": "Always null (legacy)"},
-        "instance_type": {"type": "string"},
-        "current_instance_count": {"type": "string"},
-        "endpoint_status": {"type": "string", "enum": [s.value for s in EndpointStatus]},
-        "endpoint_name": {"type": "string"},
-        "error": {"type": "string", "nullable": True},
-        "endpoint_type": {"type": "string", "enum": [t.value for t in EndpointType]},
-        "owner_group_or_role": {"type": "array", "items": {"type": "string"}},
-        "custom_extensions": {"type": "string"},
-        "backend": {"type": "string", "enum": [b.value for b in Backend]},
-    },
-}
-LIST = {
-    "type": "object",
-    "properties": {
-        "endpoints": {"type": "array", "items": ENDPOINT},
-        "last_evaluated_key": {"type": "string", "nullable": True},
-    },
-}

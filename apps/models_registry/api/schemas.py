@@ -1,4 +1,4 @@
-"""Body and response schemas of the checkpoint routes (contract §9.4)."""
+"""Body schemas of the checkpoint routes (contract §9.4); the responses are serializers (``serializers``)."""
 
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
 from esd.api.schemas import delete_body
@@ -61,51 +61,3 @@ UPDATE = {
 }
 
 DELETE = delete_body("checkpoint_id_list")
-
-_PARAMS = {"type": "object", "additionalProperties": True}
-SHORT = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "type": {"type": "string", "enum": TYPES},
-        "s3_location": {"type": "string"},
-        "status": {"type": "string", "enum": STATUSES},
-        "params": _PARAMS,
-    },
-}
-ITEM = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "s3Location": {"type": "string"},
-        "type": {"type": "string", "enum": TYPES},
-        "status": {"type": "string", "enum": STATUSES},
-        "name": {"type": "array", "items": {"type": "string"}},
-        "created": {"type": "string", "description": "Epoch seconds with six decimals"},
-        "params": _PARAMS,
-        "allowed_roles_or_users": {"type": "array", "items": {"type": "string"}},
-    },
-}
-LIST = {
-    "type": "object",
-    "properties": {
-        "page": {"type": "integer"},
-        "per_page": {"type": "integer"},
-        "pages": {"type": "integer"},
-        "total": {"type": "integer"},
-        "checkpoints": {"type": "array", "items": ITEM},
-    },
-}
-CREATED = {
-    "type": "object",
-    "properties": {
-        "checkpoint": SHORT,
-        "s3PresignUrl": {
-            "type": "object",
-            "additionalProperties": {"type": "array", "items": {"type": "string"}},
-            "description": "Part URLs per file name",
-        },
-    },
-}
-ACCEPTED = {"type": "object", "properties": {"checkpoints": {"type": "array", "items": SHORT}}}
-UPDATED = {"type": "object", "properties": {"checkpoint": SHORT}}

@@ -1,80 +1,55 @@
-"""``/checkpoints`` (contract §9.4)."""
+"""``/checkpoints`` (contract §9.4). Thin: parse, call a service, render through the serializers."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from django.conf import settings
 from django.db.models import Prefetch
-from drf_spectacular.utils import OpenApiResponse
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.accounts.models import User, held_role_names
 from apps.models_registry import services
 from apps.models_registry.api import schemas
+from apps.models_registry.api.serializers import (
+    CheckpointDownloadsSerializer,
+    CheckpointListSerializer,
+    CheckpointUpdateSerializer,
+    CheckpointUploadSerializer,
+)
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
-from esd.api.errors import BadRequest, NotFound
-from esd.api.formats import epoch_string, utc_string
-from esd.api.legacy import EsdView, envelope_schema, route
+from esd.api.errors import BadRequest
+from esd.api.openapi import Answer
 from esd.api.pagination import numbered_page
 from esd.api.validation import Query
-from esd.api.views import envelope, find, uuid_list
+from esd.api.views import EsdViewSet, envelope, operation, uuid_list
 from esd.owners import owned_by
-from esd.storage import blob_store
 
 TAGS = ["Checkpoints"]
-
-
-def render_params(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The client's params plus the server's: creator, created, multipart_upload, error (contract §9.4)."""
-    params = {**checkpoint.params, "creator": checkpoint.creator, "created": utc_string(checkpoint.created)}
-    if checkpoint.uploads:
-        params["multipart_upload"] = {
-            name: {"bucket": settings.ESD_BUCKET, "upload_id": info["upload_id"], "key": info["key"]}
-            for name, info in checkpoint.uploads.items()
-        }
-    if checkpoint.error:
-        params["error"] = checkpoint.error
-    return params
-
-
-def render_short(checkpoint: Checkpoint) -> dict[str, Any]:
-    return {
-        "id": str(checkpoint.id),
-        "type": checkpoint.checkpoint_type,
-        "s3_location": blob_store().uri(checkpoint.prefix),
-        "status": checkpoint.status,
-        "params": render_params(checkpoint),
-    }
-
-
-def render_item(checkpoint: Checkpoint) -> dict[str, Any]:
-    return {
-        "id": str(checkpoint.id),
-        "s3Location": blob_store().uri(checkpoint.prefix),
-        "type": checkpoint.checkpoint_type,
-        "status": checkpoint.status,
-        "name": [f.name for f in checkpoint.files.all()],
-        "created": epoch_string(checkpoint.created),
-        "params": render_params(checkpoint),
-        "allowed_roles_or_users": [o.name for o in checkpoint.owners.all()],
-    }
+DOWNLOADING = "Checkpoint creation in progress, please check later"
+RENAMING = "rename is processing, please wait"
 
 
 def known_user(username: str) -> User:
+    """The user a ``username`` filter names; ESD refuses an unknown one with 400."""
     user = User.objects.filter(username=username).first()
     if user is None:
         raise BadRequest(f'user: "{username}" not exist')
     return user
 
 
-class CheckpointsView(EsdView):
-    @route(
+class CheckpointViewSet(EsdViewSet):
+    model = Checkpoint
+    required = {
+        "list": ("checkpoint:all", "checkpoint:list"),
+        "create": ("checkpoint:all", "checkpoint:create"),
+        "bulk_destroy": ("checkpoint:all", "checkpoint:create"),
+        "update": ("checkpoint:all", "checkpoint:create"),
+    }
+    not_found = {"update": "checkpoint not found with id {id}"}
+
+    @operation(
         operation_id="ListCheckpoints",
         summary="List checkpoints visible to the caller, newest first",
         tags=TAGS,
-        permissions=("checkpoint:all", "checkpoint:list"),
         query=(
             Query("page", kind="int", default=1),
             Query("per_page", kind="limit", default=10, description="-1 or more than ESD_PAGE_MAX: the cap"),
@@ -83,11 +58,11 @@ class CheckpointsView(EsdView):
             Query("types", kind="enum", choices=tuple(schemas.TYPES), many=True),
             Query("roles", many=True, description="Only checkpoints owned by one of these roles"),
         ),
-        responses={200: schemas.LIST},
+        responses={200: CheckpointListSerializer},
     )
-    def get(self, request: Request) -> Response:
+    def list(self, request: Request) -> Response:
         query = request.esd_query
-        checkpoints = self.visible(Checkpoint)
+        checkpoints = self.get_queryset()
         if query["username"] is not None:
             checkpoints = checkpoints & Checkpoint.objects.usable_by(known_user(query["username"]))
         if query["status"]:
@@ -101,32 +76,26 @@ class CheckpointsView(EsdView):
             Prefetch("owners", queryset=CheckpointOwner.objects.order_by("position")),
         )
         page = numbered_page(checkpoints, page=query["page"], per_page=query["per_page"])
-        return envelope(
-            200,
-            {
-                "page": page.page,
-                "per_page": page.per_page,
-                "pages": page.pages,
-                "total": page.total,
-                "checkpoints": [render_item(c) for c in page.rows],
-            },
-        )
+        data = {
+            "page": page.page,
+            "per_page": page.per_page,
+            "pages": page.pages,
+            "total": page.total,
+            "checkpoints": page.rows,
+        }
+        return envelope(200, CheckpointListSerializer(data).data)
 
-    @route(
+    @operation(
         operation_id="CreateCheckpoint",
         summary="Register a checkpoint: part URLs for a multipart upload, or a download by URL",
         tags=TAGS,
-        permissions=("checkpoint:all", "checkpoint:create"),
         body=schemas.CREATE,
         responses={
-            201: OpenApiResponse(response=envelope_schema(201, schemas.CREATED), description="Multipart upload"),
-            202: OpenApiResponse(
-                response=envelope_schema(202, schemas.ACCEPTED, "Checkpoint creation in progress, please check later"),
-                description="Download by URL started",
-            ),
+            201: Answer(CheckpointUploadSerializer, description="Multipart upload"),
+            202: Answer(CheckpointDownloadsSerializer, message=DOWNLOADING, description="Download by URL started"),
         },
     )
-    def post(self, request: Request) -> Response:
+    def create(self, request: Request) -> Response:
         body = request.esd_body
         if "filenames" in body and "urls" in body:
             raise BadRequest("filenames and urls cannot be used together")
@@ -140,62 +109,51 @@ class CheckpointsView(EsdView):
         }
         if "urls" in body:
             created = services.create_from_urls(urls=body["urls"], **common)
-            return envelope(
-                202,
-                {"checkpoints": [render_short(c) for c in created]},
-                "Checkpoint creation in progress, please check later",
-            )
+            return envelope(202, CheckpointDownloadsSerializer({"checkpoints": created}).data, DOWNLOADING)
         checkpoint, urls = services.create_multipart(files=body["filenames"], **common)
-        return envelope(201, {"checkpoint": render_short(checkpoint), "s3PresignUrl": urls})
+        return envelope(201, CheckpointUploadSerializer({"checkpoint": checkpoint, "s3PresignUrl": urls}).data)
 
-    @route(
+    @operation(
         operation_id="DeleteCheckpoints",
         summary="Delete checkpoints and their files",
         tags=TAGS,
-        permissions=("checkpoint:all", "checkpoint:create"),
         body=schemas.DELETE,
         keyless_user_ok=True,
         responses={204: None},
     )
-    def delete(self, request: Request) -> Response:
+    def bulk_destroy(self, request: Request) -> Response:
         ids = uuid_list(request.esd_body["checkpoint_id_list"])
         changeable = Checkpoint.objects.changeable_by(request.user, request.esd_permissions)
         services.delete_checkpoints(changeable.filter(pk__in=ids))
         return envelope(204)
 
-
-class CheckpointView(EsdView):
-    @route(
+    @operation(
         operation_id="UpdateCheckpoint",
         summary="Complete uploads and activate, enable or disable, or rename a checkpoint",
         tags=TAGS,
-        permissions=("checkpoint:all", "checkpoint:create"),
         body=schemas.UPDATE,
         keyless_user_ok=True,
         path_params=("id",),
         responses={
-            200: OpenApiResponse(
-                response=envelope_schema(200, schemas.UPDATED, data_required=False),
+            200: Answer(
+                CheckpointUpdateSerializer,
                 description="`data` when the status changed; none for a rename that changes nothing or an empty body",
+                data_required=False,
             ),
-            202: OpenApiResponse(
-                response=envelope_schema(202, None, "rename is processing, please wait"), description="Rename queued"
-            ),
+            202: Answer(message=RENAMING, description="Rename queued"),
         },
     )
-    def put(self, request: Request, id: str) -> Response:
+    def update(self, request: Request, id: str) -> Response:
         body = request.esd_body
-        checkpoint = find(Checkpoint.objects.changeable_by(request.user, request.esd_permissions), pk=id)
-        if checkpoint is None:
-            raise NotFound(f"checkpoint not found with id {id}")
+        checkpoint = self.get_object(queryset=Checkpoint.objects.changeable_by(request.user, request.esd_permissions))
         if "status" in body:
             if checkpoint.open_uploads:
                 services.complete_uploads(checkpoint, body["status"], body.get("multi_parts_tags"))
             else:
                 services.change_status(checkpoint, body["status"])
-            return envelope(200, {"checkpoint": render_short(checkpoint)})
+            return envelope(200, CheckpointUpdateSerializer({"checkpoint": checkpoint}).data)
         if "name" in body:
             if not services.request_rename(checkpoint, body["name"]):
                 return envelope(200, message="no need to update")
-            return envelope(202, message="rename is processing, please wait")
+            return envelope(202, message=RENAMING)
         return envelope(200)
