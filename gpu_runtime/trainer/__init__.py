@@ -1,0 +1,52 @@
+"""kohya-compatible LoRA training on the runtime's offline pipelines (notes §2-§3), usable without any broker.
+
+Why a reimplementation rather than kohya's sd-scripts: the runtime must load user checkpoints offline exactly as the
+inference engine does (``from_single_file`` with a shipped config dir), run on the same pinned diffusers/peft stack,
+report progress and honour cancellation between steps. What it must keep from kohya is the *interface*: the TOML
+config ESD sends (all tables flattened, unknown keys ignored, ``max_train_epochs`` over ``max_train_steps``), the
+dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the file names it saves
+(``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``) and the
+LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
+``load_lora_weights`` read the result. Every config key that is not honoured is reported as a warning.
+
+The training itself follows diffusers' LoRA example with kohya's target set: peft LoRA adapters on every Linear /
+1x1 conv inside the UNet's transformer blocks and on the CLIP attention/MLP projections, epsilon (or v) MSE loss
+against a DDPM noise schedule built from the checkpoint's scheduler config.
+
+The package, in the order a run uses it (each module imports only those above it):
+
+- :mod:`~gpu_runtime.trainer.errors`: :class:`TrainingError` and :class:`TrainingCancelled`.
+- :mod:`~gpu_runtime.trainer.config`: the kohya option tables (runtime-owned, no effect, unsupported, honoured),
+  the parse helpers, :class:`TrainingConfig` and :func:`output_file_names`.
+- :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
+  (:func:`load_dataset`), tag frequency and the caption one step sees.
+- :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
+  injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
+- :mod:`~gpu_runtime.trainer.optim`: the optimizer and the learning-rate schedule.
+- :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
+- :mod:`~gpu_runtime.trainer.loop`: :func:`train`, the caption encoder and the training loop (:class:`TrainResult`).
+"""
+
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a model hub
+
+from gpu_runtime.trainer.config import TrainingConfig, output_file_names
+from gpu_runtime.trainer.dataset import IMAGE_EXTENSIONS, load_dataset
+from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
+from gpu_runtime.trainer.loop import TrainResult, train
+from gpu_runtime.trainer.network import _load_model as _load_model  # tests load a checkpoint as training does
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TrainResult",
+    "TrainingCancelled",
+    "TrainingConfig",
+    "TrainingError",
+    "load_dataset",
+    "output_file_names",
+    "train",
+]

@@ -1,0 +1,114 @@
+"""The metadata written into every saved LoRA file: kohya's ``ss_*`` keys and a few ``modelspec.*`` keys, which
+A1111, ComfyUI and the additional-networks extension read."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+from gpu_runtime.trainer.config import TrainingConfig
+from gpu_runtime.trainer.dataset import TrainImage, _tag_frequency
+from gpu_runtime.trainer.network import _Model
+
+
+def _metadata(
+    config: TrainingConfig,
+    model: _Model,
+    images: list[TrainImage],
+    seed: int,
+    epochs: int,
+    steps: int,
+    batches_per_epoch: int,
+    optimizer_name: str,
+    started_at: float,
+) -> dict[str, str]:
+    """kohya's ``ss_*`` training metadata (strings, as safetensors requires), plus a few ``modelspec.*`` keys."""
+    width, height = config.resolution
+    dirs: dict[str, dict[str, int]] = {}
+    for image in images:
+        entry = dirs.setdefault(image.folder, {"n_repeats": image.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    version = _base_model_version(model)
+    architecture = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-768-v"}.get(
+        version, "stable-diffusion-xl-v1-base"
+    )
+    meta: dict[str, Any] = {
+        "ss_session_id": random.randrange(2**31),
+        "ss_training_started_at": started_at,
+        "ss_output_name": config.output_name,
+        "ss_learning_rate": config.learning_rate,
+        "ss_unet_lr": config.unet_lr,
+        "ss_text_encoder_lr": config.text_encoder_lr,
+        "ss_num_train_images": sum(image.repeats for image in images),
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": epochs,
+        "ss_batch_size_per_device": config.train_batch_size,
+        "ss_total_batch_size": config.train_batch_size,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_max_train_steps": steps,
+        "ss_lr_warmup_steps": int(config.lr_warmup_steps) if config.lr_warmup_steps >= 1 else config.lr_warmup_steps,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": config.network_dim,
+        "ss_network_alpha": config.network_alpha,
+        "ss_network_dropout": None,
+        "ss_network_train_unet_only": not config.train_text_encoder,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": model.family == "sd2",
+        "ss_base_model_version": version,
+        "ss_clip_skip": config.clip_skip,
+        "ss_max_token_length": config.max_token_length,
+        "ss_cache_latents": config.cache_latents,
+        "ss_seed": seed,
+        "ss_lowram": False,
+        "ss_noise_offset": config.noise_offset or None,
+        "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_training_comment": config.training_comment,
+        "ss_optimizer": optimizer_name,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_every_n_epochs": 0,
+        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": config.prior_loss_weight,
+        "ss_loss_type": "l2",
+        "ss_resolution": f"({width}, {height})",
+        "ss_enable_bucket": False,
+        "ss_shuffle_caption": config.shuffle_caption,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_flip_aug": False,
+        "ss_color_aug": False,
+        "ss_random_crop": False,
+        "ss_tag_frequency": json.dumps(_tag_frequency(images, config.caption_separator)),
+        "ss_dataset_dirs": json.dumps(dirs),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if model.xl else "diffusers",
+        "modelspec.title": config.output_name,
+        "modelspec.resolution": f"{width}x{height}",
+    }
+    return {key: str(value) for key, value in meta.items()}
+
+
+def _base_model_version(model: _Model) -> str:
+    """kohya's ``ss_base_model_version``, which A1111 and ComfyUI read to tell SD 1.x, 2.x and SDXL LoRAs apart."""
+    if model.xl:
+        return "sdxl_base_v1-0"
+    return "sd_v2" if model.family == "sd2" else "sd_v1"
+
+
+def _finish(metadata: dict[str, str], epoch: int, step: int) -> dict[str, str]:
+    """The metadata of one saved file: which epoch/step it holds and when it was written."""
+    finished = time.time()
+    return {
+        **metadata,
+        "ss_epoch": str(epoch),
+        "ss_steps": str(step),
+        "ss_training_finished_at": str(finished),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
+    }
