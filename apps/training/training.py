@@ -298,6 +298,22 @@ def stop(job: TrainingJob) -> None:
 # --- progress and the end --------------------------------------------------------------------------------------------
 
 
+def with_eta(progress: dict[str, Any], now: float) -> dict[str, Any]:
+    """Add ``eta_seconds`` from the step rate since the first step this server heard of: workers report steps,
+    and the wall clock is ours, so the estimate needs nothing from the trainer and survives a worker restart."""
+    step, steps = progress.get("step"), progress.get("steps")
+    if not isinstance(step, int) or not isinstance(steps, int):
+        return progress
+    mark = progress.get("rate_mark")
+    if not isinstance(mark, list) or len(mark) != 2 or step < mark[1]:
+        progress["rate_mark"] = [now, step]
+        progress.pop("eta_seconds", None)
+    elif step > mark[1]:
+        seconds_per_step = (now - mark[0]) / (step - mark[1])
+        progress["eta_seconds"] = round(seconds_per_step * max(steps - step, 0), 1)
+    return progress
+
+
 def update_status(
     job_id: str, status: str, reason: str = "", progress: dict | None = None, notes: list[str] | None = None
 ) -> TrainingJob | None:
@@ -310,7 +326,7 @@ def update_status(
         if reason:
             job.reason = reason
         if progress:
-            job.progress = {**job.progress, **progress}
+            job.progress = with_eta({**job.progress, **progress}, timezone.now().timestamp())
             if isinstance(progress.get("loss"), int | float) and isinstance(progress.get("step"), int):
                 job.losses = [*job.losses, [progress["step"], progress["loss"]]][-MAX_LOSSES:]
         if notes:

@@ -244,6 +244,16 @@ def output_links(job: TrainingJob) -> list[tuple[str, str]]:
     return [(name, store.presign_get(f"{prefix}/{name}", settings.ESD_PRESIGN_EXPIRES)) for name in job.output_files]
 
 
+def duration_text(seconds: Any) -> str:
+    """``1 h 05 min``, ``4 min``, ``30 s``: the ETA as a designer reads it."""
+    if not isinstance(seconds, int | float):
+        return ""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
 def live_context(job: TrainingJob) -> dict[str, Any]:
     """What the live part shows; ``done`` drops the polling attribute so htmx stops asking."""
     return {
@@ -251,6 +261,7 @@ def live_context(job: TrainingJob) -> dict[str, Any]:
         "done": job.status in TERMINAL_TRAINING,
         "progress": job.progress or {},
         "percent": percent_of(job.progress or {}),
+        "eta": duration_text((job.progress or {}).get("eta_seconds")),
         "chart": loss_chart(job.losses or []),
         "outputs": output_links(job),
     }

@@ -182,6 +182,20 @@ class TrainingCreatedSerializer(serializers.Serializer):
         return blob_store().uri(keys.training_output(str(job.id)))
 
 
+class TrainingProgressSerializer(serializers.Serializer):
+    """The last step a worker reported, with an estimate of the time left (an addition to ESD's shape)."""
+
+    epoch = serializers.IntegerField(required=False)
+    epochs = serializers.IntegerField(required=False)
+    step = serializers.IntegerField(required=False)
+    steps = serializers.IntegerField(required=False)
+    loss = serializers.FloatField(required=False)
+    eta_seconds = serializers.FloatField(required=False, help_text="From the step rate so far")
+
+    def to_representation(self, progress: dict[str, Any]) -> dict[str, Any]:
+        return {name: progress[name] for name in self.fields if isinstance(progress.get(name), int | float)}
+
+
 class TrainingDetailSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     checkpoint_id = serializers.UUIDField(source="id", help_text="The output checkpoint has the job's id")
@@ -190,6 +204,7 @@ class TrainingDetailSerializer(serializers.Serializer):
     params = TrainingParamsField()
     timestamp = EpochField(source="created")
     train_type = serializers.SerializerMethodField()
+    progress = TrainingProgressSerializer(help_text="Not in ESD: step, loss and ETA while the job runs")
 
     def get_model_id(self, job: TrainingJob) -> str:
         return "kohya"
