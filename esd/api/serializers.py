@@ -8,12 +8,67 @@ the response and document it (drf-spectacular reads them). The envelope itself i
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
 from rest_framework import serializers
+from rest_framework.fields import SkipField
 
 from esd.api.errors import DEFAULT_MESSAGES
+
+# Fields whose DRF ``to_representation`` is exactly this builtin.
+_PLAIN: dict[type, Callable[[Any], Any]] = {
+    serializers.CharField: str,
+    serializers.IntegerField: int,
+    serializers.FloatField: float,
+    serializers.UUIDField: str,
+}
+
+
+class EsdSerializer(serializers.Serializer):
+    """A response shape. Renders as DRF does, but reads a field's value directly when its source is one plain
+    name: list routes render hundreds of rows, and DRF's per-field machinery cost more than the rest of the
+    request (``bench/api_bench.py``)."""
+
+    @classmethod
+    def render(cls, data: Any) -> dict[str, Any]:
+        """``data`` in this shape. One instance per class renders every request: DRF would deep-copy every
+        declared field for each new instance, and rendering keeps no state on the instance."""
+        return _shared_instance(cls).to_representation(data)
+
+    def _plan(self) -> list[tuple[serializers.Field, str | None, Callable[[Any], Any]]]:
+        plan = getattr(self, "_esd_plan", None)
+        if plan is None:
+            plan = []
+            for field in self._readable_fields:
+                attrs = getattr(field, "source_attrs", [])
+                direct = attrs[0] if len(attrs) == 1 else None
+                plan.append((field, direct, _PLAIN.get(type(field), field.to_representation)))
+            self._esd_plan = plan
+        return plan
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        is_mapping = isinstance(instance, Mapping)
+        for field, direct, convert in self._plan():
+            try:
+                if direct is None:
+                    raise KeyError(field.field_name)
+                value = instance[direct] if is_mapping else getattr(instance, direct)
+            except (KeyError, AttributeError):
+                try:  # DRF's own lookup: defaults, optional fields, ``source="*"``, method fields
+                    value = field.get_attribute(instance)
+                except SkipField:
+                    continue
+                convert = field.to_representation
+            out[field.field_name] = None if value is None else convert(value)
+        return out
+
+
+@cache
+def _shared_instance(cls: type[EsdSerializer]) -> EsdSerializer:
+    return cls()
 
 
 class FreeObjectField(serializers.DictField):

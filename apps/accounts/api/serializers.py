@@ -2,22 +2,22 @@
 
 from rest_framework import serializers
 
-from esd.api.serializers import StringListField
+from esd.api.serializers import EsdSerializer, StringListField
 
 
-class RoleSerializer(serializers.Serializer):
+class RoleSerializer(EsdSerializer):
     role_name = serializers.CharField()
     creator = serializers.CharField()
     permissions = StringListField()
 
 
-class RoleListSerializer(serializers.Serializer):
+class RoleListSerializer(EsdSerializer):
     roles = RoleSerializer(many=True)
     previous_evaluated_key = serializers.CharField(help_text='Always "not_applicable"')
     last_evaluated_key = serializers.CharField(allow_null=True, help_text="Always null: every role is listed")
 
 
-class UserSerializer(serializers.Serializer):
+class UserSerializer(EsdSerializer):
     username = serializers.CharField()
     roles = StringListField()
     creator = serializers.CharField()
@@ -25,14 +25,14 @@ class UserSerializer(serializers.Serializer):
     password = serializers.CharField(help_text='"********", "*" without password, or a token (contract §9.3)')
 
 
-class UserListSerializer(serializers.Serializer):
+class UserListSerializer(EsdSerializer):
     users = UserSerializer(many=True)
     previous_evaluated_key = serializers.CharField(help_text='Always "not_applicable"')
     last_evaluated_key = serializers.CharField(help_text='Always "not_applicable": every user is listed')
 
 
-class FirstRunUserSerializer(serializers.Serializer):
-    class CreatedUser(serializers.Serializer):
+class FirstRunUserSerializer(EsdSerializer):
+    class CreatedUser(EsdSerializer):
         username = serializers.CharField()
         roles = StringListField()
 

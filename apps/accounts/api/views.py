@@ -59,7 +59,7 @@ class RoleViewSet(EsdViewSet):
             for pk, name, creator in sorted(rows, key=lambda row: row[1], reverse=True)
         ]
         data = {"roles": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": None}
-        return envelope(200, RoleListSerializer(data).data)
+        return envelope(200, RoleListSerializer.render(data))
 
     @operation(
         operation_id="CreateRole",
@@ -149,7 +149,7 @@ class UserViewSet(EsdViewSet):
                 }
             )
         data = {"users": items, "previous_evaluated_key": NOT_APPLICABLE, "last_evaluated_key": NOT_APPLICABLE}
-        return envelope(200, UserListSerializer(data).data)
+        return envelope(200, UserListSerializer.render(data))
 
     @staticmethod
     def _password_reveal(request: Request):
@@ -196,7 +196,7 @@ class UserViewSet(EsdViewSet):
             return envelope(201)
         all_roles = sorted(Role.objects.values_list("name", flat=True))
         data = {"user": {"username": saved.user.username, "roles": saved.roles}, "all_roles": all_roles}
-        return envelope(201, FirstRunUserSerializer(data).data)
+        return envelope(201, FirstRunUserSerializer.render(data))
 
     @operation(
         operation_id="DeleteUsers",

@@ -13,7 +13,7 @@ from rest_framework import serializers
 from apps.endpoints.choices import Backend, EndpointStatus, EndpointType
 from apps.endpoints.models import Endpoint
 from esd.api.formats import utc_string
-from esd.api.serializers import StringListField
+from esd.api.serializers import EsdSerializer, StringListField
 
 
 class UtcStringField(serializers.CharField):
@@ -23,7 +23,7 @@ class UtcStringField(serializers.CharField):
         return utc_string(value)
 
 
-class EndpointSerializer(serializers.Serializer):
+class EndpointSerializer(EsdSerializer):
     """One endpoint (``owners`` prefetched in order, see ``with_owners``)."""
 
     EndpointDeploymentJobId = serializers.CharField(source="id")
@@ -56,6 +56,6 @@ class EndpointSerializer(serializers.Serializer):
         return [o.name for o in endpoint.owners.all()]
 
 
-class EndpointListSerializer(serializers.Serializer):
+class EndpointListSerializer(EsdSerializer):
     endpoints = EndpointSerializer(many=True)
     last_evaluated_key = serializers.CharField(allow_null=True, help_text="exclusive_start_key of the next page")

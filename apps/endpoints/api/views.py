@@ -63,7 +63,7 @@ class EndpointViewSet(EsdViewSet):
             start_key=query["exclusive_start_key"],
         )
         data = {"endpoints": page.rows, "last_evaluated_key": page.last_evaluated_key}
-        return envelope(200, EndpointListSerializer(data).data)
+        return envelope(200, EndpointListSerializer.render(data))
 
     def validate(self, request: Request, spec: Operation) -> None:
         """What the schema cannot say: whole counts, and the short name's pattern unless it is ""."""
@@ -106,7 +106,7 @@ class EndpointViewSet(EsdViewSet):
             creator=request.user.username,
         )
         endpoint = with_owners(Endpoint.objects.filter(pk=endpoint.pk)).get()
-        return envelope(202, EndpointSerializer(endpoint).data, f"Endpoint deployment started: {endpoint.name}")
+        return envelope(202, EndpointSerializer.render(endpoint), f"Endpoint deployment started: {endpoint.name}")
 
     @operation(
         operation_id="DeleteEndpoints",

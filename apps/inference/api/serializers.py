@@ -3,10 +3,10 @@
 from rest_framework import serializers
 
 from apps.inference.choices import InferenceStatus
-from esd.api.serializers import FreeObjectField, StringListField
+from esd.api.serializers import EsdSerializer, FreeObjectField, StringListField
 
 
-class InferenceParamsSerializer(serializers.Serializer):
+class InferenceParamsSerializer(EsdSerializer):
     """Where a job's parameters live and where it ran (``params`` of a job)."""
 
     input_body_s3 = serializers.CharField()
@@ -20,7 +20,7 @@ class InferenceParamsSerializer(serializers.Serializer):
     )
 
 
-class InferenceJobSerializer(serializers.Serializer):
+class InferenceJobSerializer(EsdSerializer):
     """One job as the list shows it."""
 
     InferenceJobId = serializers.CharField()
@@ -45,12 +45,12 @@ class InferenceJobDetailSerializer(InferenceJobSerializer):
     output_presigned_urls = StringListField()
 
 
-class InferenceJobListSerializer(serializers.Serializer):
+class InferenceJobListSerializer(EsdSerializer):
     inferences = InferenceJobSerializer(many=True)
     last_evaluated_key = serializers.CharField(allow_null=True, help_text="exclusive_start_key of the next page")
 
 
-class InferenceModelSerializer(serializers.Serializer):
+class InferenceModelSerializer(EsdSerializer):
     """A checkpoint a created txt2img/img2img job uses (VAE entries are left out)."""
 
     id = serializers.CharField()
@@ -58,8 +58,8 @@ class InferenceModelSerializer(serializers.Serializer):
     type = serializers.CharField()
 
 
-class CreatedInferenceSerializer(serializers.Serializer):
-    class CreatedInferenceJob(serializers.Serializer):
+class CreatedInferenceSerializer(EsdSerializer):
+    class CreatedInferenceJob(EsdSerializer):
         id = serializers.CharField()
         type = serializers.CharField()
         api_params_s3_location = serializers.CharField()
@@ -69,8 +69,8 @@ class CreatedInferenceSerializer(serializers.Serializer):
     inference = CreatedInferenceJob()
 
 
-class StartedInferenceSerializer(serializers.Serializer):
-    class StartedInferenceJob(serializers.Serializer):
+class StartedInferenceSerializer(EsdSerializer):
+    class StartedInferenceJob(EsdSerializer):
         inference_id = serializers.CharField()
         status = serializers.CharField()
         endpoint_name = serializers.CharField()

@@ -94,13 +94,13 @@ def start_response(job_id: str) -> Response:
                 "output_path": job.output_location,
             }
         }
-        return envelope(202, StartedInferenceSerializer(accepted).data)
+        return envelope(202, StartedInferenceSerializer.render(accepted))
     finished = wait_for(job_id, settings.ESD_REALTIME_TIMEOUT)
     if finished is None:
         raise GatewayTimeout()
     if finished.status == InferenceStatus.FAILED:
         raise BadRequest(error_text(finished.sagemaker_raw))
-    return envelope(200, InferenceJobDetailSerializer(render_detail(finished)).data)
+    return envelope(200, InferenceJobDetailSerializer.render(render_detail(finished)))
 
 
 def wait_for(job_id: str, timeout: float) -> InferenceJob | None:
@@ -162,7 +162,7 @@ class InferenceViewSet(EsdViewSet):
             jobs, order=("create_time", "id"), limit=query["limit"], start_key=query["exclusive_start_key"]
         )
         data = {"inferences": [render_job(j) for j in page.rows], "last_evaluated_key": page.last_evaluated_key}
-        return envelope(200, InferenceJobListSerializer(data).data)
+        return envelope(200, InferenceJobListSerializer.render(data))
 
     def validate(self, request: Request, spec: Operation) -> None:
         """``payload_string`` must parse to a JSON object (after the schema, before the user and permission)."""
@@ -214,7 +214,7 @@ class InferenceViewSet(EsdViewSet):
                 for entry in entries
                 if entry["id"] != "VAE"
             ]
-        return envelope(201, CreatedInferenceSerializer({"inference": data}).data)
+        return envelope(201, CreatedInferenceSerializer.render({"inference": data}))
 
     @operation(
         operation_id="DeleteInferenceJobs",
@@ -238,7 +238,7 @@ class InferenceViewSet(EsdViewSet):
         responses={200: InferenceJobDetailSerializer},
     )
     def retrieve(self, request: Request, id: str) -> Response:
-        return envelope(200, InferenceJobDetailSerializer(render_detail(self.get_object())).data)
+        return envelope(200, InferenceJobDetailSerializer.render(render_detail(self.get_object())))
 
     @operation(
         operation_id="StartInferenceJob",

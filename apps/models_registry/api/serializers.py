@@ -15,7 +15,7 @@ from rest_framework import serializers
 from apps.models_registry.api.schemas import STATUSES, TYPES
 from apps.models_registry.models import Checkpoint
 from esd.api.formats import epoch_string, utc_string
-from esd.api.serializers import FreeObjectField, StringListField
+from esd.api.serializers import EsdSerializer, FreeObjectField, StringListField
 from esd.storage import blob_store
 
 
@@ -58,7 +58,7 @@ class EpochStringField(serializers.CharField):
         return epoch_string(value)
 
 
-class CheckpointSummarySerializer(serializers.Serializer):
+class CheckpointSummarySerializer(EsdSerializer):
     """A checkpoint as create and update answer it."""
 
     id = serializers.CharField()
@@ -68,7 +68,7 @@ class CheckpointSummarySerializer(serializers.Serializer):
     params = CheckpointParamsField()
 
 
-class CheckpointSerializer(serializers.Serializer):
+class CheckpointSerializer(EsdSerializer):
     """A checkpoint as the list answers it (``files`` and ``owners`` prefetched in order)."""
 
     id = serializers.CharField()
@@ -89,7 +89,7 @@ class CheckpointSerializer(serializers.Serializer):
         return [o.name for o in checkpoint.owners.all()]
 
 
-class CheckpointListSerializer(serializers.Serializer):
+class CheckpointListSerializer(EsdSerializer):
     page = serializers.IntegerField()
     per_page = serializers.IntegerField()
     pages = serializers.IntegerField()
@@ -97,18 +97,18 @@ class CheckpointListSerializer(serializers.Serializer):
     checkpoints = CheckpointSerializer(many=True)
 
 
-class CheckpointUploadSerializer(serializers.Serializer):
+class CheckpointUploadSerializer(EsdSerializer):
     """A checkpoint registered for a multipart upload, with the URLs its parts go to."""
 
     checkpoint = CheckpointSummarySerializer()
     s3PresignUrl = serializers.DictField(child=StringListField(), help_text="Part URLs per file name")
 
 
-class CheckpointDownloadsSerializer(serializers.Serializer):
+class CheckpointDownloadsSerializer(EsdSerializer):
     """The checkpoints a download by URL registered (one per URL)."""
 
     checkpoints = CheckpointSummarySerializer(many=True)
 
 
-class CheckpointUpdateSerializer(serializers.Serializer):
+class CheckpointUpdateSerializer(EsdSerializer):
     checkpoint = CheckpointSummarySerializer()

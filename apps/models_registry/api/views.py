@@ -83,7 +83,7 @@ class CheckpointViewSet(EsdViewSet):
             "total": page.total,
             "checkpoints": page.rows,
         }
-        return envelope(200, CheckpointListSerializer(data).data)
+        return envelope(200, CheckpointListSerializer.render(data))
 
     @operation(
         operation_id="CreateCheckpoint",
@@ -109,9 +109,9 @@ class CheckpointViewSet(EsdViewSet):
         }
         if "urls" in body:
             created = services.create_from_urls(urls=body["urls"], **common)
-            return envelope(202, CheckpointDownloadsSerializer({"checkpoints": created}).data, DOWNLOADING)
+            return envelope(202, CheckpointDownloadsSerializer.render({"checkpoints": created}), DOWNLOADING)
         checkpoint, urls = services.create_multipart(files=body["filenames"], **common)
-        return envelope(201, CheckpointUploadSerializer({"checkpoint": checkpoint, "s3PresignUrl": urls}).data)
+        return envelope(201, CheckpointUploadSerializer.render({"checkpoint": checkpoint, "s3PresignUrl": urls}))
 
     @operation(
         operation_id="DeleteCheckpoints",
@@ -151,7 +151,7 @@ class CheckpointViewSet(EsdViewSet):
                 services.complete_uploads(checkpoint, body["status"], body.get("multi_parts_tags"))
             else:
                 services.change_status(checkpoint, body["status"])
-            return envelope(200, CheckpointUpdateSerializer({"checkpoint": checkpoint}).data)
+            return envelope(200, CheckpointUpdateSerializer.render({"checkpoint": checkpoint}))
         if "name" in body:
             if not services.request_rename(checkpoint, body["name"]):
                 return envelope(200, message="no need to update")

@@ -15,6 +15,7 @@ from apps.training.api.schemas import STATUSES
 from apps.training.models import Dataset, DatasetItem, TrainingJob
 from esd import keys
 from esd.api.formats import epoch_string
+from esd.api.serializers import EsdSerializer
 from esd.storage import blob_store
 
 NOT_APPLIED = "not_applied"
@@ -49,7 +50,7 @@ class DatasetStatusScheme(OpenApiSerializerFieldExtension):
         return component.ref
 
 
-class ParamsMergedSerializer(serializers.Serializer):
+class ParamsMergedSerializer(EsdSerializer):
     """A row whose free ``params`` (the client's keys) are merged into the object itself, as ESD does.
 
     The declared fields win over the params (contract §9.5) and keep the params' place when they share a key.
@@ -90,7 +91,7 @@ class DatasetSerializer(ParamsMergedSerializer):
         return blob_store().uri(dataset.folder)
 
 
-class DatasetListSerializer(serializers.Serializer):
+class DatasetListSerializer(EsdSerializer):
     datasets = DatasetSerializer(many=True)
     last_evaluated_key = serializers.CharField(allow_null=True, help_text="null on the last page")
 
@@ -120,12 +121,12 @@ class DatasetDetailSerializer(DatasetSerializer):
     data = DatasetFileSerializer(source="items", many=True)
 
 
-class DatasetCreatedSerializer(serializers.Serializer):
+class DatasetCreatedSerializer(EsdSerializer):
     datasetName = serializers.CharField()
     s3PresignUrl = serializers.DictField(child=serializers.CharField(), help_text="A presigned PUT URL per file name")
 
 
-class DatasetStatusSerializer(serializers.Serializer):
+class DatasetStatusSerializer(EsdSerializer):
     datasetName = serializers.CharField(source="name")
     status = DatasetStatusField()
 
@@ -146,7 +147,7 @@ class TrainingParamsField(serializers.DictField):
         return params
 
 
-class TrainingSerializer(serializers.Serializer):
+class TrainingSerializer(EsdSerializer):
     id = serializers.UUIDField()
     modelName = serializers.SerializerMethodField()
     status = serializers.CharField()
@@ -162,12 +163,12 @@ class TrainingSerializer(serializers.Serializer):
         return TRAIN_TYPE
 
 
-class TrainingListSerializer(serializers.Serializer):
+class TrainingListSerializer(EsdSerializer):
     trainings = TrainingSerializer(many=True)
     last_evaluated_key = serializers.CharField(allow_null=True, help_text="null on the last page")
 
 
-class TrainingCreatedSerializer(serializers.Serializer):
+class TrainingCreatedSerializer(EsdSerializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
     created = EpochField()
@@ -182,7 +183,7 @@ class TrainingCreatedSerializer(serializers.Serializer):
         return blob_store().uri(keys.training_output(str(job.id)))
 
 
-class TrainingProgressSerializer(serializers.Serializer):
+class TrainingProgressSerializer(EsdSerializer):
     """The last step a worker reported, with an estimate of the time left (an addition to ESD's shape)."""
 
     epoch = serializers.IntegerField(required=False)
@@ -196,7 +197,7 @@ class TrainingProgressSerializer(serializers.Serializer):
         return {name: progress[name] for name in self.fields if isinstance(progress.get(name), int | float)}
 
 
-class TrainingDetailSerializer(serializers.Serializer):
+class TrainingDetailSerializer(EsdSerializer):
     id = serializers.UUIDField()
     checkpoint_id = serializers.UUIDField(source="id", help_text="The output checkpoint has the job's id")
     job_status = serializers.CharField(source="status")

@@ -54,7 +54,7 @@ class TrainingViewSet(EsdViewSet):
             start_key=query["exclusive_start_key"],
         )
         data = {"trainings": page.rows, "last_evaluated_key": page.last_evaluated_key}
-        return envelope(200, TrainingListSerializer(data).data)
+        return envelope(200, TrainingListSerializer.render(data))
 
     @operation(
         operation_id="CreateTrainingJob",
@@ -71,7 +71,7 @@ class TrainingViewSet(EsdViewSet):
             lora_train_type=body["lora_train_type"],
             params=body["params"],
         )
-        return envelope(201, TrainingCreatedSerializer(job).data)
+        return envelope(201, TrainingCreatedSerializer.render(job))
 
     @operation(
         operation_id="DeleteTrainingJobs",
@@ -93,4 +93,4 @@ class TrainingViewSet(EsdViewSet):
         responses={200: TrainingDetailSerializer},
     )
     def retrieve(self, request: Request, id: str) -> Response:
-        return envelope(200, TrainingDetailSerializer(self.get_object()).data)
+        return envelope(200, TrainingDetailSerializer.render(self.get_object()))

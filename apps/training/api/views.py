@@ -50,7 +50,7 @@ class DatasetViewSet(EsdViewSet):
             datasets, order=("created", "id"), limit=query["limit"], start_key=query["exclusive_start_key"]
         )
         data = {"datasets": page.rows, "last_evaluated_key": page.last_evaluated_key}
-        return envelope(200, DatasetListSerializer(data).data)
+        return envelope(200, DatasetListSerializer.render(data))
 
     @operation(
         operation_id="CreateDataset",
@@ -69,7 +69,7 @@ class DatasetViewSet(EsdViewSet):
             prefix=body.get("prefix", ""),
             content=body["content"],
         )
-        return envelope(201, DatasetCreatedSerializer({"datasetName": dataset.name, "s3PresignUrl": urls}).data)
+        return envelope(201, DatasetCreatedSerializer.render({"datasetName": dataset.name, "s3PresignUrl": urls}))
 
     @operation(
         operation_id="DeleteDatasets",
@@ -91,7 +91,7 @@ class DatasetViewSet(EsdViewSet):
         responses={200: DatasetDetailSerializer},
     )
     def retrieve(self, request: Request, name: str) -> Response:
-        return envelope(200, DatasetDetailSerializer(self.get_object()).data)
+        return envelope(200, DatasetDetailSerializer.render(self.get_object()))
 
     @operation(
         operation_id="UpdateDataset",
@@ -104,4 +104,4 @@ class DatasetViewSet(EsdViewSet):
     def update(self, request: Request, name: str) -> Response:
         dataset = self.get_object()
         services.set_status(dataset, request.esd_body["status"])
-        return envelope(200, DatasetStatusSerializer(dataset).data)
+        return envelope(200, DatasetStatusSerializer.render(dataset))
