@@ -231,3 +231,7 @@ def main() -> None:
     report("HEAD", head)
     for name in ("GET /api/ping", "GET /api/users"):
         print(f"HEAD/baseline {name}: {head[name]['rps'] / base[name]['rps']:.2f} x req/s")
+
+
+if __name__ == "__main__":
+    main()
