@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import Group
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, Model, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from guardian.admin import AdminGroupObjectPermissionsForm, AdminUserObjectPermissionsForm, GuardedModelAdminMixin
@@ -70,19 +71,29 @@ class EsdPermissionsAdmin(admin.ModelAdmin):
 
 
 class _SharingForm:
-    """Guardian's per-object permission form, restricted to what an owner name grants; saving adds or removes the
-    principal's name in the object's owner list (``grants.share``), which derives the grants: a grant made here
-    is ESD wire data like any other owner name."""
+    """Guardian's per-object permission form as one choice, "owner": an owner name grants the policy's actions
+    together, and saving adds or removes the principal's name in the object's owner list (``grants.share``), which
+    derives the grants. A grant made here is ESD wire data like any other owner name."""
 
     principal_name: str
 
     def get_obj_perms_field_choices(self) -> list[tuple[str, str]]:
         actions = grants.policy_of(type(self.obj)).owner_actions
-        return [(grants.codename(type(self.obj), a), f"{a.capitalize()} (as an owner)") for a in actions]
+        label = "Owner (" + ", ".join(actions) + ")"
+        return [(grants.codename(type(self.obj), actions[0]), label)]
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        shared = bool(cleaned.get(self.get_obj_perms_field_name()))
+        problem = grants.sharing_problem(self.obj, self.principal_name, shared=shared)
+        if problem is not None and shared != (self.principal_name in grants.owner_names(self.obj)):
+            self.add_error(self.get_obj_perms_field_name(), problem)  # shown beside the choice on guardian's page
+        return cleaned
 
     def save_obj_perms(self) -> None:
-        selected = bool(self.cleaned_data[self.get_obj_perms_field_name()])
-        grants.share(self.obj, self.principal_name, shared=selected)
+        shared = bool(self.cleaned_data[self.get_obj_perms_field_name()])
+        if shared != (self.principal_name in grants.owner_names(self.obj)):
+            grants.share(self.obj, self.principal_name, shared=shared)
 
 
 class UserSharingForm(_SharingForm, AdminUserObjectPermissionsForm):
@@ -108,7 +119,10 @@ class SharedResourceAdmin(GuardedModelAdminMixin, EsdPermissionsAdmin):
         return GroupSharingForm
 
     def _may_share(self, request: HttpRequest, object_pk: str) -> None:
-        obj: Model = get_object_or_404(self.get_queryset(request), pk=object_pk)
+        try:
+            obj: Model = get_object_or_404(self.get_queryset(request), pk=unquote(object_pk))
+        except (ValidationError, ValueError):  # a malformed id names nothing
+            raise Http404 from None
         change = f"{obj._meta.app_label}.{grants.codename(type(obj), 'change')}"
         if not self.has_change_permission(request, obj) or not request.user.has_perm(change, obj):
             raise PermissionDenied

@@ -10,3 +10,5 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from apps.accounts import checks, signals  # noqa: F401
+
+        signals.connect_shared_models()

@@ -1,4 +1,8 @@
-"""``user.has_perm(perm, obj)`` for shared resources: exactly what the API shows and lets the user change.
+"""``user.has_perm(perm, obj)`` for shared resources: exactly which objects the API shows and lets the user change.
+
+It answers the object-level question only; a route also needs its ESD permission string (``train:all``,
+``checkpoint:create`` for a creator's change, contract §4.1), which the API's permission classes and the admin's
+``has_*_permission`` check beside it.
 
 Guardian's own backend answers from the grant rows alone; the contract's rules add role-wide permissions
 (``checkpoint:all`` sees and changes everything), roles the caller created, and public checkpoints (owners empty

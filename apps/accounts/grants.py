@@ -44,6 +44,8 @@ class GrantPolicy:
 
     owner_lookup: str
     owner_actions: tuple[str, ...] = ("view",)
+    # Checkpoints: no owner names means everyone (contract §4.2), so sharing must not empty or start a list.
+    empty_is_public: bool = False
     roles_may_own: bool = True
     creator_field: str | None = None
     creator_actions: tuple[str, ...] = ()
@@ -223,9 +225,30 @@ def sync_all(*, repair: bool = True, chunk: int = 500) -> dict[str, SyncReport]:
 # Grants made by an operator (the admin's object permissions page) -------------------------------------------------
 
 
+def _owner_model(obj: models.Model) -> type[models.Model]:
+    policy = policy_of(type(obj))
+    if "__" not in policy.owner_lookup:
+        raise ValueError(f"the owner of a {type(obj)._meta.verbose_name} is its creator; it cannot be shared")
+    return type(obj)._meta.get_field(policy.owner_lookup.split("__", 1)[0]).related_model
+
+
 def owner_names(obj: models.Model) -> list[str]:
-    lookup = policy_of(type(obj)).owner_lookup
-    return [name for name in type(obj).objects.filter(pk=obj.pk).values_list(lookup, flat=True) if name]
+    """The owner names in their wire order."""
+    rows = _owner_model(obj).objects.filter(resource=obj).order_by("position")
+    return list(rows.values_list("name", flat=True))
+
+
+def sharing_problem(obj: models.Model, name: str, *, shared: bool) -> str | None:
+    """Why sharing (or unsharing) would not do what an operator means, or None: a checkpoint without owner names is
+    public, so the first name would hide it from everyone else and removing the last would publish it."""
+    if not policy_of(type(obj)).empty_is_public:
+        return None
+    names = owner_names(obj)
+    if shared and not names:
+        return "this checkpoint has no owners, so everyone may use it; sharing it with one role would restrict it"
+    if not shared and names == [name]:
+        return f"{name} is the only owner; removing it would make the checkpoint public (owners empty)"
+    return None
 
 
 def share(obj: models.Model, name: str, *, shared: bool) -> None:
@@ -234,14 +257,12 @@ def share(obj: models.Model, name: str, *, shared: bool) -> None:
     take several names; a job's owner is its creator."""
     from esd.owners import save_owners
 
-    policy = policy_of(type(obj))
-    if "__" not in policy.owner_lookup:
-        raise ValueError(f"the owner of a {type(obj)._meta.verbose_name} is its creator; it cannot be shared")
-    relation = policy.owner_lookup.split("__", 1)[0]
-    owner_model = type(obj)._meta.get_field(relation).related_model
+    problem = sharing_problem(obj, name, shared=shared)
+    if problem is not None:
+        raise ValueError(problem)
     names = owner_names(obj)
     if shared and name not in names:
         names.append(name)
     elif not shared:
         names = [n for n in names if n != name]
-    save_owners(owner_model, obj, names)
+    save_owners(_owner_model(obj), obj, names)

@@ -68,6 +68,7 @@ class Checkpoint(models.Model):
     objects = CheckpointQuerySet.as_manager()
     grant_policy = GrantPolicy(
         owner_lookup="owners__name",
+        empty_is_public=True,
         creator_field="creator",
         creator_actions=("change", "delete"),
         rules={"view": "visible_to", "change": "changeable_by", "delete": "changeable_by"},

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.http.request import RawPostDataException
@@ -103,6 +103,15 @@ class EsdViewSet(GenericViewSet):
     lookup_url_kwarg = "id"
     lookup_value_regex = "[^/]+"
     pagination_class = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An action that acts for a user must say which ESD permissions it needs: a forgotten entry would
+        otherwise let every key holder through (fail closed, when the class is defined)."""
+        super().__init_subclass__(**kwargs)
+        for name in dir(cls):
+            spec = getattr(getattr(cls, name, None), "operation", None)
+            if isinstance(spec, Operation) and spec.needs_user and name not in cls.required:
+                raise ImproperlyConfigured(f"{cls.__name__}.{name} acts for a user but is missing from `required`")
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         handler = getattr(self, request.method.lower(), None)

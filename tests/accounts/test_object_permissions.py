@@ -262,3 +262,37 @@ def test_renaming_a_role_moves_its_grants_to_what_its_new_name_earns():
     painter = User.objects.get(pk=painter.pk)
     assert not painter.has_perm("models_registry.view_checkpoint", row)
     assert painter.has_perm("models_registry.view_checkpoint", other)
+
+
+def test_sharing_never_publishes_or_hides_a_public_checkpoint_by_accident(client):
+    operator = make_user("operator", password="op-pass-123", is_staff=True, is_superuser=True)
+    painters = make_role("Painter", ["checkpoint:list"])
+    public = checkpoint([], "operator")
+    only_painters = checkpoint(["Painter"], "operator")
+    client.force_login(operator)
+    answer = client.post(
+        f"/admin/models_registry/checkpoint/{public.pk}/permissions/group-manage/{painters.pk}/",
+        {"permissions": ["view_checkpoint"]},
+    )
+    assert answer.status_code == 200 and "everyone may use it" in answer.content.decode()
+    assert list(public.owners.values_list("name", flat=True)) == []
+    answer = client.post(
+        f"/admin/models_registry/checkpoint/{only_painters.pk}/permissions/group-manage/{painters.pk}/",
+        {"csrfmiddlewaretoken": "token"},
+    )
+    assert answer.status_code == 200 and "would make the checkpoint public" in answer.content.decode()
+    assert list(only_painters.owners.values_list("name", flat=True)) == ["Painter"]
+    assert client.get("/admin/models_registry/checkpoint/not-a-uuid/permissions/").status_code == 404
+
+
+def test_an_action_without_its_permission_strings_is_refused_when_defined():
+    from django.core.exceptions import ImproperlyConfigured
+
+    from esd.api.views import EsdViewSet, operation
+
+    with pytest.raises(ImproperlyConfigured, match="Forgetful.list acts for a user but is missing from `required`"):
+
+        class Forgetful(EsdViewSet):
+            @operation(operation_id="Forgetful", summary="s", tags=["Test"], responses={200: None})
+            def list(self, request):
+                raise AssertionError
