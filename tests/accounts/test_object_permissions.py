@@ -290,7 +290,7 @@ def test_an_action_without_its_permission_strings_is_refused_when_defined():
 
     from esd.api.views import EsdViewSet, operation
 
-    with pytest.raises(ImproperlyConfigured, match="Forgetful.list acts for a user but is missing from `required`"):
+    with pytest.raises(ImproperlyConfigured, match=r"Forgetful\.list acts for a user but is missing from `required`"):
 
         class Forgetful(EsdViewSet):
             @operation(operation_id="Forgetful", summary="s", tags=["Test"], responses={200: None})
