@@ -18,13 +18,15 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.errors`: :class:`TrainingError` and :class:`TrainingCancelled`.
 - :mod:`~gpu_runtime.trainer.config`: the kohya option tables (runtime-owned, no effect, unsupported, honoured),
   the parse helpers, :class:`TrainingConfig` and :func:`output_file_names`.
+- :mod:`~gpu_runtime.trainer.captions`: kohya's caption processing (prefix/suffix, dropout, wildcards, shuffle and
+  kept tags), weighted-caption parsing, ``max_token_length`` chunking and the text encoding (``_Encoder``).
 - :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
-  (:func:`load_dataset`), tag frequency and the caption one step sees.
+  (:func:`load_dataset`) and tag frequency.
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
   injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
 - :mod:`~gpu_runtime.trainer.optim`: the optimizer and the learning-rate schedule.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
-- :mod:`~gpu_runtime.trainer.loop`: :func:`train`, the caption encoder and the training loop (:class:`TrainResult`).
+- :mod:`~gpu_runtime.trainer.loop`: :func:`train` and the training loop (:class:`TrainResult`).
 """
 
 import logging

@@ -13,7 +13,7 @@ from typing import Any
 from gpu_runtime.trainer.errors import TrainingError
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-MAX_TOKENS = 75  # one CLIP window without BOS/EOS
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices (75 is its default, one CLIP window without BOS/EOS)
 
 # Keys whose value the runtime decides (paths, logging): accepted and ignored, reported once.
 _RUNTIME_OWNED = (
@@ -74,12 +74,6 @@ _UNSUPPORTED = {
     "color_aug": "image augmentation is not supported",
     "random_crop": "images are center-cropped",
     "face_crop_aug_range": "image augmentation is not supported",
-    "caption_dropout_rate": "caption dropout is not supported",
-    "caption_dropout_every_n_epochs": "caption dropout is not supported",
-    "caption_tag_dropout_rate": "caption dropout is not supported",
-    "secondary_separator": "caption wildcards are not supported",
-    "enable_wildcard": "caption wildcards are not supported",
-    "keep_tokens_separator": "caption wildcards are not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
     "reg_data_dir": "regularization images are not supported",
@@ -113,7 +107,6 @@ _UNSUPPORTED = {
     "huber_schedule": "only the l2 loss is supported",
     "masked_loss": "masked loss is not supported",
     "alpha_mask": "masked loss is not supported",
-    "weighted_captions": "weighted captions are not supported",
     "full_fp16": "LoRA weights are trained in float32 (mixed precision applies to the frozen model)",
     "full_bf16": "LoRA weights are trained in float32 (mixed precision applies to the frozen model)",
     "fp8_base": "fp8 base weights are not supported",
@@ -159,6 +152,13 @@ _HONOURED = frozenset(
         "caption_separator",
         "shuffle_caption",
         "keep_tokens",
+        "keep_tokens_separator",
+        "secondary_separator",
+        "enable_wildcard",
+        "caption_dropout_rate",
+        "caption_dropout_every_n_epochs",
+        "caption_tag_dropout_rate",
+        "weighted_captions",
         "max_token_length",
         "mixed_precision",
         "no_half_vae",
@@ -362,6 +362,13 @@ class TrainingConfig:
     caption_separator: str = ","
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    weighted_captions: bool = False
     max_token_length: int | None = None
     mixed_precision: str = "no"
     optimizer_type: str = "AdamW"
@@ -451,12 +458,16 @@ class TrainingConfig:
         c.caption_separator = _text(raw, "caption_separator", ",") or ","
         c.shuffle_caption = _flag(raw, "shuffle_caption")
         c.keep_tokens = _number(raw, "keep_tokens", 0, int, 0)
+        c.keep_tokens_separator = _text(raw, "keep_tokens_separator", "") or ""
+        c.secondary_separator = _text(raw, "secondary_separator", None) or None
+        c.enable_wildcard = _flag(raw, "enable_wildcard")
+        c.caption_dropout_rate = _number(raw, "caption_dropout_rate", 0.0, float, 0)
+        c.caption_dropout_every_n_epochs = _number(raw, "caption_dropout_every_n_epochs", 0, int, 0)
+        c.caption_tag_dropout_rate = _number(raw, "caption_tag_dropout_rate", 0.0, float, 0)
+        c.weighted_captions = _flag(raw, "weighted_captions")
         c.max_token_length = _number(raw, "max_token_length", None, int, 1)
-        if c.max_token_length is not None and c.max_token_length > MAX_TOKENS:
-            warnings.append(
-                f"max_token_length={c.max_token_length}: captions are encoded in one {MAX_TOKENS}-token CLIP window "
-                "(longer captions are truncated)"
-            )
+        if c.max_token_length is not None and c.max_token_length not in MAX_TOKEN_LENGTHS:
+            raise TrainingError(f"max_token_length must be 75, 150 or 225 (kohya's choices), got {c.max_token_length}")
 
         mixed = (_text(raw, "mixed_precision", "no") or "no").lower()
         if mixed not in ("no", "fp16", "bf16"):

@@ -1,9 +1,8 @@
 """A kohya dataset folder: ``<repeats>_<name>/`` subfolders of images with captions beside them, loaded into memory
-at the training resolution, and the captions one step sees."""
+at the training resolution, and the captions' tag frequency (what one step sees is :mod:`.captions`)."""
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -33,15 +32,19 @@ class TrainImage:
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
-def _read_caption(path: Path) -> str | None:
-    """kohya reads the first non-empty line of the caption file."""
+def _read_caption(path: Path, wildcard: bool = False) -> str | None:
+    """The first non-empty line of the caption file; with ``enable_wildcard`` all non-empty lines (kohya picks one
+    per step)."""
     if not path.is_file():
         return None
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainingError(f"caption {path.name} could not be read: {exc}") from exc
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if wildcard:
+        return "\n".join(lines)
+    return lines[0] if lines else ""
 
 
 def _load_image(path: Path, width: int, height: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -100,7 +103,7 @@ def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] 
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
         for path in files:
-            caption = _read_caption(path.with_name(path.stem + config.caption_extension))
+            caption = _read_caption(path.with_name(path.stem + config.caption_extension), config.enable_wildcard)
             if caption is None:
                 uncaptioned.append(f"{folder.name}/{path.name}")
                 caption = class_name
@@ -119,27 +122,13 @@ def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] 
     return images
 
 
-def _tag_frequency(images: list[TrainImage], separator: str) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: per folder, how many images carry each comma-separated tag."""
+def _tag_frequency(images: list[TrainImage]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: per folder, how many images carry each tag (split at commas whatever
+    ``caption_separator`` says, lower-cased, as kohya's ``set_tag_frequency`` does)."""
     frequency: dict[str, Counter] = {}
     for image in images:
         counter = frequency.setdefault(image.folder, Counter())
-        for tag in image.caption.split(separator):
+        for tag in image.caption.split(","):
             if tag.strip():
-                counter[tag.strip()] += 1
+                counter[tag.strip().lower()] += 1
     return {folder: dict(counter) for folder, counter in frequency.items()}
-
-
-def _caption(image: TrainImage, config: TrainingConfig, rng: random.Random) -> str:
-    """The caption one step sees: prefix/suffix, then kohya's shuffle that keeps the first ``keep_tokens`` tags."""
-    caption = image.caption
-    if config.caption_prefix:
-        caption = f"{config.caption_prefix} {caption}"
-    if config.caption_suffix:
-        caption = f"{caption} {config.caption_suffix}"
-    if config.shuffle_caption:
-        tags = [t.strip() for t in caption.split(config.caption_separator)]
-        fixed, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
-        rng.shuffle(rest)
-        caption = ", ".join(t for t in fixed + rest if t)
-    return caption

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from gpu_runtime.trainer.captions import _Encoder, process_caption
 from gpu_runtime.trainer.config import TrainingConfig
-from gpu_runtime.trainer.dataset import TrainImage, _caption, load_dataset
+from gpu_runtime.trainer.dataset import TrainImage, load_dataset
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.metadata import _finish, _metadata
 from gpu_runtime.trainer.network import (
@@ -25,7 +25,6 @@ from gpu_runtime.trainer.network import (
     _checkpoint_text_encoder,
     _kohya_state_dict,
     _load_model,
-    _Model,
     _save,
     _save_dtype,
     _target_modules,
@@ -70,36 +69,6 @@ def _weight_dtype(config: TrainingConfig, device: str, warnings: list[str]) -> t
             raise TrainingError("mixed_precision bf16 is not supported by this GPU")
         return torch.bfloat16
     return torch.float16
-
-
-class _Encoder:
-    """Captions -> UNet conditioning (prompt embeddings; for SDXL also pooled embeddings), as kohya computes it."""
-
-    def __init__(self, model: _Model, config: TrainingConfig, device: str, warnings: list[str]):
-        self.model = model
-        self.device = device
-        self.clip_skip = config.clip_skip or 1
-        if model.xl and config.clip_skip and config.clip_skip > 1:
-            warnings.append("clip_skip is ignored for SDXL (its penultimate layers are always used)")
-
-    def _ids(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        encoders, tokenizers = self.model.text_encoders, self.model.tokenizers
-        if not self.model.xl:
-            encoder = encoders[0]
-            output = encoder(self._ids(tokenizers[0], captions), output_hidden_states=True)
-            if self.clip_skip <= 1:
-                return output.last_hidden_state, None
-            norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
-            return norm(output.hidden_states[-self.clip_skip]), None
-        first = encoders[0](self._ids(tokenizers[0], captions), output_hidden_states=True)
-        second = encoders[1](self._ids(tokenizers[1], captions), output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        return hidden, second.text_embeds
 
 
 def train(
@@ -253,7 +222,7 @@ def _train(
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
             batch = [images[i] for i in batch_indexes]
             latents = torch.stack([cache[i] for i in batch_indexes]) if cache else latents_of(batch)
-            captions = [_caption(image, config, rng) for image in batch]
+            captions = [process_caption(image.caption, config, rng, epoch) for image in batch]
             noise = torch.randn(latents.shape, generator=generator)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
