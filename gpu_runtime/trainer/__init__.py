@@ -24,7 +24,7 @@ The package, in the order a run uses it (each module imports only those above it
   (:func:`load_dataset`) and tag frequency.
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
   injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
-- :mod:`~gpu_runtime.trainer.optim`: the optimizer and the learning-rate schedule.
+- :mod:`~gpu_runtime.trainer.optim`: the optimizer, the learning-rate schedule and the training precision.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
 - :mod:`~gpu_runtime.trainer.loop`: :func:`train` and the training loop (:class:`TrainResult`).
 """

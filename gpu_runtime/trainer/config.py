@@ -12,7 +12,21 @@ from typing import Any
 
 from gpu_runtime.trainer.errors import TrainingError
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# kohya's lr_scheduler choices: transformers' schedule functions as get_scheduler_fix calls them, diffusers'
+# piecewise_constant and Adafactor's own schedule (transformers' others fail in kohya on their arguments).
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "piecewise_constant",
+    "adafactor",
+)
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices (75 is its default, one CLIP window without BOS/EOS)
 
 # Keys whose value the runtime decides (paths, logging): accepted and ignored, reported once.
@@ -107,16 +121,9 @@ _UNSUPPORTED = {
     "huber_schedule": "only the l2 loss is supported",
     "masked_loss": "masked loss is not supported",
     "alpha_mask": "masked loss is not supported",
-    "full_fp16": "LoRA weights are trained in float32 (mixed precision applies to the frozen model)",
-    "full_bf16": "LoRA weights are trained in float32 (mixed precision applies to the frozen model)",
     "fp8_base": "fp8 base weights are not supported",
     "fp8_base_unet": "fp8 base weights are not supported",
     "vae": "a separate VAE is not supported: the checkpoint's VAE is used",
-    "lr_scheduler_type": "custom scheduler classes are not supported",
-    "lr_scheduler_args": "scheduler arguments are not supported",
-    "lr_decay_steps": "not supported by the diffusers schedulers",
-    "lr_scheduler_min_lr_ratio": "not supported by the diffusers schedulers",
-    "lr_scheduler_timescale": "not supported by the diffusers schedulers",
     "no_metadata": "ss_* metadata is always written",
     "training_comment_file": "not supported",
     "max_bucket_reso": "aspect-ratio buckets are not implemented",
@@ -161,6 +168,8 @@ _HONOURED = frozenset(
         "weighted_captions",
         "max_token_length",
         "mixed_precision",
+        "full_fp16",
+        "full_bf16",
         "no_half_vae",
         "optimizer_type",
         "optimizer_args",
@@ -170,6 +179,11 @@ _HONOURED = frozenset(
         "lr_warmup_steps",
         "lr_scheduler_num_cycles",
         "lr_scheduler_power",
+        "lr_scheduler_type",
+        "lr_scheduler_args",
+        "lr_decay_steps",
+        "lr_scheduler_min_lr_ratio",
+        "lr_scheduler_timescale",
         "gradient_accumulation_steps",
         "gradient_checkpointing",
         "max_grad_norm",
@@ -311,25 +325,45 @@ def _file_name(value: str, key: str) -> str:
     return value
 
 
-def _optimizer_args(value: Any) -> dict[str, Any]:
-    """kohya's ``optimizer_args``: a list of ``key=value`` strings (values are Python literals)."""
+def _keyword_args(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """kohya's ``optimizer_args`` / ``lr_scheduler_args``: ``key=value`` strings whose values are Python literals
+    (``ast.literal_eval``, as kohya; ``decouple=true`` is an error there and here, not a truthy string)."""
     import ast
 
+    value = raw.get(key)
     if _unset(value):
         return {}
     items = value.split() if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
-        raise TrainingError(f"optimizer_args must be a list of key=value strings, got {value!r}")
+        raise TrainingError(f"{key} must be a list of key=value strings, got {value!r}")
     kwargs: dict[str, Any] = {}
     for item in items:
         if not isinstance(item, str) or "=" not in item:
-            raise TrainingError(f"optimizer_args entries must look like key=value, got {item!r}")
-        key, text = (part.strip() for part in item.split("=", 1))
+            raise TrainingError(f"{key} entries must look like key=value, got {item!r}")
+        name, text = (part.strip() for part in item.split("=", 1))
         try:
-            kwargs[key] = ast.literal_eval(text)
+            kwargs[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            kwargs[key] = text
+            raise TrainingError(
+                f"{key}: the value of {name} must be a Python literal (True, 0.01, (0.9, 0.99), 'text'), got {text!r}"
+            ) from None
     return kwargs
+
+
+def _steps_or_ratio(raw: Mapping[str, Any], key: str) -> int | float:
+    """kohya's ``int_or_float``: a whole number of steps, a ratio of the training steps below 1, or ``"10%"``."""
+    value = raw.get(key)
+    if isinstance(value, str) and value.strip().endswith("%"):
+        percent = _number({key: value.strip()[:-1]}, key, 0.0, float, 0)
+        if percent >= 100:
+            raise TrainingError(f"{key} {value!r} must be below 100%")
+        return percent / 100
+    number = _number(raw, key, 0, float, 0)
+    if number < 1:
+        return number
+    if number != int(number):
+        raise TrainingError(f"{key} must be a whole number of steps or a ratio below 1, got {value!r}")
+    return int(number)
 
 
 @dataclass
@@ -371,12 +405,19 @@ class TrainingConfig:
     weighted_captions: bool = False
     max_token_length: int | None = None
     mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
     optimizer_type: str = "AdamW"
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     lr_scheduler: str = "constant"
-    lr_warmup_steps: float = 0
+    lr_warmup_steps: int | float = 0
+    lr_decay_steps: int | float = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_timescale: int | None = None
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str = ""
+    lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
@@ -473,24 +514,15 @@ class TrainingConfig:
         if mixed not in ("no", "fp16", "bf16"):
             raise TrainingError(f"mixed_precision must be no, fp16 or bf16, got {mixed!r}")
         c.mixed_precision = mixed
+        c.full_fp16, c.full_bf16 = _flag(raw, "full_fp16"), _flag(raw, "full_bf16")
+        if c.full_fp16 and c.full_bf16:
+            raise TrainingError("full_fp16 and full_bf16 cannot both be true")
+        for full, needed in ((c.full_fp16, "fp16"), (c.full_bf16, "bf16")):
+            if full and mixed != needed:
+                raise TrainingError(f"full_{needed} requires mixed_precision = {needed!r}, got {mixed!r}")
 
-        c.optimizer_type = _text(raw, "optimizer_type", "") or ""
-        if not c.optimizer_type:
-            if _flag(raw, "use_8bit_adam"):
-                c.optimizer_type = "AdamW8bit"
-            elif _flag(raw, "use_lion_optimizer"):
-                c.optimizer_type = "Lion"
-            else:
-                c.optimizer_type = "AdamW"
-        c.optimizer_args = _optimizer_args(raw.get("optimizer_args"))
-        scheduler = (_text(raw, "lr_scheduler", "constant") or "constant").lower()
-        if scheduler not in SCHEDULERS:
-            warnings.append(f"lr_scheduler {scheduler!r} is not supported: constant is used")
-            scheduler = "constant"
-        c.lr_scheduler = scheduler
-        c.lr_warmup_steps = _number(raw, "lr_warmup_steps", 0, float, 0)
-        c.lr_scheduler_num_cycles = _number(raw, "lr_scheduler_num_cycles", 1, int, 1)
-        c.lr_scheduler_power = _number(raw, "lr_scheduler_power", 1.0, float, 0)
+        _parse_optimizer(raw, c)
+
         c.gradient_accumulation_steps = _number(raw, "gradient_accumulation_steps", 1, int, 1)
         c.gradient_checkpointing = _flag(raw, "gradient_checkpointing")
         c.max_grad_norm = _number(raw, "max_grad_norm", 1.0, float, 0)
@@ -542,6 +574,49 @@ class TrainingConfig:
     def final_file(self) -> str:
         """kohya's final file name (``{output_name}.safetensors``)."""
         return f"{self.output_name}.safetensors"
+
+
+def _parse_optimizer(raw: Mapping[str, Any], c: TrainingConfig) -> None:
+    """kohya's optimizer and schedule options, with the combinations kohya refuses refused here, at the start."""
+    c.optimizer_type = _text(raw, "optimizer_type", "") or ""
+    eight_bit, lion = _flag(raw, "use_8bit_adam"), _flag(raw, "use_lion_optimizer")
+    if eight_bit and lion:
+        raise TrainingError("use_8bit_adam and use_lion_optimizer cannot both be true")
+    if (eight_bit or lion) and c.optimizer_type:
+        legacy = "use_8bit_adam" if eight_bit else "use_lion_optimizer"
+        raise TrainingError(f"{legacy} and optimizer_type {c.optimizer_type!r} cannot both be set")
+    c.optimizer_type = c.optimizer_type or ("AdamW8bit" if eight_bit else "Lion" if lion else "AdamW")
+    c.optimizer_args = _keyword_args(raw, "optimizer_args")
+
+    scheduler = (_text(raw, "lr_scheduler", "constant") or "constant").lower()
+    if scheduler.startswith("adafactor:"):  # kohya's internal spelling of the adafactor schedule
+        scheduler = "adafactor"
+    if scheduler not in SCHEDULERS:
+        raise TrainingError(f"lr_scheduler {scheduler!r} is not supported; kohya's choices: {', '.join(SCHEDULERS)}")
+    c.lr_scheduler = scheduler
+    c.lr_scheduler_type = _text(raw, "lr_scheduler_type", "") or ""
+    c.lr_scheduler_args = _keyword_args(raw, "lr_scheduler_args")
+    c.lr_warmup_steps = _steps_or_ratio(raw, "lr_warmup_steps")
+    c.lr_decay_steps = _steps_or_ratio(raw, "lr_decay_steps")
+    c.lr_scheduler_num_cycles = _number(raw, "lr_scheduler_num_cycles", 1, int, 1)
+    c.lr_scheduler_power = _number(raw, "lr_scheduler_power", 1.0, float, 0)
+    c.lr_scheduler_timescale = _number(raw, "lr_scheduler_timescale", None, int, 1)
+    c.lr_scheduler_min_lr_ratio = _number(raw, "lr_scheduler_min_lr_ratio", None, float, 0)
+
+    # get_scheduler_fix's refusals of a warm-up the schedule cannot apply
+    relative_adafactor = c.optimizer_type.lower() == "adafactor" and (
+        c.optimizer_args.get("relative_step", True) or c.optimizer_args.get("warmup_init", False)
+    )
+    schedule_free = c.optimizer_type.lower().endswith("schedulefree")
+    if c.lr_warmup_steps and not schedule_free:
+        if c.lr_scheduler_type:
+            raise TrainingError(f"lr_warmup_steps must be 0 with lr_scheduler_type {c.lr_scheduler_type!r}")
+        if relative_adafactor:
+            raise TrainingError("lr_warmup_steps must be 0 with Adafactor's relative_step schedule")
+        if scheduler in ("constant", "adafactor"):
+            raise TrainingError(f"lr_warmup_steps must be 0 with lr_scheduler {scheduler} (use constant_with_warmup)")
+    if scheduler == "adafactor" and not relative_adafactor and not c.lr_scheduler_type and not schedule_free:
+        raise TrainingError('lr_scheduler adafactor needs optimizer_type "Adafactor" with relative_step=True')
 
 
 def output_file_names(config: TrainingConfig, epochs: int) -> list[str]:

@@ -29,7 +29,7 @@ from gpu_runtime.trainer.network import (
     _save_dtype,
     _target_modules,
 )
-from gpu_runtime.trainer.optim import _lr_schedule, _optimizer
+from gpu_runtime.trainer.optim import _eval_weights, _lr_schedule, _optimizer, _precision
 
 Progress = Callable[[dict], None]
 
@@ -57,18 +57,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _weight_dtype(config: TrainingConfig, device: str, warnings: list[str]) -> torch.dtype:
-    """Frozen weights in the mixed precision on CUDA; always float32 on CPU (half precision is slow or missing)."""
-    if config.mixed_precision == "no":
-        return torch.float32
-    if not device.startswith("cuda"):
-        warnings.append(f"mixed_precision {config.mixed_precision} is ignored on CPU: training runs in float32")
-        return torch.float32
-    if config.mixed_precision == "bf16":
-        if not torch.cuda.is_bf16_supported():
-            raise TrainingError("mixed_precision bf16 is not supported by this GPU")
-        return torch.bfloat16
-    return torch.float16
 
 
 def train(
@@ -124,7 +112,8 @@ def _train(
     should_stop: Callable[[], bool] | None,
 ) -> TrainResult:
     """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG."""
-    weight_dtype = _weight_dtype(config, device, warnings)
+    precision = _precision(config, device)
+    weight_dtype = precision.weight_dtype
     model = _load_model(model_path, work_dir / "configs", device, weight_dtype)
     width, height = config.resolution
     factor = 8 * 2 ** (len(model.unet.config["block_out_channels"]) - 1)
@@ -171,15 +160,15 @@ def _train(
         total_steps = config.max_train_steps
         epochs = math.ceil(total_steps / steps_per_epoch)
 
+    precision.cast(params_unet + params_text)
     groups = []
     if params_unet:
         groups.append({"params": params_unet, "lr": config.unet_lr})
     if params_text:
         groups.append({"params": params_text, "lr": config.text_encoder_lr})
-    optimizer, optimizer_name = _optimizer(config, groups, device, warnings)
+    optimizer, optimizer_name = _optimizer(config, groups, warnings)
     lr_schedule = _lr_schedule(config, optimizer, total_steps, warnings)
-    scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
-    autocast = device.startswith("cuda") and weight_dtype != torch.float32
+    scaler = precision.scaler()
     trainable = params_unet + params_text
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -229,7 +218,7 @@ def _train(
             noise = noise.to(device)
             timesteps = torch.randint(config.min_timestep, max_timestep, (len(batch),), generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            with torch.autocast(device_type="cuda", dtype=weight_dtype, enabled=autocast):
+            with torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast):
                 with torch.set_grad_enabled(config.train_text_encoder):
                     hidden, pooled = encode(captions)
                 extra = {}
@@ -283,7 +272,8 @@ def _train(
             break
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
             path = output_dir / config.epoch_file(epoch)
-            _save(path, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epoch, step))
+            with _eval_weights(config, optimizer):
+                _save(path, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epoch, step))
             written.append(path)
             epoch_files.append(path)
             if config.save_last_n_epochs is not None:
@@ -294,7 +284,8 @@ def _train(
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
     final = output_dir / config.final_file()
-    _save(final, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epochs, step))
+    with _eval_weights(config, optimizer):
+        _save(final, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epochs, step))
     written.append(final)
     return TrainResult(
         files=written,

@@ -58,7 +58,7 @@ def _metadata(
         "ss_network_dropout": None,
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_mixed_precision": config.mixed_precision,
-        "ss_full_fp16": False,
+        "ss_full_fp16": config.full_fp16,
         "ss_v2": model.family == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": config.clip_skip,

@@ -202,8 +202,11 @@ def test_unet_only_max_train_steps_warnings_and_determinism(root, tmp_path):
     text = "\n".join(first.warnings)
     assert "unknown options ignored (not kohya train_network arguments): lr_restart_cycles" in text
     assert "xformers is ignored" in text
-    assert "mixed_precision fp16 is ignored on CPU" in text
-    assert "optimizer AdamW8bit needs CUDA: AdamW is used" in text
+    # mixed_precision and AdamW8bit are applied on CPU too (float16 autocast, bitsandbytes' CPU backend)
+    assert "mixed_precision" not in text and "AdamW8bit" not in text
+    with safe_open(str(first.files[0]), "pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_mixed_precision"], meta["ss_optimizer"]) == ("fp16", "bitsandbytes.optim.adamw.AdamW8bit")
     assert "enable_bucket: aspect-ratio buckets are not implemented" in text and "min_bucket_reso" not in text
     assert "flip_aug is ignored" in text and "color_aug" not in text
     assert "max_token_length" not in text  # honoured (test_trainer_captions.py)
@@ -266,7 +269,8 @@ def test_bad_configs_and_datasets_are_clear_errors(root, tmp_path):
         ({"learning_rate": "fast"}, "learning_rate must be a number"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be no, fp16 or bf16"),
         ({"output_name": "../x"}, "is not a valid file name"),
-        ({"optimizer_type": "Prodigy", "learning_rate": 1.0}, "far too high for the AdamW fallback"),
+        ({"optimizer_type": "torch.optim.Nope"}, "optimizer_type torch.optim.Nope: torch.optim has no Nope"),
+        ({"lr_scheduler": "cosine_annealing"}, "lr_scheduler 'cosine_annealing' is not supported"),
     ):
         with pytest.raises(TrainingError, match=message):
             run(root, tmp_path, config_with(tmp_path, **overrides))
