@@ -9,9 +9,10 @@ dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the 
 LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
 ``load_lora_weights`` read the result. Every config key that is not honoured is reported as a warning.
 
-The training itself follows diffusers' LoRA example with kohya's target set: peft LoRA adapters on every Linear /
-1x1 conv inside the UNet's transformer blocks and on the CLIP attention/MLP projections, epsilon (or v) MSE loss
-against a DDPM noise schedule built from the checkpoint's scheduler config.
+The training itself follows diffusers' LoRA example with kohya's network: kohya-semantics LoRA modules (hooked into
+every Linear / 1x1 conv inside the UNet's transformer blocks and the CLIP attention/MLP projections; with ``conv_dim``
+also the ResBlocks' and samplers' layers), epsilon (or v) MSE loss against a DDPM noise schedule built from the
+checkpoint's scheduler config.
 
 The package, in the order a run uses it (each module imports only those above it):
 
@@ -21,9 +22,10 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.captions`: kohya's caption processing (prefix/suffix, dropout, wildcards, shuffle and
   kept tags), weighted-caption parsing, ``max_token_length`` chunking and the text encoding (``_Encoder``).
 - :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
-  (:func:`load_dataset`) and tag frequency.
-- :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
-  injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
+  (:func:`load_dataset`), tag frequency and the caption one step sees.
+- :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`) and the file writer (hashes, ``_save``).
+- :mod:`~gpu_runtime.trainer.lora`: kohya's ``networks/lora.py``: the LoRA modules and their dropouts, kohya's
+  target layers and key names (LoCon included), ``network_weights``, ``base_weights``, LoRA+ and max-norm.
 - :mod:`~gpu_runtime.trainer.optim`: the optimizer, the learning-rate schedule and the training precision.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
 - :mod:`~gpu_runtime.trainer.loop`: :func:`train` and the training loop (:class:`TrainResult`).

@@ -75,15 +75,6 @@ _NO_EFFECT = {
 }
 # Features this trainer does not implement: ignored with a warning when switched on.
 _UNSUPPORTED = {
-    "network_args": "network arguments (LoCon conv_dim, block weights, ...) are not supported: plain LoRA is trained",
-    "network_dropout": "LoRA dropout is not supported",
-    "rank_dropout": "LoRA dropout is not supported",
-    "module_dropout": "LoRA dropout is not supported",
-    "network_weights": "training always starts from a new LoRA",
-    "dim_from_weights": "training always starts from a new LoRA",
-    "base_weights": "merging base LoRA weights is not supported",
-    "base_weights_multiplier": "merging base LoRA weights is not supported",
-    "scale_weight_norms": "max-norm regularisation is not supported",
     "flip_aug": "image augmentation is not supported",
     "color_aug": "image augmentation is not supported",
     "random_crop": "images are center-cropped",
@@ -144,6 +135,15 @@ _HONOURED = frozenset(
         "network_module",
         "network_dim",
         "network_alpha",
+        "network_args",
+        "network_dropout",
+        "rank_dropout",  # kohya reads it from network_args; accepted at the top level too (GUI configs)
+        "module_dropout",
+        "network_weights",
+        "dim_from_weights",
+        "base_weights",
+        "base_weights_multiplier",
+        "scale_weight_norms",
         "network_train_unet_only",
         "network_train_text_encoder_only",
         "learning_rate",
@@ -366,6 +366,71 @@ def _steps_or_ratio(raw: Mapping[str, Any], key: str) -> int | float:
     return int(number)
 
 
+# The network_args keys kohya's networks/lora.py reads (create_network), by what this trainer does with them.
+_NETWORK_ARGS_HONOURED = (
+    "conv_dim",
+    "conv_alpha",
+    "rank_dropout",
+    "module_dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+)
+_NETWORK_ARGS_REFUSED = {
+    "block_dims": "per-block LoRA dims are not supported",
+    "block_alphas": "per-block LoRA dims are not supported",
+    "conv_block_dims": "per-block LoRA dims are not supported",
+    "conv_block_alphas": "per-block LoRA dims are not supported",
+    "down_lr_weight": "per-block learning rates are not supported",
+    "mid_lr_weight": "per-block learning rates are not supported",
+    "up_lr_weight": "per-block learning rates are not supported",
+    "block_lr_zero_threshold": "per-block learning rates are not supported",
+}
+
+
+def _network_args(value: Any, warnings: list[str]) -> dict[str, str]:
+    """kohya's ``network_args``: ``key=value`` strings (a TOML list; a whitespace-separated string is accepted too),
+    kept as strings as kohya passes them to ``create_network``. A key networks.lora reads but this trainer does not
+    implement is a :class:`TrainingError`; a key it never reads is ignored with a warning, as kohya ignores it."""
+    if _unset(value):
+        return {}
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise TrainingError(f"network_args must be a list of key=value strings, got {value!r}")
+    args: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise TrainingError(f"network_args entries must look like key=value, got {item!r}")
+        key, text = (part.strip().strip("\"'") for part in item.split("=", 1))
+        args[key] = text
+    for key in args:
+        if key in _NETWORK_ARGS_REFUSED:
+            raise TrainingError(f"network_args {key} is not supported: {_NETWORK_ARGS_REFUSED[key]}")
+        if key == "dropout":
+            warnings.append("network_args dropout has no effect with networks.lora (kohya reads network_dropout)")
+        elif key not in _NETWORK_ARGS_HONOURED:
+            warnings.append(f"network_args {key} is ignored: networks.lora does not read it")
+    return args
+
+
+def _dropout(value: Any, key: str, below_one: bool = False) -> float | None:
+    """A dropout probability; 0 and unset both mean none (kohya: "0 or None is default behavior")."""
+    p = _number({key: value}, key, None, float, 0)
+    if p is not None and (p > 1 or (below_one and p >= 1)):
+        raise TrainingError(f"{key} must be {'below' if below_one else 'at most'} 1, got {value!r}")
+    return p or None
+
+
+def _paths(value: Any, key: str) -> list[Path]:
+    """kohya's ``nargs="*"`` path options: a list of paths (one string is one path)."""
+    if _unset(value):
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item.strip() for item in items):
+        raise TrainingError(f"{key} must be a path or a list of paths, got {value!r}")
+    return [Path(item.strip()) for item in items]
+
+
 @dataclass
 class TrainingConfig:
     """A kohya ``train_network.py`` config, flattened and checked, with kohya's defaults where a key is missing.
@@ -382,6 +447,19 @@ class TrainingConfig:
     save_precision: str = "float"
     network_dim: int = 4
     network_alpha: float = 1.0
+    network_dropout: float | None = None
+    network_args: dict[str, str] = field(default_factory=dict)
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+    network_weights: Path | None = None
+    dim_from_weights: bool = False
+    base_weights: list[Path] = field(default_factory=list)
+    base_weights_multiplier: list[float] = field(default_factory=list)
+    scale_weight_norms: float | None = None
     train_unet: bool = True
     train_text_encoder: bool = True
     learning_rate: float = 2e-6
@@ -444,7 +522,9 @@ class TrainingConfig:
             raise TrainingError(f"the training config could not be read: {exc}") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise TrainingError(f"the training config is not valid TOML: {exc}") from exc
-        return cls.from_dict(data)
+        config = cls.from_dict(data)
+        config._resolve_paths(Path(path).parent)
+        return config
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
@@ -480,6 +560,7 @@ class TrainingConfig:
 
         c.network_dim = _number(raw, "network_dim", 4, int, 1)
         c.network_alpha = _number(raw, "network_alpha", 1.0, float, 0) or float(c.network_dim)  # kohya: 0 = dim
+        c._parse_network(raw, warnings)
         unet_only = _flag(raw, "network_train_unet_only")
         te_only = _flag(raw, "network_train_text_encoder_only")
         if unet_only and te_only:
@@ -566,6 +647,70 @@ class TrainingConfig:
         if unknown:
             warnings.append(f"unknown options ignored (not kohya train_network arguments): {', '.join(unknown)}")
         return c
+
+    def _parse_network(self, raw: Mapping[str, Any], warnings: list[str]) -> None:
+        """kohya's network options: ``network_args`` (conv_dim/conv_alpha, rank/module dropout, LoRA+ ratios),
+        ``network_dropout``, ``network_weights``/``dim_from_weights``, ``base_weights`` and
+        ``scale_weight_norms``, with kohya's defaults (``conv_alpha`` 1 when only ``conv_dim`` is given)."""
+        args = _network_args(raw.get("network_args"), warnings)
+        self.network_args = args
+        self.network_dropout = _dropout(raw.get("network_dropout"), "network_dropout")
+        if "conv_dim" in args:
+            self.conv_dim = _number(args, "conv_dim", None, int, 0)
+        if self.conv_dim is not None:
+            self.conv_alpha = _number(args, "conv_alpha", 1.0, float, 0)
+        elif not _unset(args.get("conv_alpha")):
+            warnings.append("network_args conv_alpha has no effect without conv_dim")
+        for key in ("rank_dropout", "module_dropout"):
+            below_one = key == "rank_dropout"  # kohya rescales by 1 / (1 - p)
+            inner, outer = _dropout(args.get(key), key, below_one), _dropout(raw.get(key), key, below_one)
+            if inner is not None and outer is not None and inner != outer:
+                raise TrainingError(f"{key} is set both in network_args ({inner}) and at the top level ({outer})")
+            setattr(self, key, inner if inner is not None else outer)
+        ratio = _number(args, "loraplus_lr_ratio", None, float, 0)
+        self.loraplus_unet_lr_ratio = _number(args, "loraplus_unet_lr_ratio", None, float, 0) or ratio
+        self.loraplus_text_encoder_lr_ratio = _number(args, "loraplus_text_encoder_lr_ratio", None, float, 0) or ratio
+
+        weights = _paths(raw.get("network_weights"), "network_weights")
+        if len(weights) > 1:
+            raise TrainingError("network_weights must be one file")
+        self.network_weights = weights[0] if weights else None
+        self.dim_from_weights = _flag(raw, "dim_from_weights")
+        if self.dim_from_weights:
+            if self.network_weights is None:
+                raise TrainingError("dim_from_weights needs network_weights (the file to read the dims from)")
+            ignored = [k for k in ("network_dropout", "rank_dropout", "module_dropout", "conv_dim") if getattr(self, k)]
+            if ignored:
+                warnings.append(
+                    f"{', '.join(ignored)}: no effect with dim_from_weights (kohya builds the network from the "
+                    "file's modules, without dropout)"
+                )
+        self.base_weights = _paths(raw.get("base_weights"), "base_weights")
+        multipliers = raw.get("base_weights_multiplier")
+        if _unset(multipliers):
+            multipliers = []
+        elif not isinstance(multipliers, list | tuple):
+            multipliers = [multipliers]
+        self.base_weights_multiplier = [
+            _number({"base_weights_multiplier": m}, "base_weights_multiplier", 1.0, float) for m in multipliers
+        ]
+        if self.base_weights_multiplier and not self.base_weights:
+            warnings.append("base_weights_multiplier has no effect without base_weights")
+        self.scale_weight_norms = _number(raw, "scale_weight_norms", None, float, 0) or None
+
+    def _resolve_paths(self, folder: Path) -> None:
+        """``network_weights`` and ``base_weights`` relative to the config file's folder; a missing file fails the
+        job before the model is loaded."""
+
+        def resolve(path: Path, key: str) -> Path:
+            path = path if path.is_absolute() else folder / path
+            if not path.is_file():
+                raise TrainingError(f"{key} file {path} does not exist")
+            return path
+
+        if self.network_weights is not None:
+            self.network_weights = resolve(self.network_weights, "network_weights")
+        self.base_weights = [resolve(path, "base_weights") for path in self.base_weights]
 
     def epoch_file(self, epoch: int) -> str:
         """kohya's per-epoch file name (``{output_name}-{epoch:06d}.safetensors``)."""

@@ -17,18 +17,9 @@ from gpu_runtime.trainer.captions import _Encoder, process_caption
 from gpu_runtime.trainer.config import TrainingConfig
 from gpu_runtime.trainer.dataset import TrainImage, load_dataset
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
+from gpu_runtime.trainer.lora import create_network
 from gpu_runtime.trainer.metadata import _finish, _metadata
-from gpu_runtime.trainer.network import (
-    TEXT_TARGETS,
-    UNET_TARGETS,
-    _add_lora,
-    _checkpoint_text_encoder,
-    _kohya_state_dict,
-    _load_model,
-    _save,
-    _save_dtype,
-    _target_modules,
-)
+from gpu_runtime.trainer.network import _checkpoint_text_encoder, _load_model, _save, _save_dtype
 from gpu_runtime.trainer.optim import _eval_weights, _lr_schedule, _optimizer, _precision
 
 Progress = Callable[[dict], None]
@@ -55,8 +46,6 @@ def _resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device {device} was asked for but CUDA is not available")
     return device
-
-
 
 
 def train(
@@ -130,16 +119,7 @@ def _train(
         prediction = "v_prediction" if config.v_parameterization else "epsilon"
     max_timestep = min(config.max_timestep, scheduler.config.num_train_timesteps)
 
-    # adapters
-    params_unet: list[torch.nn.Parameter] = []
-    params_text: list[torch.nn.Parameter] = []
-    if config.train_unet:
-        params_unet = _add_lora(model.unet, _target_modules(model.unet, UNET_TARGETS, unet=True), config)
-    if config.train_text_encoder:
-        for encoder in model.text_encoders:
-            params_text += _add_lora(encoder, _target_modules(encoder, TEXT_TARGETS, unet=False), config)
-    if not params_unet and not params_text:
-        raise TrainingError("the model has no layers kohya's LoRA can train")
+    network = create_network(model, config, warnings)  # base_weights merged, network_weights loaded
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -160,16 +140,12 @@ def _train(
         total_steps = config.max_train_steps
         epochs = math.ceil(total_steps / steps_per_epoch)
 
-    precision.cast(params_unet + params_text)
-    groups = []
-    if params_unet:
-        groups.append({"params": params_unet, "lr": config.unet_lr})
-    if params_text:
-        groups.append({"params": params_text, "lr": config.text_encoder_lr})
+    groups = network.param_groups(config)
+    trainable = list(network.parameters())
+    precision.cast(trainable)
     optimizer, optimizer_name = _optimizer(config, groups, warnings)
     lr_schedule = _lr_schedule(config, optimizer, total_steps, warnings)
     scaler = precision.scaler()
-    trainable = params_unet + params_text
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
@@ -247,20 +223,24 @@ def _train(
                 )
             epoch_losses.append(loss.item())
             scaled = loss / config.gradient_accumulation_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            if scaled.requires_grad:  # module_dropout can leave every LoRA out of a step: then there is no gradient
+                (scaler.scale(scaled) if scaler else scaled).backward()
             if number % config.gradient_accumulation_steps and number != len(batches):
                 continue
-            if scaler:
+            amp_step = scaler is not None and any(p.grad is not None for p in trainable)
+            if amp_step:
                 scaler.unscale_(optimizer)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            if scaler:
+            if amp_step:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if config.scale_weight_norms:
+                network.apply_max_norm(config.scale_weight_norms)
             step += 1
             loss_value = sum(epoch_losses) / len(epoch_losses)
             if on_progress is not None:
@@ -273,7 +253,7 @@ def _train(
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
             path = output_dir / config.epoch_file(epoch)
             with _eval_weights(config, optimizer):
-                _save(path, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epoch, step))
+                _save(path, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epoch, step))
             written.append(path)
             epoch_files.append(path)
             if config.save_last_n_epochs is not None:
@@ -285,7 +265,7 @@ def _train(
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
     final = output_dir / config.final_file()
     with _eval_weights(config, optimizer):
-        _save(final, _kohya_state_dict(model, config, _save_dtype(config)), _finish(metadata, epochs, step))
+        _save(final, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epochs, step))
     written.append(final)
     return TrainResult(
         files=written,

@@ -55,7 +55,8 @@ def _metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.network_dim,
         "ss_network_alpha": config.network_alpha,
-        "ss_network_dropout": None,
+        "ss_network_dropout": config.network_dropout,
+        "ss_scale_weight_norms": config.scale_weight_norms,
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_mixed_precision": config.mixed_precision,
         "ss_full_fp16": config.full_fp16,
@@ -92,6 +93,12 @@ def _metadata(
         "modelspec.title": config.output_name,
         "modelspec.resolution": f"{width}x{height}",
     }
+    if config.network_args:
+        # kohya writes the network_args as given, plus its LyCORIS workaround key "dropout" (= network_dropout)
+        args: dict[str, Any] = dict(config.network_args)
+        if not config.dim_from_weights:
+            args.setdefault("dropout", config.network_dropout)
+        meta["ss_network_args"] = json.dumps(args)
     return {key: str(value) for key, value in meta.items()}
 
 

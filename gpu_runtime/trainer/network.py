@@ -1,12 +1,12 @@
-"""The model side of training: the checkpoint loaded offline as the engine loads it, kohya's LoRA targets injected
-as peft adapters, and the trained adapters exported under kohya's key names into a safetensors file."""
+"""The model side of training: the checkpoint loaded offline as the engine loads it, gradient checkpointing of the
+text encoders, and the safetensors writer with kohya's addnet hashes (the LoRA network itself is in
+:mod:`gpu_runtime.trainer.lora`)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +16,6 @@ import torch
 
 from gpu_runtime.trainer.config import TrainingConfig
 from gpu_runtime.trainer.errors import TrainingError
-
-# kohya's LoRA targets (networks/lora.py): Linear/1x1-conv layers of the UNet's transformer blocks, CLIP attn/MLP.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass
@@ -82,45 +78,6 @@ def _move(module: Any, device: str, dtype: torch.dtype) -> Any:
     return module.to(device)
 
 
-def _target_modules(model: torch.nn.Module, targets: tuple[str, ...], unet: bool) -> list[str]:
-    """Full module names of the layers kohya's LoRA wraps (UNet: only inside transformer blocks)."""
-    names = []
-    for name, module in model.named_modules():
-        if unet and ".attentions." not in f".{name}":
-            continue
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if isinstance(module, torch.nn.Linear) or (
-            isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
-        ):
-            names.append(name)
-    return names
-
-
-def _add_lora(model: torch.nn.Module, targets: list[str], config: TrainingConfig) -> list[torch.nn.Parameter]:
-    """Inject peft LoRA layers (kohya's init: down kaiming-uniform, up zero; scale alpha/dim); return their
-    parameters, kept in float32 whatever the frozen weights' dtype."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lora = LoraConfig(
-        r=config.network_dim,
-        lora_alpha=config.network_alpha,
-        target_modules=targets,
-        init_lora_weights=True,
-        lora_dropout=0.0,
-    )
-    inject_adapter_in_model(lora, model, adapter_name="default")
-    params = []
-    for name, param in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            param.data = param.data.to(torch.float32)
-            param.requires_grad_(True)
-            params.append(param)
-        else:
-            param.requires_grad_(False)
-    return params
-
-
 def _checkpoint_text_encoder(encoder: Any) -> None:
     """Gradient checkpointing for a transformers text encoder (the method was renamed in transformers 5)."""
     kwargs = {"use_reentrant": False}  # reentrant checkpoints drop gradients of inputs that need none
@@ -128,52 +85,6 @@ def _checkpoint_text_encoder(encoder: Any) -> None:
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-
-
-def _ldm_unet_name(name: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> LDM path (kohya's SDXL LoRA names use LDM block numbers)."""
-    step = layers_per_block + 1
-    match = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        i, j, rest = int(match.group(1)), int(match.group(2)), match.group(3)
-        return f"input_blocks.{step * i + j + 1}.1.{rest}"
-    match = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        i, j, rest = int(match.group(1)), int(match.group(2)), match.group(3)
-        return f"output_blocks.{step * i + j}.1.{rest}"
-    if name.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + name.removeprefix("mid_block.attentions.0.")
-    return name
-
-
-def _kohya_state_dict(model: _Model, config: TrainingConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The trained adapters under kohya's names: ``lora_unet_<path with _>`` (SD 1/2: diffusers paths; SDXL: LDM
-    paths), ``lora_te_text_model_...`` (SDXL: ``lora_te1_``/``lora_te2_``), each with lora_down/lora_up/alpha."""
-    modules: list[tuple[str, Any]] = []
-    if config.train_unet:
-        layers = model.unet.config["layers_per_block"]
-        for name, layer in _lora_layers(model.unet):
-            path = _ldm_unet_name(name, layers) if model.xl else name
-            modules.append(("lora_unet_" + path.replace(".", "_"), layer))
-    if config.train_text_encoder:
-        prefixes = ["lora_te1_", "lora_te2_"] if model.xl else ["lora_te_"]
-        for prefix, encoder in zip(prefixes, model.text_encoders, strict=True):
-            for name, layer in _lora_layers(encoder):
-                path = "text_model." + name.removeprefix("text_model.")
-                modules.append((prefix + path.replace(".", "_"), layer))
-    out: dict[str, torch.Tensor] = {}
-    alpha = torch.tensor(float(config.network_alpha), dtype=dtype)
-    for key, layer in modules:
-        out[f"{key}.lora_down.weight"] = layer.lora_A["default"].weight.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.lora_up.weight"] = layer.lora_B["default"].weight.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.alpha"] = alpha.clone()
-    return out
 
 
 def _addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
