@@ -10,8 +10,8 @@ LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111,
 ``load_lora_weights`` read the result. Every config key that is not honoured is reported as a warning.
 
 The training itself follows diffusers' LoRA example with kohya's target set: peft LoRA adapters on every Linear /
-1x1 conv inside the UNet's transformer blocks and on the CLIP attention/MLP projections, epsilon (or v) MSE loss
-against a DDPM noise schedule built from the checkpoint's scheduler config.
+1x1 conv inside the UNet's transformer blocks and on the CLIP attention/MLP projections, an epsilon (or v) loss
+against a DDPM noise schedule built from the checkpoint's scheduler config, with kohya's noise and loss options.
 
 The package, in the order a run uses it (each module imports only those above it):
 
@@ -23,6 +23,9 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
   injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
 - :mod:`~gpu_runtime.trainer.optim`: the optimizer and the learning-rate schedule.
+- :mod:`~gpu_runtime.trainer.noise`: the step's noise (offset, pyramid, input perturbation), timesteps, SNR table
+  and the zero-terminal-SNR fix.
+- :mod:`~gpu_runtime.trainer.losses`: the step's loss (``loss_type``, Huber schedules) and its per-sample weights.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
 - :mod:`~gpu_runtime.trainer.loop`: :func:`train`, the caption encoder and the training loop (:class:`TrainResult`).
 """
