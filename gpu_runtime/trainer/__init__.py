@@ -7,12 +7,13 @@ config ESD sends (all tables flattened, unknown keys ignored, ``max_train_epochs
 dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the file names it saves
 (``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``) and the
 LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
-``load_lora_weights`` read the result. Every config key that is not honoured is reported as a warning.
+``load_lora_weights`` read the result. A config key that would change the result and is not implemented fails
+the run at start, named.
 
 The training itself follows diffusers' LoRA example with kohya's network: kohya-semantics LoRA modules (hooked into
 every Linear / 1x1 conv inside the UNet's transformer blocks and the CLIP attention/MLP projections; with ``conv_dim``
-also the ResBlocks' and samplers' layers), epsilon (or v) MSE loss against a DDPM noise schedule built from the
-checkpoint's scheduler config.
+also the ResBlocks' and samplers' layers), an epsilon (or v) loss against a DDPM noise schedule built from the
+checkpoint's scheduler config, with kohya's noise and loss options.
 
 The package, in the order a run uses it (each module imports only those above it):
 
@@ -27,6 +28,9 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.lora`: kohya's ``networks/lora.py``: the LoRA modules and their dropouts, kohya's
   target layers and key names (LoCon included), ``network_weights``, ``base_weights``, LoRA+ and max-norm.
 - :mod:`~gpu_runtime.trainer.optim`: the optimizer, the learning-rate schedule and the training precision.
+- :mod:`~gpu_runtime.trainer.noise`: the step's noise (offset, pyramid, input perturbation), timesteps, SNR table
+  and the zero-terminal-SNR fix.
+- :mod:`~gpu_runtime.trainer.losses`: the step's loss (``loss_type``, Huber schedules) and its per-sample weights.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
 - :mod:`~gpu_runtime.trainer.loop`: :func:`train` and the training loop (:class:`TrainResult`).
 """

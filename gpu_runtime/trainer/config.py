@@ -28,6 +28,9 @@ SCHEDULERS = (
     "adafactor",
 )
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's choices (75 is its default, one CLIP window without BOS/EOS)
+LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")  # kohya's --loss_type choices
+HUBER_SCHEDULES = ("constant", "exponential", "snr")  # kohya's --huber_schedule choices
+NUM_TRAIN_TIMESTEPS = 1000  # kohya's DDPM schedule; --max_timestep is 1..1000
 
 # Keys whose value the runtime decides (paths, logging): accepted and ignored, reported once.
 _RUNTIME_OWNED = (
@@ -98,18 +101,6 @@ _UNSUPPORTED = {
     "save_last_n_epochs_state": "training state is not saved",
     "save_last_n_steps_state": "training state is not saved",
     "resume": "resuming is not supported",
-    "multires_noise_iterations": "multi-resolution noise is not supported",
-    "multires_noise_discount": "multi-resolution noise is not supported",
-    "adaptive_noise_scale": "adaptive noise scale is not supported",
-    "noise_offset_random_strength": "random noise-offset strength is not supported",
-    "ip_noise_gamma": "input perturbation noise is not supported",
-    "ip_noise_gamma_random_strength": "input perturbation noise is not supported",
-    "zero_terminal_snr": "zero terminal SNR is not supported",
-    "debiased_estimation_loss": "debiased estimation loss is not supported",
-    "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not supported",
-    "v_pred_like_loss": "v-prediction-like loss is not supported",
-    "huber_c": "only the l2 loss is supported",
-    "huber_schedule": "only the l2 loss is supported",
     "masked_loss": "masked loss is not supported",
     "alpha_mask": "masked loss is not supported",
     "fp8_base": "fp8 base weights are not supported",
@@ -189,10 +180,23 @@ _HONOURED = frozenset(
         "max_grad_norm",
         "clip_skip",
         "noise_offset",
+        "noise_offset_random_strength",
+        "adaptive_noise_scale",
+        "multires_noise_iterations",
+        "multires_noise_discount",
+        "ip_noise_gamma",
+        "ip_noise_gamma_random_strength",
+        "zero_terminal_snr",
         "min_snr_gamma",
+        "debiased_estimation_loss",
+        "scale_v_pred_loss_like_noise_pred",
+        "v_pred_like_loss",
         "min_timestep",
         "max_timestep",
         "loss_type",
+        "huber_c",
+        "huber_schedule",
+        "huber_scale",
         "v2",
         "v_parameterization",
         "cache_latents",
@@ -280,6 +284,83 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("false", "0", "0.0", "no", "[]")
     return bool(value)
+
+
+def _noise_and_loss(raw: Mapping[str, Any], c: TrainingConfig, warnings: list[str]) -> None:
+    """The noise, timestep and loss options with kohya's defaults and kohya's checks (``verify_training_args``,
+    argparse's choices); a modifier whose base option is off has no effect in kohya either, which is reported."""
+    c.noise_offset = _number(raw, "noise_offset", 0.0, float, 0)
+    c.noise_offset_random_strength = _flag(raw, "noise_offset_random_strength")
+    c.adaptive_noise_scale = _number(raw, "adaptive_noise_scale", None, float) or None  # 0 adds nothing
+    if c.adaptive_noise_scale is not None and not c.noise_offset:
+        raise TrainingError("adaptive_noise_scale requires noise_offset")
+    c.multires_noise_iterations = _number(raw, "multires_noise_iterations", None, int, 0) or None
+    c.multires_noise_discount = _number(raw, "multires_noise_discount", 0.3, float, 0)
+    c.ip_noise_gamma = _number(raw, "ip_noise_gamma", None, float, 0) or None
+    c.ip_noise_gamma_random_strength = _flag(raw, "ip_noise_gamma_random_strength")
+    c.zero_terminal_snr = _flag(raw, "zero_terminal_snr")
+
+    c.min_snr_gamma = _number(raw, "min_snr_gamma", None, float, 0) or None
+    c.debiased_estimation_loss = _flag(raw, "debiased_estimation_loss")
+    c.scale_v_pred_loss_like_noise_pred = _flag(raw, "scale_v_pred_loss_like_noise_pred")
+    c.v_pred_like_loss = _number(raw, "v_pred_like_loss", None, float, 0) or None
+    if c.v_parameterization is not None:  # else the checkpoint decides: checked again once it is loaded
+        check_prediction(c, v_prediction=c.v_parameterization)
+
+    c.min_timestep = _number(raw, "min_timestep", 0, int, 0)
+    c.max_timestep = _number(raw, "max_timestep", None, int, 1)
+    timestep_range(c, NUM_TRAIN_TIMESTEPS)
+
+    c.loss_type = (_text(raw, "loss_type", "l2") or "l2").lower()
+    if c.loss_type not in LOSS_TYPES:
+        raise TrainingError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {c.loss_type!r}")
+    c.huber_schedule = (_text(raw, "huber_schedule", "snr") or "snr").lower()
+    if c.huber_schedule not in HUBER_SCHEDULES:
+        raise TrainingError(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {c.huber_schedule!r}")
+    c.huber_c = _number(raw, "huber_c", 0.1, float, 0)
+    c.huber_scale = _number(raw, "huber_scale", 1.0, float, 0)
+    huber = c.loss_type in ("huber", "smooth_l1")
+    if huber and c.huber_schedule == "exponential" and c.huber_c <= 0:
+        raise TrainingError("huber_c must be above 0 with huber_schedule exponential (it is the log of the decay)")
+
+    # (key, parsed value, kohya's default, whether it is used, why not): set but unused has no effect, as in kohya
+    modifiers: list[tuple[str, Any, Any, bool, str]] = [
+        ("noise_offset_random_strength", c.noise_offset_random_strength, False, bool(c.noise_offset), "noise_offset"),
+        ("multires_noise_discount", c.multires_noise_discount, 0.3, bool(c.multires_noise_iterations),
+         "multires_noise_iterations"),
+        ("ip_noise_gamma_random_strength", c.ip_noise_gamma_random_strength, False, bool(c.ip_noise_gamma),
+         "ip_noise_gamma"),
+        ("huber_c", c.huber_c, 0.1, huber, "loss_type huber or smooth_l1"),
+        ("huber_schedule", c.huber_schedule, "snr", huber, "loss_type huber or smooth_l1"),
+        ("huber_scale", c.huber_scale, 1.0, huber and c.huber_schedule != "snr",
+         "loss_type huber or smooth_l1 and huber_schedule constant or exponential"),
+    ]  # fmt: skip
+    for key, value, default, used, needs in modifiers:
+        if not used and not _unset(raw.get(key)) and value != default:
+            warnings.append(f"{key} has no effect without {needs} (as in kohya)")
+
+
+def timestep_range(c: TrainingConfig, num_train_timesteps: int) -> tuple[int, int]:
+    """kohya's ``min_timestep``/``max_timestep`` for a schedule of ``num_train_timesteps``: timesteps are drawn from
+    [min, max) (max defaults to the schedule's length), or are all ``max`` when min = max. What kohya would crash on
+    (a timestep past the schedule) or silently replace (min above max) is an error naming the option."""
+    maximum = num_train_timesteps if c.max_timestep is None else c.max_timestep
+    if maximum > num_train_timesteps:
+        raise TrainingError(f"max_timestep must be at most {num_train_timesteps}, got {maximum}")
+    if c.min_timestep > maximum:
+        raise TrainingError(f"min_timestep ({c.min_timestep}) must not be larger than max_timestep ({maximum})")
+    if c.min_timestep == maximum == num_train_timesteps:
+        raise TrainingError(f"min_timestep = max_timestep = {maximum} is past the last timestep ({maximum - 1})")
+    return c.min_timestep, maximum
+
+
+def check_prediction(c: TrainingConfig, v_prediction: bool) -> None:
+    """kohya's v-parameterization checks, once the prediction type is known (the config's ``v_parameterization``,
+    or the checkpoint's scheduler when the config leaves it unset)."""
+    if c.scale_v_pred_loss_like_noise_pred and not v_prediction:
+        raise TrainingError("scale_v_pred_loss_like_noise_pred can be enabled only with v_parameterization")
+    if c.v_pred_like_loss and v_prediction:
+        raise TrainingError("v_pred_like_loss cannot be enabled with v_parameterization")
 
 
 def _resolution(value: Any) -> tuple[int, int]:
@@ -501,9 +582,23 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     clip_skip: int | None = None
     noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    zero_terminal_snr: bool = False
     min_snr_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
     min_timestep: int = 0
-    max_timestep: int = 1000
+    max_timestep: int | None = None  # kohya: the schedule's num_train_timesteps
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
     v2: bool = False
     v_parameterization: bool | None = None
     cache_latents: bool = False
@@ -608,17 +703,9 @@ class TrainingConfig:
         c.gradient_checkpointing = _flag(raw, "gradient_checkpointing")
         c.max_grad_norm = _number(raw, "max_grad_norm", 1.0, float, 0)
         c.clip_skip = _number(raw, "clip_skip", None, int, 1)
-        c.noise_offset = _number(raw, "noise_offset", 0.0, float, 0)
-        c.min_snr_gamma = _number(raw, "min_snr_gamma", None, float, 0) or None
-        c.min_timestep = _number(raw, "min_timestep", 0, int, 0)
-        c.max_timestep = _number(raw, "max_timestep", 1000, int, 1)
-        if c.min_timestep >= c.max_timestep:
-            raise TrainingError("min_timestep must be smaller than max_timestep")
-        loss_type = (_text(raw, "loss_type", "l2") or "l2").lower()
-        if loss_type != "l2":
-            warnings.append(f"loss_type {loss_type!r} is not supported: the l2 loss is used")
         c.v2 = _flag(raw, "v2")
         c.v_parameterization = _flag(raw, "v_parameterization") if not _unset(raw.get("v_parameterization")) else None
+        _noise_and_loss(raw, c, warnings)
         c.cache_latents = _flag(raw, "cache_latents") or _flag(raw, "cache_latents_to_disk")
         if _flag(raw, "cache_latents_to_disk"):
             warnings.append("cache_latents_to_disk: latents are cached in memory instead")

@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 
 from gpu_runtime.trainer.captions import _Encoder, process_caption
-from gpu_runtime.trainer.config import TrainingConfig
+from gpu_runtime.trainer.config import TrainingConfig, check_prediction, timestep_range
 from gpu_runtime.trainer.dataset import TrainImage, load_dataset
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.lora import create_network
+from gpu_runtime.trainer.losses import step_loss
 from gpu_runtime.trainer.metadata import _finish, _metadata
 from gpu_runtime.trainer.network import _checkpoint_text_encoder, _load_model, _save, _save_dtype
+from gpu_runtime.trainer.noise import enforce_zero_terminal_snr, noisy_latents, snr_table
 from gpu_runtime.trainer.optim import _eval_weights, _lr_schedule, _optimizer, _precision
 
 Progress = Callable[[dict], None]
@@ -117,7 +119,16 @@ def _train(
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if config.v_parameterization is not None:
         prediction = "v_prediction" if config.v_parameterization else "epsilon"
-    max_timestep = min(config.max_timestep, scheduler.config.num_train_timesteps)
+    v_prediction = prediction == "v_prediction"
+    check_prediction(config, v_prediction)
+    num_timesteps = scheduler.config.num_train_timesteps
+    _, max_timestep = timestep_range(config, num_timesteps)
+    # kohya computes the SNR table before the zero-terminal fix: the loss weights keep the original SNR
+    snr = snr_table(scheduler.alphas_cumprod).to(device)
+    if config.zero_terminal_snr:
+        enforce_zero_terminal_snr(scheduler)
+        if not v_prediction:
+            warnings.append("zero_terminal_snr is enabled without v_parameterization: training will be unexpected")
 
     network = create_network(model, config, warnings)  # base_weights merged, network_weights loaded
     if config.gradient_checkpointing:
@@ -168,7 +179,6 @@ def _train(
         for index, image in enumerate(images):
             cache[index] = latents_of([image])[0]
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     metadata = _metadata(
         config, model, images, seed, epochs, total_steps, batches_per_epoch, optimizer_name, started_at
     )
@@ -188,12 +198,7 @@ def _train(
             batch = [images[i] for i in batch_indexes]
             latents = torch.stack([cache[i] for i in batch_indexes]) if cache else latents_of(batch)
             captions = [process_caption(image.caption, config, rng, epoch) for image in batch]
-            noise = torch.randn(latents.shape, generator=generator)
-            if config.noise_offset:
-                noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-            noise = noise.to(device)
-            timesteps = torch.randint(config.min_timestep, max_timestep, (len(batch),), generator=generator).to(device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
+            noise, noisy, timesteps = noisy_latents(config, scheduler, latents, generator, max_timestep)
             with torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast):
                 with torch.set_grad_enabled(config.train_text_encoder):
                     hidden, pooled = encode(captions)
@@ -206,16 +211,10 @@ def _train(
                     )
                     extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
                 prediction_out = model.unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), **extra).sample
-            target = scheduler.get_velocity(latents, noise, timesteps) if prediction == "v_prediction" else noise
-            loss = torch.nn.functional.mse_loss(prediction_out.float(), target.float(), reduction="none")
-            loss = loss.mean(dim=[1, 2, 3])
-            if config.min_snr_gamma:
-                snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                weight = torch.clamp(snr, max=config.min_snr_gamma) / snr
-                if prediction == "v_prediction":
-                    weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)
-                loss = loss * weight
-            loss = loss.mean()
+            target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+            loss = step_loss(
+                prediction_out, target, timesteps, config, snr, scheduler.alphas_cumprod, num_timesteps, v_prediction
+            )
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {step + 1}: lower the learning rate or use bf16/no "
