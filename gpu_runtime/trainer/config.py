@@ -76,7 +76,7 @@ _NO_EFFECT = {
     "console_log_file": "no effect on this runtime",
     "console_log_simple": "no effect on this runtime",
 }
-# Features this trainer does not implement: ignored with a warning when switched on.
+# Features this trainer does not implement: switched on, they fail the job at start, named (never a warning).
 _UNSUPPORTED = {
     "flip_aug": "image augmentation is not supported",
     "color_aug": "image augmentation is not supported",
@@ -722,17 +722,19 @@ class TrainingConfig:
         owned = sorted(k for k in raw if k in _RUNTIME_OWNED and not _unset(raw[k]))
         if owned:
             warnings.append(f"ignored, the runtime decides these: {', '.join(owned)}")
+        refused = []
         for key in sorted(raw):
             if key in _NO_EFFECT and _truthy(raw[key]):
                 warnings.append(f"{key} is ignored: {_NO_EFFECT[key]}")
             elif key in _UNSUPPORTED and _truthy(raw[key]):
-                if c.enable_bucket and (key.endswith("bucket_reso") or key.startswith("bucket_")):
-                    continue  # covered by the enable_bucket warning
-                warnings.append(f"{key} is ignored: {_UNSUPPORTED[key]}")
+                refused.append(f"{key} ({_UNSUPPORTED[key]})")
         unknown = sorted(k for k in raw if k not in _HONOURED and k not in _RUNTIME_OWNED)
-        unknown = [k for k in unknown if k not in _NO_EFFECT and k not in _UNSUPPORTED]
+        unknown = [k for k in unknown if k not in _NO_EFFECT and k not in _UNSUPPORTED and not _unset(raw[k])]
         if unknown:
-            warnings.append(f"unknown options ignored (not kohya train_network arguments): {', '.join(unknown)}")
+            refused.append(f"{', '.join(unknown)} (not kohya train_network options)")
+        if refused:
+            # No silent drops: a run that ignored any of these would not be the training that was asked for.
+            raise TrainingError(f"options this trainer does not implement: {'; '.join(refused)}")
         return c
 
     def _parse_network(self, raw: Mapping[str, Any], warnings: list[str]) -> None:

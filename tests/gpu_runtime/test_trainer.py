@@ -180,7 +180,6 @@ def test_unet_only_max_train_steps_warnings_and_determinism(root, tmp_path):
         max_train_epochs=None,
         max_train_steps=3,
         network_train_unet_only=True,
-        lr_restart_cycles=1,
         xformers=True,
         mixed_precision="fp16",
         optimizer_type="AdamW8bit",
@@ -200,7 +199,6 @@ def test_unet_only_max_train_steps_warnings_and_determinism(root, tmp_path):
         assert a.metadata()["ss_network_train_unet_only"] == "True"
     assert first.loss == second.loss
     text = "\n".join(first.warnings)
-    assert "unknown options ignored (not kohya train_network arguments): lr_restart_cycles" in text
     assert "xformers is ignored" in text
     # mixed_precision and AdamW8bit are applied on CPU too (float16 autocast, bitsandbytes' CPU backend)
     assert "mixed_precision" not in text and "AdamW8bit" not in text
@@ -296,7 +294,6 @@ def test_config_semantics_and_dataset_layout(tmp_path):
             "training": {"nested": {"max_train_steps": 7}, "unet_lr": "1e-4", "resolution": 512},
             "network_alpha": 8,
             "output_dir": "/somewhere",
-            "sample_prompts": "x.txt",
         }
     )
     assert (config.output_name, config.save_every_n_epochs, config.max_train_steps) == ("lego", 2, 7)
@@ -304,7 +301,15 @@ def test_config_semantics_and_dataset_layout(tmp_path):
     assert (config.unet_lr, config.text_encoder_lr, config.learning_rate) == (1e-4, 2e-6, 2e-6)  # kohya defaults
     assert (config.network_dim, config.network_alpha, config.caption_extension) == (4, 8.0, ".caption")
     assert any("ignored, the runtime decides these: output_dir" in w for w in config.warnings)
-    assert any("sample_prompts is ignored" in w for w in config.warnings)
+    # No silent drops: an option that would change the result and is not implemented, or that kohya does not
+    # know, fails the run at start with its name (never a warning in a log)
+    with pytest.raises(TrainingError) as refused:
+        TrainingConfig.from_dict({"sample_prompts": "x.txt", "reg_data_dir": "reg", "lr_restart_cycles": 1})
+    assert str(refused.value) == (
+        "options this trainer does not implement: reg_data_dir (regularization images are not supported); "
+        "sample_prompts (sample images are not generated); lr_restart_cycles (not kohya train_network options)"
+    )
+    TrainingConfig.from_dict({"sample_prompts": "", "reg_data_dir": None, "save_state": False})  # unset: fine
     assert output_file_names(config, 5) == ["lego-000002.safetensors", "lego-000004.safetensors", "lego.safetensors"]
     unnamed = TrainingConfig.from_dict({"save_every_n_epochs": 1})
     assert output_file_names(unnamed, 2) == ["epoch-000001.safetensors", "last.safetensors"]  # kohya's defaults
