@@ -16,10 +16,12 @@ against a DDPM noise schedule built from the checkpoint's scheduler config.
 The package, in the order a run uses it (each module imports only those above it):
 
 - :mod:`~gpu_runtime.trainer.errors`: :class:`TrainingError` and :class:`TrainingCancelled`.
+- :mod:`~gpu_runtime.trainer.buckets`: kohya's aspect-ratio buckets (resolutions, selection, crop), its resize
+  and ``color_aug``, and the per-epoch batches drawn bucket by bucket.
 - :mod:`~gpu_runtime.trainer.config`: the kohya option tables (runtime-owned, no effect, unsupported, honoured),
   the parse helpers, :class:`TrainingConfig` and :func:`output_file_names`.
 - :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
-  (:func:`load_dataset`), tag frequency and the caption one step sees.
+  (:func:`load_dataset`, bucketed with ``enable_bucket``), tag frequency, and the caption and pixels one step sees.
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`), kohya's LoRA targets and their peft
   injection, and the export under kohya's key names (``_kohya_state_dict``, hashes, ``_save``).
 - :mod:`~gpu_runtime.trainer.optim`: the optimizer and the learning-rate schedule.
