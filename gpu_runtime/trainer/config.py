@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_runtime.trainer.buckets import INTERPOLATIONS
 from gpu_runtime.trainer.errors import TrainingError
 
 # kohya's lr_scheduler choices: transformers' schedule functions as get_scheduler_fix calls them, diffusers'
@@ -78,9 +79,6 @@ _NO_EFFECT = {
 }
 # Features this trainer does not implement: switched on, they fail the job at start, named (never a warning).
 _UNSUPPORTED = {
-    "flip_aug": "image augmentation is not supported",
-    "color_aug": "image augmentation is not supported",
-    "random_crop": "images are center-cropped",
     "face_crop_aug_range": "image augmentation is not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
@@ -108,10 +106,6 @@ _UNSUPPORTED = {
     "vae": "a separate VAE is not supported: the checkpoint's VAE is used",
     "no_metadata": "ss_* metadata is always written",
     "training_comment_file": "not supported",
-    "max_bucket_reso": "aspect-ratio buckets are not implemented",
-    "min_bucket_reso": "aspect-ratio buckets are not implemented",
-    "bucket_reso_steps": "aspect-ratio buckets are not implemented",
-    "bucket_no_upscale": "aspect-ratio buckets are not implemented",
 }
 # Keys this trainer reads (honoured, or approximated with their own warning).
 _HONOURED = frozenset(
@@ -202,6 +196,14 @@ _HONOURED = frozenset(
         "cache_latents",
         "cache_latents_to_disk",
         "enable_bucket",
+        "min_bucket_reso",
+        "max_bucket_reso",
+        "bucket_reso_steps",
+        "bucket_no_upscale",
+        "resize_interpolation",
+        "flip_aug",
+        "color_aug",
+        "random_crop",
         "prior_loss_weight",
         "training_comment",
     }
@@ -512,6 +514,46 @@ def _paths(value: Any, key: str) -> list[Path]:
     return [Path(item.strip()) for item in items]
 
 
+def _buckets(c: TrainingConfig, raw: Mapping[str, Any], warnings: list[str]) -> None:
+    """kohya's bucket options (``DreamBoothDataset.__init__``, ``adjust_min_max_bucket_reso_by_steps``): min/max
+    are moved to multiples of ``bucket_reso_steps`` (with a warning) and must enclose the resolution."""
+    c.enable_bucket = _flag(raw, "enable_bucket")
+    interpolation = _text(raw, "resize_interpolation", None)
+    if interpolation is not None and interpolation.lower() not in INTERPOLATIONS:
+        raise TrainingError(f"resize_interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    c.resize_interpolation = interpolation.lower() if interpolation is not None else None
+    keys = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+    if not c.enable_bucket:
+        unused = [k for k in keys if _truthy(raw.get(k))]
+        if unused:
+            warnings.append(f"{', '.join(unused)}: no effect without enable_bucket (as in kohya)")
+        return
+    steps = _number(raw, "bucket_reso_steps", 64, int, 1)
+    low = _number(raw, "min_bucket_reso", 256, int, 1)
+    high = _number(raw, "max_bucket_reso", 1024, int, 1)
+    if low % steps:
+        warnings.append(f"min_bucket_reso {low} is lowered to {low - low % steps}, a multiple of bucket_reso_steps")
+        low -= low % steps
+    if high % steps:
+        warnings.append(
+            f"max_bucket_reso {high} is raised to {high + steps - high % steps}, a multiple of bucket_reso_steps"
+        )
+        high += steps - high % steps
+    if low == 0:
+        raise TrainingError(f"min_bucket_reso must be at least bucket_reso_steps ({steps})")
+    if min(c.resolution) < low:
+        raise TrainingError(f"min_bucket_reso {low} must not be larger than the resolution {c.resolution}")
+    if max(c.resolution) > high:
+        raise TrainingError(f"max_bucket_reso {high} must not be smaller than the resolution {c.resolution}")
+    c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps = low, high, steps
+    c.bucket_no_upscale = _flag(raw, "bucket_no_upscale")
+    if c.bucket_no_upscale and any(not _unset(raw.get(k)) for k in ("min_bucket_reso", "max_bucket_reso")):
+        warnings.append(
+            "bucket_no_upscale: min_bucket_reso and max_bucket_reso are ignored, buckets follow the image sizes "
+            "(as in kohya)"
+        )
+
+
 @dataclass
 class TrainingConfig:
     """A kohya ``train_network.py`` config, flattened and checked, with kohya's defaults where a key is missing.
@@ -603,6 +645,15 @@ class TrainingConfig:
     v_parameterization: bool | None = None
     cache_latents: bool = False
     enable_bucket: bool = False
+    # kohya's dataset values: None (and no_upscale False) without enable_bucket, as ss_* metadata records them
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = None
+    bucket_no_upscale: bool = False
+    resize_interpolation: str | None = None
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
     prior_loss_weight: float = 1.0
     training_comment: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
@@ -709,12 +760,15 @@ class TrainingConfig:
         c.cache_latents = _flag(raw, "cache_latents") or _flag(raw, "cache_latents_to_disk")
         if _flag(raw, "cache_latents_to_disk"):
             warnings.append("cache_latents_to_disk: latents are cached in memory instead")
-        c.enable_bucket = _flag(raw, "enable_bucket")
-        if c.enable_bucket:
-            width, height = c.resolution
-            warnings.append(
-                "enable_bucket: aspect-ratio buckets are not implemented; every image is resized and "
-                f"center-cropped to {width}x{height}"
+        _buckets(c, raw, warnings)
+        c.flip_aug = _flag(raw, "flip_aug")
+        c.color_aug = _flag(raw, "color_aug")
+        c.random_crop = _flag(raw, "random_crop")
+        if c.cache_latents and (c.color_aug or c.random_crop):
+            on = " and ".join(k for k in ("color_aug", "random_crop") if getattr(c, k))
+            raise TrainingError(
+                f"cache_latents cannot be used with {on}: cached latents cannot change per step (kohya refuses "
+                "this too); turn cache_latents off or drop the augmentation"
             )
         c.prior_loss_weight = _number(raw, "prior_loss_weight", 1.0, float, 0)
         c.training_comment = _text(raw, "training_comment", None)

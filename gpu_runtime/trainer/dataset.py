@@ -1,15 +1,20 @@
 """A kohya dataset folder: ``<repeats>_<name>/`` subfolders of images with captions beside them, loaded into memory
-at the training resolution, and the captions' tag frequency (what one step sees is :mod:`.captions`)."""
+at the training resolution (with ``enable_bucket``, at kohya's bucket of each image), the pixels one step sees
+(kohya's ``flip_aug``, ``random_crop`` and ``color_aug``) and the captions' tag frequency (what one step reads of a
+caption is :mod:`.captions`)."""
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from gpu_runtime.trainer.buckets import BucketSelector, color_aug, crop_ltrb, resize, trim_offsets
 from gpu_runtime.trainer.config import TrainingConfig
 from gpu_runtime.trainer.errors import TrainingError
 
@@ -18,7 +23,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass
 class TrainImage:
-    """One training image, resized and center-cropped to the training resolution (uint8 CHW), with its caption."""
+    """One training image with its caption, resized and cropped as kohya does (uint8 CHW ``pixels``).
+
+    ``bucket`` is the (width, height) the step trains at: the resolution, or with ``enable_bucket`` kohya's bucket.
+    With ``random_crop`` the loop cuts the window each step, so ``pixels`` is the larger image it cuts from.
+    ``crop_top_left`` / ``flipped_crop_top_left`` are the SDXL crop conditioning of the image as is and mirrored.
+    """
 
     path: Path
     folder: str
@@ -27,6 +37,9 @@ class TrainImage:
     pixels: torch.Tensor
     original_size: tuple[int, int]  # (height, width) before resizing: SDXL's size conditioning
     crop_top_left: tuple[int, int]
+    bucket: tuple[int, int] = (0, 0)
+    flipped_crop_top_left: tuple[int, int] = (0, 0)
+    ar_error: float = 0.0  # kohya's aspect-ratio error of the bucket (buckets only)
 
 
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -47,25 +60,90 @@ def _read_caption(path: Path, wildcard: bool = False) -> str | None:
     return lines[0] if lines else ""
 
 
-def _load_image(path: Path, width: int, height: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize so the image covers width x height, then center-crop (kohya's behaviour without buckets)."""
+def _read_rgb(path: Path) -> Any:
+    """The image as an RGB uint8 HWC array (kohya's ``load_image``)."""
     import numpy as np
     from PIL import Image
 
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            return np.asarray(opened.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # PIL raises many types for broken files
         raise TrainingError(f"image {path.parent.name}/{path.name} could not be read: {exc}") from exc
-    w, h = image.size
+
+
+def _chw(array: Any) -> torch.Tensor:
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _load_image(path: Path, config: TrainingConfig) -> TrainImage:
+    """Resize so the image covers the resolution, then center-crop (this trainer's behaviour without buckets;
+    PIL's LANCZOS unless ``resize_interpolation`` names another filter). The crop conditioning is the window's
+    top-left in the resized image (mirrored: measured from the right edge)."""
+    width, height = config.resolution
+    array = _read_rgb(path)
+    h, w = array.shape[:2]
     scale = max(width / w, height / h)
     new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+        array = resize(array, (new_w, new_h), config.resize_interpolation or "lanczos")
     left, top = (new_w - width) // 2, (new_h - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-    return pixels, (h, w), (top, left)
+    pixels = _chw(array[top : top + height, left : left + width])
+    return TrainImage(path, "", 0, "", pixels, (h, w), (top, left), (width, height), (top, new_w - left - width))
+
+
+def _place(path: Path, selector: BucketSelector, config: TrainingConfig) -> TrainImage:
+    """kohya's bucket path (``select_bucket`` then ``trim_and_resize_if_required``): resize to the placement's
+    size, then center-crop to the bucket (with ``random_crop`` the loop crops each step); the SDXL crop
+    conditioning is kohya's ``get_crop_ltrb``, whatever the crop."""
+    array = _read_rgb(path)
+    h, w = array.shape[:2]
+    try:
+        placement = selector.select(w, h)
+    except ZeroDivisionError:
+        placement = None
+    if placement is None or 0 in placement.bucket:
+        raise TrainingError(
+            f"image {path.parent.name}/{path.name} ({w}x{h}) is too small or too narrow for a bucket of "
+            f"bucket_reso_steps={config.bucket_reso_steps}"
+        )
+    if placement.resized != (w, h):
+        array = resize(array, placement.resized, config.resize_interpolation)
+    if not config.random_crop:
+        left, top = trim_offsets(placement.resized, placement.bucket, None)
+        array = array[top : top + placement.bucket[1], left : left + placement.bucket[0]]
+    left, top, right, _ = crop_ltrb(placement.bucket, (w, h))
+    return TrainImage(
+        path=path,
+        folder="",
+        repeats=0,
+        caption="",
+        pixels=_chw(array),
+        original_size=(h, w),
+        crop_top_left=(int(top), int(left)),
+        bucket=placement.bucket,
+        flipped_crop_top_left=(int(top), int(placement.bucket[0] - right)),
+        ar_error=placement.ar_error,
+    )
+
+
+def _load(path: Path, config: TrainingConfig, selector: BucketSelector | None) -> TrainImage:
+    """One image as the loop needs it (with or without buckets, with or without ``random_crop``)."""
+    width, height = config.resolution
+    if selector is not None:
+        return _place(path, selector, config)
+    if config.random_crop:
+        # kohya without buckets does not resize: it cuts a random resolution-sized window from the image as it
+        # is, and then conditions SDXL on that window's size with a zero crop (mirrored: left = width)
+        array = _read_rgb(path)
+        h, w = array.shape[:2]
+        if w < width or h < height:
+            raise TrainingError(
+                f"random_crop without enable_bucket cuts images at their own size, as kohya does: "
+                f"{path.parent.name}/{path.name} is {w}x{h}, smaller than the resolution {width}x{height}"
+            )
+        return TrainImage(path, "", 0, "", _chw(array), (height, width), (0, 0), (width, height), (0, width))
+    return _load_image(path, config)
 
 
 def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] | None = None) -> list[TrainImage]:
@@ -76,7 +154,15 @@ def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] 
     root = Path(dataset_dir)
     if not root.is_dir():
         raise TrainingError(f"the dataset folder {root} does not exist")
-    width, height = config.resolution
+    selector = None
+    if config.enable_bucket:
+        selector = BucketSelector(
+            config.resolution,
+            config.min_bucket_reso or 0,
+            config.max_bucket_reso or 0,
+            config.bucket_reso_steps or 1,
+            config.bucket_no_upscale,
+        )
     groups: list[tuple[Path, str, int]] = []
     if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
         groups.append((root, root.name, 1))
@@ -107,8 +193,9 @@ def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] 
             if caption is None:
                 uncaptioned.append(f"{folder.name}/{path.name}")
                 caption = class_name
-            pixels, original, crop = _load_image(path, width, height)
-            images.append(TrainImage(path, folder.name, repeats, caption, pixels, original, crop))
+            image = _load(path, config, selector)
+            image.folder, image.repeats, image.caption = folder.name, repeats, caption
+            images.append(image)
     if not images:
         raise TrainingError(
             f"the dataset has no images ({', '.join(IMAGE_EXTENSIONS)}) in {root.name} or its <repeats>_<name> folders"
@@ -132,3 +219,18 @@ def _tag_frequency(images: list[TrainImage]) -> dict[str, dict[str, int]]:
             if tag.strip():
                 counter[tag.strip().lower()] += 1
     return {folder: dict(counter) for folder, counter in frequency.items()}
+
+
+def _pixels(image: TrainImage, config: TrainingConfig, rng: random.Random, flipped: bool) -> torch.Tensor:
+    """The pixels one step sees, made as kohya's ``__getitem__`` makes them: the ``random_crop`` window, then
+    ``color_aug``, then the flip (drawn by the caller, before these, as kohya draws it)."""
+    pixels = image.pixels
+    if config.random_crop:
+        width, height = image.bucket
+        left, top = trim_offsets(
+            (pixels.shape[2], pixels.shape[1]), image.bucket, rng, height_first=not config.enable_bucket
+        )
+        pixels = pixels[:, top : top + height, left : left + width]
+    if config.color_aug:
+        pixels = _chw(color_aug(pixels.permute(1, 2, 0).contiguous().numpy(), rng))
+    return pixels.flip(-1) if flipped else pixels

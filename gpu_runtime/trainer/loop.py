@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from gpu_runtime.trainer.buckets import BucketBatches
 from gpu_runtime.trainer.captions import _Encoder, process_caption
 from gpu_runtime.trainer.config import TrainingConfig, check_prediction, timestep_range
-from gpu_runtime.trainer.dataset import TrainImage, load_dataset
+from gpu_runtime.trainer.dataset import TrainImage, _pixels, load_dataset
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.lora import create_network
 from gpu_runtime.trainer.losses import step_loss
@@ -110,6 +111,16 @@ def _train(
     factor = 8 * 2 ** (len(model.unet.config["block_out_channels"]) - 1)
     if width % factor or height % factor:
         raise TrainingError(f"resolution {width}x{height} must be a multiple of {factor} for this model")
+    if config.enable_bucket:
+        steps_needed = 32 if model.xl else 64  # kohya's verify_bucket_reso_steps (sdxl_train_network: 32)
+        if config.bucket_reso_steps and config.bucket_reso_steps % steps_needed:
+            raise TrainingError(
+                f"bucket_reso_steps is {config.bucket_reso_steps}: it must be divisible by {steps_needed} for this "
+                "model (as in kohya)"
+            )
+        for w, h in sorted({image.bucket for image in images}):
+            if w % factor or h % factor:
+                raise TrainingError(f"bucket {w}x{h} must be a multiple of {factor} for this model")
     if config.v2 and model.family != "sd2":
         warnings.append(f"v2 is set but the checkpoint is a {model.family} model: trained as {model.family}")
     if config.prior_loss_weight != 1.0:
@@ -140,9 +151,15 @@ def _train(
     for encoder in model.text_encoders:
         encoder.train(config.train_text_encoder)
 
-    # schedule: steps = epochs x ceil(ceil(images x repeats / batch) / gradient accumulation)
+    # schedule: steps = epochs x ceil(batches / gradient accumulation); batches = ceil(images x repeats / batch),
+    # with buckets the sum of that over the buckets (a batch never mixes buckets)
     samples = sum(image.repeats for image in images)
-    batches_per_epoch = math.ceil(samples / config.train_batch_size)
+    buckets = None
+    if config.enable_bucket:
+        buckets = BucketBatches([(image.bucket, image.repeats) for image in images], config.train_batch_size, seed)
+        batches_per_epoch = len(buckets)
+    else:
+        batches_per_epoch = math.ceil(samples / config.train_batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     if config.max_train_epochs:
         epochs = config.max_train_epochs
@@ -165,8 +182,8 @@ def _train(
     scaling = vae.config.scaling_factor
     shift = vae.config.get("shift_factor") or 0.0
 
-    def latents_of(batch: list[TrainImage]) -> torch.Tensor:
-        pixels = torch.stack([image.pixels for image in batch]).to(device=device, dtype=torch.float32)
+    def latents_of(batch: list[torch.Tensor]) -> torch.Tensor:
+        pixels = torch.stack(batch).to(device=device, dtype=torch.float32)
         pixels = pixels / 127.5 - 1.0
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
@@ -174,10 +191,14 @@ def _train(
             latents = dist.mean + dist.std * noise
         return (latents - shift) * scaling
 
-    cache: dict[int, torch.Tensor] = {}
+    # kohya caches the mirrored latents too when flip_aug is on (cache_batch_latents); color_aug and random_crop
+    # cannot be cached (the config refuses them with cache_latents)
+    cache: dict[tuple[int, bool], torch.Tensor] = {}
     if config.cache_latents:
         for index, image in enumerate(images):
-            cache[index] = latents_of([image])[0]
+            cache[index, False] = latents_of([image.pixels])[0]
+            if config.flip_aug:
+                cache[index, True] = latents_of([image.pixels.flip(-1)])[0]
 
     metadata = _metadata(
         config, model, images, seed, epochs, total_steps, batches_per_epoch, optimizer_name, started_at
@@ -188,24 +209,46 @@ def _train(
     step = 0
     loss_value = float("nan")
     for epoch in range(1, epochs + 1):
-        order = [index for index, image in enumerate(images) for _ in range(image.repeats)]
-        rng.shuffle(order)
-        batches = [order[i : i + config.train_batch_size] for i in range(0, len(order), config.train_batch_size)]
+        if buckets is not None:
+            batches = buckets.batches(epoch)
+        else:
+            order = [index for index, image in enumerate(images) for _ in range(image.repeats)]
+            rng.shuffle(order)
+            size = config.train_batch_size
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         epoch_losses: list[float] = []
         for number, batch_indexes in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
             batch = [images[i] for i in batch_indexes]
-            latents = torch.stack([cache[i] for i in batch_indexes]) if cache else latents_of(batch)
-            captions = [process_caption(image.caption, config, rng, epoch) for image in batch]
+            # per sample in kohya's __getitem__ order: the flip draw, the crop and color draws, the caption
+            flips, pixels, captions = [], [], []
+            for image in batch:
+                flips.append(config.flip_aug and rng.random() < 0.5)
+                if not config.cache_latents:
+                    pixels.append(_pixels(image, config, rng, flips[-1]))
+                captions.append(process_caption(image.caption, config, rng, epoch))
+            if config.cache_latents:
+                latents = torch.stack([cache[i, flipped] for i, flipped in zip(batch_indexes, flips, strict=True)])
+            else:
+                latents = latents_of(pixels)
             noise, noisy, timesteps = noisy_latents(config, scheduler, latents, generator, max_timestep)
             with torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast):
                 with torch.set_grad_enabled(config.train_text_encoder):
                     hidden, pooled = encode(captions)
                 extra = {}
                 if model.xl:
+                    # kohya's original size (h, w), crop top/left (of the mirrored image when flipped), target (h, w)
                     time_ids = torch.tensor(
-                        [[*image.original_size, *image.crop_top_left, height, width] for image in batch],
+                        [
+                            [
+                                *image.original_size,
+                                *(image.flipped_crop_top_left if flipped else image.crop_top_left),
+                                image.bucket[1],
+                                image.bucket[0],
+                            ]
+                            for image, flipped in zip(batch, flips, strict=True)
+                        ],
                         device=device,
                         dtype=hidden.dtype,
                     )

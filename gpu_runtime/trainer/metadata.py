@@ -90,12 +90,17 @@ def _metadata(
         "ss_huber_scale": config.huber_scale,
         "ss_huber_c": config.huber_c,
         "ss_resolution": f"({width}, {height})",
-        "ss_enable_bucket": False,
+        "ss_enable_bucket": config.enable_bucket,
+        "ss_bucket_no_upscale": config.bucket_no_upscale,
+        "ss_min_bucket_reso": config.min_bucket_reso,
+        "ss_max_bucket_reso": config.max_bucket_reso,
+        "ss_bucket_info": json.dumps(_bucket_info(images) if config.enable_bucket else None),
+        "ss_resize_interpolation": config.resize_interpolation,
         "ss_shuffle_caption": config.shuffle_caption,
         "ss_keep_tokens": config.keep_tokens,
-        "ss_flip_aug": False,
-        "ss_color_aug": False,
-        "ss_random_crop": False,
+        "ss_flip_aug": config.flip_aug,
+        "ss_color_aug": config.color_aug,
+        "ss_random_crop": config.random_crop,
         "ss_tag_frequency": json.dumps(_tag_frequency(images)),
         "ss_dataset_dirs": json.dumps(dirs),
         "modelspec.sai_model_spec": "1.0.0",
@@ -111,6 +116,21 @@ def _metadata(
             args.setdefault("dropout", config.network_dropout)
         meta["ss_network_args"] = json.dumps(args)
     return {key: str(value) for key, value in meta.items()}
+
+
+def _bucket_info(images: list[TrainImage]) -> dict[str, Any]:
+    """kohya's ``bucket_info`` (``make_buckets``): per bucket in sorted order its resolution and image count with
+    repeats, and the mean |aspect-ratio error| over the images without repeats (numpy's mean, as kohya takes it)."""
+    import numpy as np
+
+    counts: dict[tuple[int, int], int] = {}
+    for image in images:
+        counts[image.bucket] = counts.get(image.bucket, 0) + image.repeats
+    buckets = {
+        index: {"resolution": reso, "count": count} for index, (reso, count) in enumerate(sorted(counts.items()))
+    }
+    errors = np.abs(np.array([image.ar_error for image in images]))
+    return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errors)) if len(errors) else 0}
 
 
 def _base_model_version(model: _Model) -> str:
