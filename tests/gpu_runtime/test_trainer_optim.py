@@ -466,15 +466,17 @@ def test_optimizers_train_the_lora_differently_and_schedule_free_saves_its_eval_
     monkeypatch,
 ):
     saves = []  # at every save: the optimizer's modes and its weights
-    state_dict = loop._kohya_state_dict
+    from gpu_runtime.trainer.lora import LoRANetwork
 
-    def spy(*args):
+    state_dict = LoRANetwork.kohya_state_dict
+
+    def spy(self, *args):
         optimizer = stepped[-1][0]
         weights = {p.detach().numpy().tobytes() for g in optimizer.param_groups for p in g["params"]}
         saves.append(([g.get("train_mode") for g in optimizer.param_groups], weights))
-        return state_dict(*args)
+        return state_dict(self, *args)
 
-    monkeypatch.setattr(loop, "_kohya_state_dict", spy)
+    monkeypatch.setattr(LoRANetwork, "kohya_state_dict", spy)
     adamw = run(root, tmp_path / "adamw", _e2e(tmp_path, "adamw"))
     results = {"AdamW": _lora(adamw.files[-1])}
     for optimizer_type, package in (("AdamW8bit", "bitsandbytes"), ("AdamWScheduleFree", "schedulefree")):

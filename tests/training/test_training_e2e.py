@@ -81,6 +81,8 @@ def test_train_a_lora_and_use_it(api: Api, admin_key, endpoints, trainer):
                     "mixed_precision": "no",
                     "train_batch_size": 2,
                 },
+                # ESD's template buckets from 256 px up; kohya refuses a resolution below min_bucket_reso
+                "dataset_arguments": {"min_bucket_reso": 64},
                 "additional_network_arguments": {
                     "network_dim": 4,
                     "network_alpha": 4,
