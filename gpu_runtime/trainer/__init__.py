@@ -5,7 +5,8 @@ inference engine does (``from_single_file`` with a shipped config dir), run on t
 report progress and honour cancellation between steps. What it must keep from kohya is the *interface*: the TOML
 config ESD sends (all tables flattened, unknown keys ignored, ``max_train_epochs`` over ``max_train_steps``), the
 dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the file names it saves
-(``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``) and the
+(``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``; the
+training states as single ``...-state.pt`` files) and the
 LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
 ``load_lora_weights`` read the result. A config key that would change the result and is not implemented fails
 the run at start, named.
@@ -34,6 +35,7 @@ The package, in the order a run uses it (each module imports only those above it
   and the zero-terminal-SNR fix.
 - :mod:`~gpu_runtime.trainer.losses`: the step's loss (``loss_type``, Huber schedules) and its per-sample weights.
 - :mod:`~gpu_runtime.trainer.metadata`: the ``ss_*``/``modelspec.*`` metadata of the saved files.
+- :mod:`~gpu_runtime.trainer.state`: kohya's training state (``save_state``, ``resume``) as one file per save.
 - :mod:`~gpu_runtime.trainer.loop`: :func:`train` and the training loop (:class:`TrainResult`).
 """
 

@@ -94,11 +94,7 @@ _UNSUPPORTED = {
     "save_every_n_steps": "files are saved per epoch only",
     "save_n_epoch_ratio": "files are saved per save_every_n_epochs only",
     "save_last_n_steps": "files are saved per epoch only",
-    "save_state": "training state is not saved",
-    "save_state_on_train_end": "training state is not saved",
-    "save_last_n_epochs_state": "training state is not saved",
-    "save_last_n_steps_state": "training state is not saved",
-    "resume": "resuming is not supported",
+    "save_last_n_steps_state": "states are saved per epoch only",
     "masked_loss": "masked loss is not supported",
     "alpha_mask": "masked loss is not supported",
     "fp8_base": "fp8 base weights are not supported",
@@ -107,6 +103,8 @@ _UNSUPPORTED = {
     "no_metadata": "ss_* metadata is always written",
     "training_comment_file": "not supported",
 }
+# Keys that shape no training step: a resumed run may differ from its saved state in these.
+RESUME_IGNORED = frozenset({*_RUNTIME_OWNED, *_NO_EFFECT})
 # Keys this trainer reads (honoured, or approximated with their own warning).
 _HONOURED = frozenset(
     {
@@ -115,6 +113,10 @@ _HONOURED = frozenset(
         "max_train_steps",
         "save_every_n_epochs",
         "save_last_n_epochs",
+        "save_state",
+        "save_state_on_train_end",
+        "save_last_n_epochs_state",
+        "resume",
         "save_model_as",
         "save_precision",
         "network_module",
@@ -567,6 +569,10 @@ class TrainingConfig:
     max_train_steps: int = 1600
     save_every_n_epochs: int | None = None
     save_last_n_epochs: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    save_last_n_epochs_state: int | None = None
+    resume: Path | None = None
     save_precision: str = "float"
     network_dim: int = 4
     network_alpha: float = 1.0
@@ -697,6 +703,15 @@ class TrainingConfig:
         c.max_train_steps = _number(raw, "max_train_steps", 1600, int, 1)
         c.save_every_n_epochs = _number(raw, "save_every_n_epochs", None, int, 1)
         c.save_last_n_epochs = _number(raw, "save_last_n_epochs", None, int, 1)
+        c.save_state = _flag(raw, "save_state")
+        c.save_state_on_train_end = _flag(raw, "save_state_on_train_end")
+        c.save_last_n_epochs_state = _number(raw, "save_last_n_epochs_state", None, int, 1)
+        if c.save_last_n_epochs_state is not None and not c.save_state:
+            warnings.append("save_last_n_epochs_state has no effect without save_state")
+        resume = _paths(raw.get("resume"), "resume")
+        if len(resume) > 1:
+            raise TrainingError("resume must be one state file")
+        c.resume = resume[0] if resume else None
         precision = (_text(raw, "save_precision", "float") or "float").lower()
         if precision in ("fp32", "float32", "no"):
             precision = "float"
@@ -853,11 +868,21 @@ class TrainingConfig:
 
         if self.network_weights is not None:
             self.network_weights = resolve(self.network_weights, "network_weights")
+        if self.resume is not None and not self.resume.is_absolute():  # a missing state fails in load_state
+            self.resume = folder / self.resume
         self.base_weights = [resolve(path, "base_weights") for path in self.base_weights]
 
     def epoch_file(self, epoch: int) -> str:
         """kohya's per-epoch file name (``{output_name}-{epoch:06d}.safetensors``)."""
         return f"{self.epoch_name}-{epoch:06d}.safetensors"
+
+    def epoch_state_file(self, epoch: int) -> str:
+        """kohya's per-epoch state name (``{output_name}-{epoch:06d}-state``) as one file."""
+        return f"{self.epoch_name}-{epoch:06d}-state.pt"
+
+    def final_state_file(self) -> str:
+        """kohya's end-of-training state name (``{output_name}-state``) as one file."""
+        return f"{self.output_name}-state.pt"
 
     def final_file(self) -> str:
         """kohya's final file name (``{output_name}.safetensors``)."""
@@ -908,9 +933,15 @@ def _parse_optimizer(raw: Mapping[str, Any], c: TrainingConfig) -> None:
 
 
 def output_file_names(config: TrainingConfig, epochs: int) -> list[str]:
-    """Every file a run of ``epochs`` epochs may write (before ``save_last_n_epochs`` deletes older ones), so a
-    caller can presign an upload URL for each."""
+    """Every file a run of ``epochs`` epochs may write (before ``save_last_n_epochs`` / ``save_last_n_epochs_state``
+    delete older ones), the training states included, so a caller can presign an upload URL for each."""
     names = []
     if config.save_every_n_epochs:
-        names += [config.epoch_file(e) for e in range(1, epochs) if e % config.save_every_n_epochs == 0]
-    return [*names, config.final_file()]
+        saved = [e for e in range(1, epochs) if e % config.save_every_n_epochs == 0]
+        names += [config.epoch_file(e) for e in saved]
+        if config.save_state:
+            names += [config.epoch_state_file(e) for e in saved]
+    names.append(config.final_file())
+    if config.save_state or config.save_state_on_train_end:
+        names.append(config.final_state_file())
+    return names

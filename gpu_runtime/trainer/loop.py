@@ -15,7 +15,7 @@ import torch
 
 from gpu_runtime.trainer.buckets import BucketBatches
 from gpu_runtime.trainer.captions import _Encoder, process_caption
-from gpu_runtime.trainer.config import TrainingConfig, check_prediction, timestep_range
+from gpu_runtime.trainer.config import RESUME_IGNORED, TrainingConfig, check_prediction, timestep_range
 from gpu_runtime.trainer.dataset import TrainImage, _pixels, load_dataset
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.lora import create_network
@@ -24,13 +24,23 @@ from gpu_runtime.trainer.metadata import _finish, _metadata
 from gpu_runtime.trainer.network import _checkpoint_text_encoder, _load_model, _save, _save_dtype
 from gpu_runtime.trainer.noise import enforce_zero_terminal_snr, noisy_latents, snr_table
 from gpu_runtime.trainer.optim import _eval_weights, _lr_schedule, _optimizer, _precision
+from gpu_runtime.trainer.state import (
+    check_state,
+    comparable_config,
+    dataset_digest,
+    load_state,
+    restore_rngs,
+    rng_states,
+    save_state,
+)
 
 Progress = Callable[[dict], None]
 
 
 @dataclass
 class TrainResult:
-    """What a finished training produced: the files (epoch files first, the final file last) and its log."""
+    """What a finished training produced: the files (epoch files and states first, then the final file and, with
+    ``save_state`` / ``save_state_on_train_end``, the final state) and its log."""
 
     files: list[Path]
     warnings: list[str]
@@ -69,15 +79,24 @@ def train(
     the running mean of the current epoch, like kohya's ``avr_loss``); ``should_stop()`` is checked before every
     step and stops the run with :class:`TrainingCancelled` (no final file). Deterministic for a given ``seed`` on
     CPU; the caller's global RNG state is left as it was. ``work_dir`` holds the offline config dirs.
+
+    With ``resume`` (a state file a ``save_state`` run wrote) the run continues from that state's step exactly as
+    the saved run would have; a config or dataset that would train differently is refused, naming what differs.
     """
     started_at = time.time()
     config = TrainingConfig.from_toml(Path(config_path))
     warnings = list(config.warnings)
     device = _resolve_device(device)
-    seed = config.seed if config.seed is not None else random.randrange(2**31)
-    if config.seed is None:
-        warnings.append(f"no seed given: using {seed}")
+    state = load_state(config.resume) if config.resume is not None else None
+    if state is not None:
+        seed = int(state["seed"])
+    else:
+        seed = config.seed if config.seed is not None else random.randrange(2**31)
+        if config.seed is None:
+            warnings.append(f"no seed given: using {seed}")
     images = load_dataset(Path(dataset_dir), config, warnings)
+    if state is not None:
+        check_state(state, config.raw, RESUME_IGNORED, dataset_digest(images))
     work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / "esd-trainer"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +105,7 @@ def train(
         torch.manual_seed(seed)
         return _train(
             config, Path(model_path), images, output_dir, work_dir, device, seed, warnings, started_at,
-            on_progress, should_stop,
+            on_progress, should_stop, state,
         )  # fmt: skip
 
 
@@ -102,8 +121,10 @@ def _train(
     started_at: float,
     on_progress: Progress | None,
     should_stop: Callable[[], bool] | None,
+    resumed: dict | None = None,
 ) -> TrainResult:
-    """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG."""
+    """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG. ``resumed`` is the state
+    to continue from (checked against the config and dataset)."""
     precision = _precision(config, device)
     weight_dtype = precision.weight_dtype
     model = _load_model(model_path, work_dir / "configs", device, weight_dtype)
@@ -206,9 +227,49 @@ def _train(
     metadata["ss_sd_model_name"] = model_path.name
     written: list[Path] = []
     epoch_files: list[Path] = []
+    state_files: list[Path] = []
+    step_losses: list[float] = []  # every batch's loss, kept in the state
     step = 0
+    first_epoch = 1
     loss_value = float("nan")
-    for epoch in range(1, epochs + 1):
+
+    def training_state(epoch: int) -> dict:
+        """What a resume needs to take the next step exactly as this run would (see :mod:`..state`)."""
+        schedule = getattr(lr_schedule, "state_dict", None)
+        return {
+            "seed": seed,
+            "epoch": epoch,
+            "step": step,
+            "total_steps": total_steps,
+            "network": {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": schedule() if schedule is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rngs": rng_states(generator, rng, device),
+            "losses": list(step_losses),
+            "loss": loss_value,
+            "config": comparable_config(config.raw, RESUME_IGNORED),
+            "dataset": dataset_digest(images),
+        }
+
+    if resumed is not None:
+        if int(resumed["total_steps"]) != total_steps:
+            raise TrainingError(
+                f"resume: the state was saved in a run of {resumed['total_steps']} steps, this run has {total_steps}"
+            )
+        if int(resumed["step"]) >= total_steps:
+            raise TrainingError(f"resume: the state is at step {resumed['step']} of {total_steps}: nothing is left")
+        network.load_state_dict(resumed["network"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if resumed["lr_schedule"] is not None:
+            lr_schedule.load_state_dict(resumed["lr_schedule"])
+        if scaler is not None and resumed["scaler"] is not None:
+            scaler.load_state_dict(resumed["scaler"])
+        restore_rngs(resumed["rngs"], generator, rng, device)  # after the latent cache, which draws noise too
+        step, first_epoch = int(resumed["step"]), int(resumed["epoch"]) + 1
+        step_losses = [float(x) for x in resumed["losses"]]
+        loss_value = float(resumed["loss"])
+    for epoch in range(first_epoch, epochs + 1):
         if buckets is not None:
             batches = buckets.batches(epoch)
         else:
@@ -264,6 +325,7 @@ def _train(
                     "mixed precision"
                 )
             epoch_losses.append(loss.item())
+            step_losses.append(epoch_losses[-1])
             scaled = loss / config.gradient_accumulation_steps
             if scaled.requires_grad:  # module_dropout can leave every LoRA out of a step: then there is no gradient
                 (scaler.scale(scaled) if scaler else scaled).backward()
@@ -303,12 +365,26 @@ def _train(
                     old = epoch_files.pop(0)
                     old.unlink(missing_ok=True)
                     written.remove(old)
+            if config.save_state:  # kohya's save_and_remove_state_on_epoch_end
+                path = output_dir / config.epoch_state_file(epoch)
+                save_state(path, training_state(epoch))
+                written.append(path)
+                state_files.append(path)
+                keep = config.save_last_n_epochs_state or config.save_last_n_epochs
+                while keep is not None and len(state_files) > keep:
+                    old = state_files.pop(0)
+                    old.unlink(missing_ok=True)
+                    written.remove(old)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
     final = output_dir / config.final_file()
     with _eval_weights(config, optimizer):
         _save(final, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epochs, step))
     written.append(final)
+    if config.save_state or config.save_state_on_train_end:  # kohya's save_state_on_train_end
+        path = output_dir / config.final_state_file()
+        save_state(path, training_state(epochs))
+        written.append(path)
     return TrainResult(
         files=written,
         warnings=warnings,
