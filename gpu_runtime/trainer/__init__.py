@@ -1,9 +1,9 @@
 """kohya-compatible LoRA training on the runtime's offline pipelines (notes §2-§3), usable without any broker.
 
 Why a reimplementation rather than kohya's sd-scripts: the runtime must load user checkpoints offline exactly as the
-inference engine does (``from_single_file`` with a shipped config dir), run on the same pinned diffusers/peft stack,
+inference engine does (``from_single_file`` with a shipped config dir), run on the same pinned diffusers stack,
 report progress and honour cancellation between steps. What it must keep from kohya is the *interface*: the TOML
-config ESD sends (all tables flattened, unknown keys ignored, ``max_train_epochs`` over ``max_train_steps``), the
+config ESD sends (all tables flattened, ``max_train_epochs`` over ``max_train_steps``; unknown keys refused), the
 dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the file names it saves
 (``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``; the
 training states as single ``...-state.pt`` files) and the
@@ -26,7 +26,7 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.captions`: kohya's caption processing (prefix/suffix, dropout, wildcards, shuffle and
   kept tags), weighted-caption parsing, ``max_token_length`` chunking and the text encoding (``_Encoder``).
 - :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
-  (:func:`load_dataset`, bucketed with ``enable_bucket``), tag frequency, and the caption and pixels one step sees.
+  (:func:`load_dataset`, bucketed with ``enable_bucket``), tag frequency, and the pixels one step sees.
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`) and the file writer (hashes, ``_save``).
 - :mod:`~gpu_runtime.trainer.lora`: kohya's ``networks/lora.py``: the LoRA modules and their dropouts, kohya's
   target layers and key names (LoCon included), ``network_weights``, ``base_weights``, LoRA+ and max-norm.

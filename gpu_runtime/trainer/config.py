@@ -59,6 +59,18 @@ _RUNTIME_OWNED = (
 )
 # Keys about speed or memory only: the result is the same without them. Reported only when switched on.
 _NO_EFFECT = {
+    "cpu_offload_checkpointing": "no effect on this runtime",
+    "torch_compile": "no effect on this runtime",
+    "dynamo_backend": "no effect on this runtime",
+    "log_config": "no effect on this runtime",
+    "skip_cache_check": "no effect on this runtime",
+    "fused_backward_pass": "no effect on this runtime",
+    "blocks_to_swap": "no effect on this runtime",
+    "disable_mmap_load_safetensors": "no effect on this runtime",
+    "validation_seed": "no validation split is made",
+    "validate_every_n_steps": "no validation split is made",
+    "validate_every_n_epochs": "no validation split is made",
+    "max_validation_steps": "no validation split is made",
     "xformers": "attention always uses PyTorch SDPA",
     "sdpa": "attention always uses PyTorch SDPA",
     "mem_eff_attn": "attention always uses PyTorch SDPA",
@@ -79,6 +91,15 @@ _NO_EFFECT = {
 }
 # Features this trainer does not implement: switched on, they fail the job at start, named (never a warning).
 _UNSUPPORTED = {
+    "debug_dataset": "kohya only shows the dataset and does not train",
+    "validation_split": "a validation split is not supported",
+    "initial_epoch": "starting at a later epoch is not supported (use resume)",
+    "initial_step": "starting at a later step is not supported (use resume)",
+    "metadata_title": "custom modelspec metadata is not supported",
+    "metadata_author": "custom modelspec metadata is not supported",
+    "metadata_description": "custom modelspec metadata is not supported",
+    "metadata_license": "custom modelspec metadata is not supported",
+    "metadata_tags": "custom modelspec metadata is not supported",
     "face_crop_aug_range": "image augmentation is not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
@@ -157,7 +178,7 @@ _HONOURED = frozenset(
         "mixed_precision",
         "full_fp16",
         "full_bf16",
-        "no_half_vae",
+        "no_half_vae",  # the VAE always runs in float32 here, which is what no_half_vae asks for
         "optimizer_type",
         "optimizer_args",
         "use_8bit_adam",
@@ -281,8 +302,20 @@ def _text(raw: Mapping[str, Any], key: str, default: str | None) -> str | None:
     return str(value)
 
 
+# kohya's defaults of the refused options that are not false/zero/empty: at its default an option asks for nothing.
+_KOHYA_DEFAULTS = {"token_warmup_min": 1, "sample_sampler": "ddim", "dataset_repeats": 1, "dynamo_backend": "inductor"}
+
+
+def _switched_on(key: str, value: Any) -> bool:
+    """Whether an option asks for something: set, and not kohya's default."""
+    default = _KOHYA_DEFAULTS.get(key)
+    if default is not None and str(value).strip().lower() == str(default):
+        return False
+    return _truthy(value)
+
+
 def _truthy(value: Any) -> bool:
-    """Whether an unsupported option is switched on (kohya's defaults are all false/zero/empty)."""
+    """Whether an option is switched on (most of kohya's defaults are false/zero/empty)."""
     if _unset(value):
         return False
     if isinstance(value, str):
@@ -793,9 +826,9 @@ class TrainingConfig:
             warnings.append(f"ignored, the runtime decides these: {', '.join(owned)}")
         refused = []
         for key in sorted(raw):
-            if key in _NO_EFFECT and _truthy(raw[key]):
+            if key in _NO_EFFECT and _switched_on(key, raw[key]):
                 warnings.append(f"{key} is ignored: {_NO_EFFECT[key]}")
-            elif key in _UNSUPPORTED and _truthy(raw[key]):
+            elif key in _UNSUPPORTED and _switched_on(key, raw[key]):
                 refused.append(f"{key} ({_UNSUPPORTED[key]})")
         unknown = sorted(k for k in raw if k not in _HONOURED and k not in _RUNTIME_OWNED)
         unknown = [k for k in unknown if k not in _NO_EFFECT and k not in _UNSUPPORTED and not _unset(raw[k])]

@@ -311,6 +311,10 @@ def test_config_semantics_and_dataset_layout(tmp_path):
         "sample_prompts (sample images are not generated); lr_restart_cycles (not kohya train_network options)"
     )
     TrainingConfig.from_dict({"sample_prompts": "", "reg_data_dir": None, "save_state": False})  # unset: fine
+    # kohya's own defaults ask for nothing: a public kohya config with them set runs
+    TrainingConfig.from_dict({"token_warmup_min": 1, "sample_sampler": "ddim", "debug_dataset": False})
+    with pytest.raises(TrainingError, match=r"debug_dataset \(kohya only shows the dataset and does not train\)"):
+        TrainingConfig.from_dict({"debug_dataset": True})
     assert output_file_names(config, 5) == ["lego-000002.safetensors", "lego-000004.safetensors", "lego.safetensors"]
     unnamed = TrainingConfig.from_dict({"save_every_n_epochs": 1})
     assert output_file_names(unnamed, 2) == ["epoch-000001.safetensors", "last.safetensors"]  # kohya's defaults
