@@ -1194,8 +1194,8 @@ class Engine:
 
         return arguments, handover
 
+    @staticmethod
     def _conditioning(
-        self,
         pipe: Any,
         job: Prepared,
         prompts: list[str],
@@ -1291,7 +1291,8 @@ class Engine:
             noises.append(noise)
         return torch.stack(noises).to(self.device, self.dtype)
 
-    def _decode(self, pipe: Any, latents: Any, notes: list[str]) -> list[Any]:
+    @staticmethod
+    def _decode(pipe: Any, latents: Any, notes: list[str]) -> list[Any]:
         """VAE decode with A1111's automatic VAE precision: NaN or Inf in a half-precision decode is retried in
         float32; NaN that survives is an error, never a black image. The VAE keeps its dtype whatever happens."""
         import torch

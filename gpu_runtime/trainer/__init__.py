@@ -19,6 +19,8 @@ checkpoint's scheduler config, with kohya's noise and loss options.
 The package, in the order a run uses it (each module imports only those above it):
 
 - :mod:`~gpu_runtime.trainer.errors`: :class:`TrainingError` and :class:`TrainingCancelled`.
+- :mod:`~gpu_runtime.trainer.samples`: kohya's sample images: the prompt files, the sampler names, the triggers
+  and the images made by the engine's conditioning, samplers and decode on the model being trained.
 - :mod:`~gpu_runtime.trainer.buckets`: kohya's aspect-ratio buckets (resolutions, selection, crop), its resize
   and ``color_aug``, and the per-epoch batches drawn bucket by bucket.
 - :mod:`~gpu_runtime.trainer.config`: the kohya option tables (runtime-owned, no effect, unsupported, honoured),

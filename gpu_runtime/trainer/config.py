@@ -12,6 +12,7 @@ from typing import Any
 
 from gpu_runtime.trainer.buckets import INTERPOLATIONS
 from gpu_runtime.trainer.errors import TrainingError
+from gpu_runtime.trainer.samples import check_sampler
 
 # kohya's lr_scheduler choices: transformers' schedule functions as get_scheduler_fix calls them, diffusers'
 # piecewise_constant and Adafactor's own schedule (transformers' others fail in kohya on their arguments).
@@ -107,11 +108,6 @@ _UNSUPPORTED = {
     "in_json": "fine-tuning metadata datasets are not supported: use <repeats>_<name> folders",
     "dataset_config": "dataset config files are not supported: use <repeats>_<name> folders",
     "dataset_repeats": "repeats come from the folder names",
-    "sample_every_n_epochs": "sample images are not generated",
-    "sample_every_n_steps": "sample images are not generated",
-    "sample_prompts": "sample images are not generated",
-    "sample_at_first": "sample images are not generated",
-    "sample_sampler": "sample images are not generated",
     "save_every_n_steps": "files are saved per epoch only",
     "save_n_epoch_ratio": "files are saved per save_every_n_epochs only",
     "save_last_n_steps": "files are saved per epoch only",
@@ -229,6 +225,11 @@ _HONOURED = frozenset(
         "random_crop",
         "prior_loss_weight",
         "training_comment",
+        "sample_every_n_epochs",
+        "sample_every_n_steps",
+        "sample_at_first",
+        "sample_prompts",
+        "sample_sampler",
     }
 )
 
@@ -695,6 +696,11 @@ class TrainingConfig:
     random_crop: bool = False
     prior_loss_weight: float = 1.0
     training_comment: str | None = None
+    sample_every_n_epochs: int | None = None
+    sample_every_n_steps: int | None = None
+    sample_at_first: bool = False
+    sample_prompts: Path | None = None
+    sample_sampler: str = "ddim"
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -820,6 +826,7 @@ class TrainingConfig:
             )
         c.prior_loss_weight = _number(raw, "prior_loss_weight", 1.0, float, 0)
         c.training_comment = _text(raw, "training_comment", None)
+        _samples(c, raw, warnings)
 
         owned = sorted(k for k in raw if k in _RUNTIME_OWNED and not _unset(raw[k]))
         if owned:
@@ -904,6 +911,8 @@ class TrainingConfig:
         if self.resume is not None and not self.resume.is_absolute():  # a missing state fails in load_state
             self.resume = folder / self.resume
         self.base_weights = [resolve(path, "base_weights") for path in self.base_weights]
+        if self.sample_prompts is not None:
+            self.sample_prompts = resolve(self.sample_prompts, "sample_prompts")
 
     def epoch_file(self, epoch: int) -> str:
         """kohya's per-epoch file name (``{output_name}-{epoch:06d}.safetensors``)."""
@@ -920,6 +929,22 @@ class TrainingConfig:
     def final_file(self) -> str:
         """kohya's final file name (``{output_name}.safetensors``)."""
         return f"{self.output_name}.safetensors"
+
+
+def _samples(c: TrainingConfig, raw: Mapping[str, Any], warnings: list[str]) -> None:
+    """kohya's sample-image options (``train_util.sample_images_common``): the triggers, the prompt file and the
+    default sampler, which must be one of kohya's choices that the runtime's samplers provide."""
+    c.sample_every_n_epochs = _number(raw, "sample_every_n_epochs", None, int, 0) or None
+    c.sample_every_n_steps = _number(raw, "sample_every_n_steps", None, int, 0) or None
+    c.sample_at_first = _flag(raw, "sample_at_first")
+    prompts = _text(raw, "sample_prompts", None)
+    c.sample_prompts = Path(prompts) if prompts else None
+    c.sample_sampler = check_sampler(_text(raw, "sample_sampler", "ddim") or "ddim", "sample_sampler")
+    triggers = [k for k in ("sample_every_n_epochs", "sample_every_n_steps", "sample_at_first") if getattr(c, k)]
+    if triggers and c.sample_prompts is None:
+        raise TrainingError(f"{', '.join(triggers)} needs sample_prompts (the prompt file of the sample images)")
+    if c.sample_every_n_epochs and c.sample_every_n_steps:
+        warnings.append("sample_every_n_steps is ignored: sample_every_n_epochs is set (as in kohya)")
 
 
 def _parse_optimizer(raw: Mapping[str, Any], c: TrainingConfig) -> None:

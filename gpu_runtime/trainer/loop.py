@@ -8,7 +8,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from gpu_runtime.trainer.metadata import _finish, _metadata
 from gpu_runtime.trainer.network import _checkpoint_text_encoder, _load_model, _save, _save_dtype
 from gpu_runtime.trainer.noise import enforce_zero_terminal_snr, noisy_latents, snr_table
 from gpu_runtime.trainer.optim import _eval_weights, _lr_schedule, _optimizer, _precision
+from gpu_runtime.trainer.samples import SampleMaker, load_prompts
 from gpu_runtime.trainer.state import (
     check_state,
     comparable_config,
@@ -40,7 +41,8 @@ Progress = Callable[[dict], None]
 @dataclass
 class TrainResult:
     """What a finished training produced: the files (epoch files and states first, then the final file and, with
-    ``save_state`` / ``save_state_on_train_end``, the final state) and its log."""
+    ``save_state`` / ``save_state_on_train_end``, the final state), the sample images (in the order they were made,
+    under ``sample/``) and its log."""
 
     files: list[Path]
     warnings: list[str]
@@ -50,6 +52,7 @@ class TrainResult:
     epochs: int
     family: str
     seed: int
+    samples: list[Path] = field(default_factory=list)
 
 
 def _resolve_device(device: str) -> str:
@@ -125,6 +128,10 @@ def _train(
 ) -> TrainResult:
     """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG. ``resumed`` is the state
     to continue from (checked against the config and dataset)."""
+    sampling = config.sample_prompts is not None and any(
+        (config.sample_every_n_epochs, config.sample_every_n_steps, config.sample_at_first)
+    )
+    prompts = load_prompts(config.sample_prompts, config.sample_sampler, warnings) if sampling else []
     precision = _precision(config, device)
     weight_dtype = precision.weight_dtype
     model = _load_model(model_path, work_dir / "configs", device, weight_dtype)
@@ -225,6 +232,12 @@ def _train(
         config, model, images, seed, epochs, total_steps, batches_per_epoch, optimizer_name, started_at
     )
     metadata["ss_sd_model_name"] = model_path.name
+    sample = SampleMaker(
+        model, config, prompts, output_dir / "sample", device, prediction,
+        lambda: torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast),
+        lambda: _eval_weights(config, optimizer), warnings,
+    )  # fmt: skip
+    sample_files = sample(network, 0, 0)  # kohya's sample_at_first
     written: list[Path] = []
     epoch_files: list[Path] = []
     state_files: list[Path] = []
@@ -349,8 +362,10 @@ def _train(
             loss_value = sum(epoch_losses) / len(epoch_losses)
             if on_progress is not None:
                 on_progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total_steps, "loss": loss_value})
+            sample_files += sample(network, None, step)  # every sample_every_n_steps
             if step >= total_steps:
                 break
+        sample_files += sample(network, epoch, step)  # every sample_every_n_epochs, the last epoch included
         last = epoch == epochs or step >= total_steps
         if last:
             break
@@ -394,4 +409,5 @@ def _train(
         epochs=epochs,
         family=model.family,
         seed=seed,
+        samples=sample_files,
     )
