@@ -877,11 +877,15 @@ class TrainingConfig:
         if self.dim_from_weights:
             if self.network_weights is None:
                 raise TrainingError("dim_from_weights needs network_weights (the file to read the dims from)")
-            ignored = [k for k in ("network_dropout", "rank_dropout", "module_dropout", "conv_dim") if getattr(self, k)]
+            names = ("network_dropout", "rank_dropout", "module_dropout", "conv_dim")
+            ignored = [k for k in names if getattr(self, k)]
+            if self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio:
+                ignored.append("loraplus ratios")  # create_network_from_weights never sets them
+                self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
             if ignored:
                 warnings.append(
                     f"{', '.join(ignored)}: no effect with dim_from_weights (kohya builds the network from the "
-                    "file's modules, without dropout)"
+                    "file's modules, without dropout or LoRA+)"
                 )
         self.base_weights = _paths(raw.get("base_weights"), "base_weights")
         multipliers = raw.get("base_weights_multiplier")

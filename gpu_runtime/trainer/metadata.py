@@ -46,7 +46,7 @@ def _metadata(
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": epochs,
         "ss_batch_size_per_device": config.train_batch_size,
-        "ss_total_batch_size": config.train_batch_size,
+        "ss_total_batch_size": config.train_batch_size * config.gradient_accumulation_steps,  # kohya's product
         "ss_gradient_checkpointing": config.gradient_checkpointing,
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
         "ss_max_train_steps": steps,

@@ -333,3 +333,11 @@ def test_network_args_kohya_reads_but_this_trainer_does_not_are_refused(root, tm
     assert any("network_args dropout has no effect with networks.lora" in w for w in config.warnings)
     assert any("network_args algo is ignored: networks.lora does not read it" in w for w in config.warnings)
     assert config.network_args == {"conv_dim": "8", "dropout": "0.1", "algo": "lora"}  # kept for ss_network_args
+
+
+def test_dim_from_weights_builds_no_lora_plus_groups_as_kohya():
+    config = TrainingConfig.from_dict(
+        {"network_weights": "x.safetensors", "dim_from_weights": True, "network_args": ["loraplus_lr_ratio=16"]}
+    )
+    assert config.loraplus_unet_lr_ratio is None and config.loraplus_text_encoder_lr_ratio is None
+    assert any(w.startswith("loraplus ratios: no effect with dim_from_weights") for w in config.warnings)
