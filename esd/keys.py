@@ -92,6 +92,11 @@ def training_output(job_id: str) -> str:
     return f"kohya/train/{job_id}/output"
 
 
+def training_sample(job_id: str, attempt: int, slot: int) -> str:
+    """A sample image's upload slot: per run, so a resumed run never overwrites the samples of the run before."""
+    return f"{training_output(job_id)}/sample/{attempt}-{slot:04d}.png"
+
+
 def training_cancel_marker(job_id: str) -> str:
     """Beside (not in) the input folder, which a delete removes while the worker may still be polling."""
     return f"kohya/train/{job_id}/cancel"

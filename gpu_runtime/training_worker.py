@@ -107,6 +107,97 @@ class _CancelWatch:
         return self.flag.is_set()
 
 
+class _Uploads:
+    """Uploads a running training's files as the trainer writes them (``train(on_output=...)``), one at a time on a
+    background thread, and reports each as a ``saved`` entry of a ``Training`` event.
+
+    Why during the run and not at the end: a state or epoch file saved before a failure or a stop is what a resume
+    continues from, and sample images are worth seeing while the run goes on. Model files and states go to their
+    presigned ``outputs`` URL by name; sample images take the spec's ``samples`` slots in the order they are made.
+    ``entries`` (everything saved, removals applied) also travels with the final event, so the server has the whole
+    list whatever order it handles events in.
+    """
+
+    def __init__(self, outputs: dict[str, str], slots: list[str], output_dir: Path, send: Callable[[list], None]):
+        self.outputs, self.slots, self.output_dir, self.send = outputs, slots, output_dir, send
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-upload")
+        self.pending: list[Any] = []
+        self.saved: dict[tuple[str, str], dict] = {}
+        self.removed: set[str] = set()
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.next_slot = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, info: dict) -> None:
+        """The trainer's ``on_output`` (on the training thread): queue the upload, or the removal report."""
+        path: Path = info["path"]
+        name = path.relative_to(self.output_dir).as_posix()
+        entry = {"name": name, "kind": info["kind"], "epoch": info["epoch"], "step": info["step"]}
+        if info.get("removed"):
+            with self.lock:
+                self.removed.add(name)
+            self.pending.append(self.pool.submit(self._report_removed, {**entry, "removed": True}))
+            return
+        if info["kind"] == "sample":
+            if self.next_slot >= len(self.slots):
+                if self.next_slot == len(self.slots):
+                    self.warnings.append(
+                        f"sample image {name} and later ones were not uploaded: the job has {len(self.slots)} "
+                        "sample upload slots"
+                    )
+                self.next_slot += 1
+                return
+            entry["slot"], url = self.next_slot, self.slots[self.next_slot]
+            self.next_slot += 1
+        else:
+            url = self.outputs.get(name)
+            if url is None:
+                self.warnings.append(f"{name} was produced but the job has no upload URL for it: not uploaded")
+                return
+        with self.lock:
+            self.removed.discard(name)  # a later run's file of the same name
+        self.pending.append(self.pool.submit(self._upload, entry, path, url))
+
+    def _upload(self, entry: dict, path: Path, url: str) -> None:
+        with self.lock:
+            if entry["name"] in self.removed:  # deleted again before its turn came: nothing to keep
+                return
+        try:
+            _upload(url, path, entry["name"])
+        except Exception as exc:
+            log.warning("upload of %s failed", entry["name"], exc_info=True)
+            self.errors.append(f"{entry['name']}: {exc}")
+            return
+        with self.lock:
+            self.saved[(entry["kind"], entry["name"])] = entry
+        self.send([entry])
+
+    def _report_removed(self, entry: dict) -> None:
+        with self.lock:
+            had = self.saved.pop((entry["kind"], entry["name"]), None)
+        if had is not None:
+            self.send([entry])
+
+    def wait(self) -> None:
+        """Every queued upload done (their failures are in ``errors``)."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown(wait=True)
+
+    def entries(self) -> list[dict]:
+        with self.lock:
+            return list(self.saved.values())
+
+    def uploaded(self, name: str) -> bool:
+        with self.lock:
+            return any(saved == name for _, saved in self.saved)
+
+
 # --- one job -----------------------------------------------------------------------------------------------------
 
 
@@ -149,17 +240,27 @@ def run_spec(
     cancel URL answering 200, or ``is_cancelled()``) a ``Stopped`` event.
     """
 
+    attempt = spec.get("attempt", 1) if isinstance(spec, dict) and isinstance(spec.get("attempt"), int) else 1
+
     def report(status: str, reason: str = "", **extra: Any) -> None:
         try:
-            send(protocol.training_status(job_id, status, reason, **extra))
+            send(protocol.training_status(job_id, status, reason, attempt=attempt, **extra))
         except Exception:
             log.exception("could not report %s for training %s", status, job_id)
+
+    def end(status: str, reason: str = "", **extra: Any) -> None:
+        """The final event, after the uploads in flight: it carries everything saved (a resume needs the states)."""
+        if uploads is not None:
+            uploads.close()
+            extra.setdefault("saved", uploads.entries())
+        report(status, reason, **extra)
 
     work_root = Path(work_root)
     job_dir: Path | None = None
     watch = _CancelWatch(None, is_cancelled, cancel_poll_seconds)
     files = None
     model_path: Path | None = None
+    uploads: _Uploads | None = None
     try:
         from gpu_runtime.files import ModelFiles
         from gpu_runtime.trainer import TrainingCancelled, TrainingError, train
@@ -196,8 +297,16 @@ def run_spec(
             relative, url = item
             _download(url, dataset_dir.joinpath(*relative.split("/")), f"dataset file {relative}")
 
+        def fetch_input(item: tuple[str, str]) -> None:
+            if watch():
+                return
+            relative, url = item
+            _download(url, job_dir.joinpath(*relative.split("/")), relative)
+
         with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="training-download") as pool:
             for _ in pool.map(fetch, sorted(urls["dataset"].items())):
+                pass
+            for _ in pool.map(fetch_input, sorted((urls.get("inputs") or {}).items())):
                 pass
         if watch():
             raise TrainingCancelled("cancelled while downloading")
@@ -213,6 +322,9 @@ def run_spec(
             log.debug("family check skipped", exc_info=True)
 
         report("Training")
+        uploads = _Uploads(
+            urls["outputs"], list(urls.get("samples") or []), output_dir, lambda saved: report("Training", saved=saved)
+        )
         last = {"at": 0.0, "epoch": 0}
 
         def progress(info: dict) -> None:
@@ -230,26 +342,19 @@ def run_spec(
             on_progress=progress,
             should_stop=watch,
             work_dir=work_root,
+            on_output=uploads,
         )
-        warnings = extra_warnings + result.warnings
-
         report("Uploading")
-        uploaded = []
-        outputs = urls["outputs"]
-        for path in result.files:
-            if watch():
-                raise TrainingCancelled("cancelled while uploading")
-            url = outputs.get(path.name)
-            if url is None:
-                warnings.append(f"{path.name} was produced but the job has no upload URL for it: not uploaded")
-                continue
-            _upload(url, path, path.name)
-            uploaded.append(path.name)
+        uploads.wait()
+        warnings = extra_warnings + result.warnings + uploads.warnings
+        if uploads.errors:
+            raise JobError("could not upload " + "; ".join(uploads.errors))
+        uploaded = [path.name for path in result.files if uploads.uploaded(path.name)]
         if not uploaded:
             names = ", ".join(p.name for p in result.files)
-            report("Failed", f"none of the produced files ({names}) has an upload URL in the spec")
+            end("Failed", f"none of the produced files ({names}) has an upload URL in the spec", warnings=warnings)
             return
-        report(
+        end(
             "Completed",
             files=uploaded,
             warnings=warnings,
@@ -259,14 +364,16 @@ def run_spec(
             seconds=round(result.seconds, 1),
         )
     except TrainingCancelled as exc:
-        report("Stopped", f"the training was cancelled ({exc})")
+        end("Stopped", f"the training was cancelled ({exc})")
     except (TrainingError, JobError) as exc:
-        report("Failed", str(exc))
+        end("Failed", str(exc))
     except Exception as exc:
         log.exception("training %s failed", job_id)
-        report("Failed", f"internal error: {type(exc).__name__}: {exc}")
+        end("Failed", f"internal error: {type(exc).__name__}: {exc}")
     finally:
         watch.stop()
+        if uploads is not None:
+            uploads.close()
         if files is not None and model_path is not None:
             files.release([model_path])
         if job_dir is not None:
@@ -365,11 +472,11 @@ class TrainingWorker(QueueService):
         return True
 
     def job_id(self, message: Any) -> str | None:
-        """The training id of a ``run_training`` message (None for anything else)."""
+        """The run id (:func:`protocol.training_run`) of a ``run_training`` message (None for anything else)."""
         args = tuple(message.args or ())
         if message.actor_name != protocol.RUN_TRAINING or len(args) != 2:
             return None
-        return args[0] if isinstance(args[0], str) and args[0] else None
+        return _run_id(args[0], args[1])
 
     def run_batch(self, messages: list[Any]) -> None:
         """The work thread's entry point (batches are of one: prefetch 1)."""
@@ -381,8 +488,9 @@ class TrainingWorker(QueueService):
         args, kwargs = tuple(message.args or ()), dict(message.kwargs or {})
         if message.actor_name == protocol.CANCEL_TRAINING:
             job_id = args[0] if args else kwargs.get("job_id")
+            attempt = args[1] if len(args) > 1 else kwargs.get("attempt", 1)
             if isinstance(job_id, str) and job_id:
-                self.cancel(job_id)
+                self.cancel(protocol.training_run(job_id, attempt if isinstance(attempt, int) else 1))
             else:
                 log.warning("ignoring cancel_training message %s without a job id", message.message_id)
             return
@@ -390,17 +498,19 @@ class TrainingWorker(QueueService):
             log.warning("ignoring message %s for actor %s", message.message_id, message.actor_name)
             return
         job_id, spec = args
-        if not isinstance(job_id, str) or not job_id:
+        run = _run_id(job_id, spec)
+        if run is None:
             log.warning("ignoring run_training message %s without a job id", message.message_id)
             return
-        if job_id in self.done:
-            log.info("training %s was already run: ignoring the redelivery", job_id)
+        if run in self.done:
+            log.info("training %s was already run: ignoring the redelivery", run)
             return
-        if self.is_cancelled(job_id):
+        if self.is_cancelled(run):
             reason = "the training was cancelled before it started"
-            self.send_quietly(protocol.training_status(job_id, "Stopped", reason))
+            attempt = spec.get("attempt", 1) if isinstance(spec, dict) else 1
+            self.send_quietly(protocol.training_status(job_id, "Stopped", reason, attempt=attempt))
         else:
-            self.current = job_id
+            self.current = run
             try:
                 run_spec(
                     job_id,
@@ -408,14 +518,22 @@ class TrainingWorker(QueueService):
                     self.work_root,
                     device=self.device,
                     send=self.send_quietly,
-                    is_cancelled=lambda: self.is_cancelled(job_id),
+                    is_cancelled=lambda: self.is_cancelled(run),
                     cache_bytes=self.cache_bytes,
                     cancel_poll_seconds=self.cancel_poll_seconds,
                     progress_seconds=self.progress_seconds,
                 )
             finally:
                 self.current = None
-        self.remember_done(job_id)
+        self.remember_done(run)
+
+
+def _run_id(job_id: Any, spec: Any) -> str | None:
+    """The run a ``run_training(job_id, spec)`` message asks for: the job id, with the spec's attempt after 1."""
+    if not isinstance(job_id, str) or not job_id:
+        return None
+    attempt = spec.get("attempt", 1) if isinstance(spec, dict) else 1
+    return protocol.training_run(job_id, attempt if isinstance(attempt, int) else 1)
 
 
 # --- command line ------------------------------------------------------------------------------------------------

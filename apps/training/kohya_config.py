@@ -66,14 +66,32 @@ def flatten(config: dict[str, dict]) -> dict[str, Any]:
 
 def expected_outputs(config: dict[str, dict]) -> list[str]:
     """Every file a run may write: epoch files when ``epoch % save_every_n_epochs == 0`` before the last epoch,
-    and the final file (kohya's naming, contract §9.8)."""
+    and the final file (kohya's naming, contract §9.8); with ``save_state`` a state beside each of them, with
+    ``save_state_on_train_end`` the final one (the trainer's one-file states, ``...-state.pt``)."""
     flat = flatten(config)
     name = flat["output_name"]
     epochs = int(flat.get("max_train_epochs") or 0) or 1
     every = max(1, int(flat.get("save_every_n_epochs") or 1))
-    return [f"{name}.safetensors"] + [
-        f"{name}-{epoch:06d}.safetensors" for epoch in range(1, epochs) if epoch % every == 0
-    ]
+    saved = [epoch for epoch in range(1, epochs) if epoch % every == 0]
+    names = [f"{name}.safetensors"] + [f"{name}-{epoch:06d}.safetensors" for epoch in saved]
+    if flat.get("save_state") is True:
+        names += [f"{name}-state.pt"] + [f"{name}-{epoch:06d}-state.pt" for epoch in saved]
+    elif flat.get("save_state_on_train_end") is True:
+        names.append(f"{name}-state.pt")
+    return names
+
+
+def set_key(config: dict[str, dict], key: str, value: Any) -> None:
+    """Set a kohya key in the section that holds it (kohya reads all sections as one namespace)."""
+    section = next((s for s, values in config.items() if key in values), "training_arguments")
+    config.setdefault(section, {})[key] = value
+
+
+def samples_requested(config: dict[str, dict]) -> bool:
+    """Whether the run makes sample images (kohya's triggers, with a prompt file)."""
+    flat = flatten(config)
+    triggers = ("sample_every_n_epochs", "sample_every_n_steps", "sample_at_first")
+    return bool(flat.get("sample_prompts")) and any(flat.get(key) for key in triggers)
 
 
 def dumps(config: dict[str, dict]) -> str:

@@ -92,7 +92,8 @@ class TrainingJob(models.Model):
 
     ``params`` is what the API returns (training_type, training_params, config_params); ``progress`` the last
     epoch/step/loss a worker reported, ``losses`` a bounded history of (step, loss) for the console's chart, and
-    ``log`` the notes a run produced (ignored kohya keys, warnings).
+    ``log`` the notes a run produced (ignored kohya keys, warnings). ``saved`` lists what the runs uploaded while
+    they went (epoch files, states, sample images), so a failed or stopped job keeps its states for a resume.
     """
 
     id = models.UUIDField(primary_key=True, editable=False)
@@ -108,6 +109,19 @@ class TrainingJob(models.Model):
     losses = models.JSONField(default=list, blank=True)
     log = models.JSONField(default=list, blank=True)
     output_files = models.JSONField(default=list, blank=True)
+    attempt = models.PositiveSmallIntegerField(
+        default=1, help_text="Runs so far: a resume runs the job again; events of an earlier run are ignored"
+    )
+    saved = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Files the runs uploaded as they went: {name, kind (model/state/sample), epoch, step, attempt, key}",
+    )
+    inputs = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Further inputs the config names: {reg_dataset: name, files: {path under inputs/: storage key}}",
+    )
 
     objects = TrainingJobQuerySet.as_manager()
     grant_policy = GrantPolicy(owner_lookup="owner", owner_actions=("view", "change", "delete"))

@@ -19,17 +19,30 @@ ENDINGS = {"Completed": TrainingStatus.COMPLETED, "Failed": TrainingStatus.FAILE
 
 @handles("training")
 def worker_training_event(event: dict) -> None:
-    """``{"kind":"training","id","status","reason", ...progress}`` from a self-hosted trainer."""
+    """``{"kind":"training","id","status","reason","attempt","saved", ...progress}`` from a self-hosted trainer;
+    events of an earlier run of a resumed job (a late ``Failed``, a stray step) are ignored."""
+    from gpu_runtime import protocol
+
     job_id, status = event.get("id"), event.get("status")
     if not isinstance(job_id, str) or not isinstance(status, str):
         return
+    attempt = event.get("attempt", 1)
+    if not TrainingJob.objects.filter(pk=job_id, attempt=attempt if isinstance(attempt, int) else 1).exists():
+        log.info("ignoring a training event of another run of %s: %r", job_id, event)
+        return
     reason = str(event.get("reason") or "")
     notes = [str(w) for w in event.get("warnings") or []] if isinstance(event.get("warnings"), list) else []
+    saved = []
+    for index, entry in enumerate(event.get("saved") or [] if isinstance(event.get("saved"), list) else []):
+        try:
+            saved.append(protocol.saved_entry(entry, f"saved[{index}]"))
+        except protocol.ProtocolError as exc:
+            log.warning("training %s: ignoring a saved entry: %s", job_id, exc)
     if status in ENDINGS:
-        training.finish(job_id, ENDINGS[status], reason, notes=notes)
+        training.finish(job_id, ENDINGS[status], reason, notes=notes, saved=saved)
         return
     progress = {k: event[k] for k in PROGRESS_KEYS if isinstance(event.get(k), int | float)}
-    training.update_status(job_id, status, reason, progress=progress, notes=notes)
+    training.update_status(job_id, status, reason, progress=progress, notes=notes, saved=saved)
 
 
 @dramatiq.actor(max_retries=5, min_backoff=10_000, max_backoff=120_000, time_limit=120_000)

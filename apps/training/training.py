@@ -106,6 +106,7 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
         raise BadRequest(f"filename {output_name} is not allowed")
     if CheckpointFile.objects.filter(name=f"{output_name}.safetensors").exists():
         raise BadRequest(f"{output_name}.safetensors already exists, please use another or rename/delete exists")
+    inputs = bind_inputs(merged, user, permissions, dataset)
 
     store = blob_store()
     template_name = FM_TYPES[fm_type]
@@ -123,6 +124,7 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
         owner=user.username,
         backend=settings.ESD_TRAINING_BACKEND,
         params={"training_type": "kohya", "training_params": training_params, "config_params": shown_config},
+        inputs=inputs,
     )
     try:
         with transaction.atomic():
@@ -154,6 +156,65 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
     return job
 
 
+# --- inputs the config names ----------------------------------------------------------------------------------------
+
+# kohya keys that name files on the training machine; here they name things of ours, bound at creation.
+INPUT_FOLDER = "inputs"
+
+
+def bind_inputs(config: dict[str, dict], user: User, permissions: frozenset[str], dataset: Dataset) -> dict[str, Any]:
+    """Turn the kohya keys that name files into things of ours, and the config's paths into the worker's.
+
+    Why: kohya reads these keys as paths on the training machine, which a client of ours cannot know. Here
+    ``sample_prompts`` names a file of the training dataset, ``reg_data_dir`` a dataset (kohya's ``N_class``
+    folders: its prefix), ``network_weights`` / ``base_weights`` Lora checkpoint files the user can see; ``resume``
+    is set by resuming a job, never by hand. The config is rewritten in place to the paths the worker downloads them
+    to (relative to its config file); the returned ``inputs`` say what to download (``training_spec``).
+    """
+    flat = kohya_config.flatten(config)
+    files: dict[str, str] = {}
+    inputs: dict[str, Any] = {"files": files}
+    if flat.get("resume"):
+        raise BadRequest("resume cannot be set in config_params: resume a stopped or failed job instead")
+    prompts = flat.get("sample_prompts")
+    if prompts:
+        item = dataset.items.filter(filename=prompts).first() if isinstance(prompts, str) else None
+        if item is None:
+            raise BadRequest(f"sample_prompts {prompts!r} is not a file of dataset {dataset.name}")
+        relative = dataset.file_key(item.filename)[len(keys.dataset_prefix(dataset.name)) + 1 :]
+        kohya_config.set_key(config, "sample_prompts", f"dataset/{relative}")
+    reg = flat.get("reg_data_dir")
+    if reg:
+        reg_dataset = (
+            Dataset.objects.visible_to(user, permissions).filter(name=reg).first() if isinstance(reg, str) else None
+        )
+        if reg_dataset is None:
+            raise BadRequest(f"reg_data_dir {reg!r} is not a dataset (the regularization images' dataset)")
+        inputs["reg_dataset"] = reg_dataset.name
+        kohya_config.set_key(config, "reg_data_dir", f"{INPUT_FOLDER}/reg")
+    for key in ("network_weights", "base_weights"):
+        value = flat.get(key)
+        if not value:
+            continue
+        names = value if isinstance(value, list) else [value]
+        paths = []
+        for name in names:
+            checkpoint = (
+                Checkpoint.objects.visible_to(user, permissions)
+                .filter(status=CheckpointStatus.ACTIVE, checkpoint_type=CheckpointType.LORA, files__name=name)
+                .first()
+                if isinstance(name, str) and keys.is_segment(name)
+                else None
+            )
+            if checkpoint is None:
+                raise BadRequest(f"{key} {name!r} is not a Lora checkpoint file")
+            path = f"{INPUT_FOLDER}/{key}/{name}"
+            files[path] = f"{checkpoint.prefix}/{name}"
+            paths.append(path)
+        kohya_config.set_key(config, key, paths if isinstance(value, list) else paths[0])
+    return inputs
+
+
 # --- backends --------------------------------------------------------------------------------------------------------
 
 
@@ -177,12 +238,19 @@ def training_spec(job: TrainingJob, config: dict, model_key: str, dataset: Datas
     files = [info.key for info in store.list(base + "/")]
     toml_key = f"{keys.training_input(job_id)}/{FM_TYPES[job.params['training_params']['fm_type']]}"
     output_prefix = keys.training_output(job_id)
+    inputs = {path: store.presign_get(key, expires) for path, key in (job.inputs.get("files") or {}).items()}
+    if job.inputs.get("reg_dataset"):
+        reg_base = keys.dataset_prefix(job.inputs["reg_dataset"])
+        for info in store.list(reg_base + "/"):
+            inputs[f"{INPUT_FOLDER}/reg/{info.key[len(reg_base) + 1 :]}"] = store.presign_get(info.key, expires)
+    slots = settings.ESD_TRAINING_SAMPLE_SLOTS if kohya_config.samples_requested(config) else 0
     spec = {
         "fm_type": job.params["training_params"]["fm_type"],
         "config_key": toml_key,
         "model_key": model_key,
         "dataset_prefix": base,
         "output_prefix": output_prefix,
+        "attempt": job.attempt,
         "urls": {
             "config": store.presign_get(toml_key, expires),
             "model": store.presign_get(model_key, expires),
@@ -191,6 +259,10 @@ def training_spec(job: TrainingJob, config: dict, model_key: str, dataset: Datas
                 name: store.presign_put(f"{output_prefix}/{name}", expires)
                 for name in kohya_config.expected_outputs(config)
             },
+            "inputs": inputs,
+            "samples": [
+                store.presign_put(keys.training_sample(job_id, job.attempt, slot), expires) for slot in range(slots)
+            ],
             "cancel": store.presign_get(keys.training_cancel_marker(job_id), expires),
         },
     }
@@ -286,7 +358,7 @@ def stop(job: TrainingJob) -> None:
                 dramatiq.Message(
                     queue_name=settings.ESD_TRAINING_QUEUE,
                     actor_name=protocol.CANCEL_TRAINING,
-                    args=(str(job.id),),
+                    args=(str(job.id), job.attempt),
                     kwargs={},
                     options={},
                 )
@@ -314,14 +386,50 @@ def with_eta(progress: dict[str, Any], now: float) -> dict[str, Any]:
     return progress
 
 
+def record_saved(job: TrainingJob, entries: list[dict]) -> list[str]:
+    """Merge a run's ``saved`` entries into ``job.saved`` (idempotent: by kind and name); returns the storage keys
+    of files the run removed again (``save_last_n_epochs``), for the caller to delete after the commit."""
+    output_prefix = keys.training_output(str(job.id))
+    saved = {(entry["kind"], entry["name"]): entry for entry in job.saved}
+    removed = []
+    for entry in entries:
+        kind, name = entry["kind"], entry["name"]
+        if kind == "sample":
+            key = keys.training_sample(str(job.id), job.attempt, entry["slot"])
+        else:
+            key = f"{output_prefix}/{name}"
+        if entry.get("removed"):
+            if saved.pop((kind, name), None) is not None:
+                removed.append(key)
+            continue
+        saved[(kind, name)] = {
+            "name": name,
+            "kind": kind,
+            "epoch": entry.get("epoch"),
+            "step": entry.get("step"),
+            "attempt": job.attempt,
+            "key": key,
+        }
+    job.saved = list(saved.values())
+    return removed
+
+
 def update_status(
-    job_id: str, status: str, reason: str = "", progress: dict | None = None, notes: list[str] | None = None
+    job_id: str,
+    status: str,
+    reason: str = "",
+    progress: dict | None = None,
+    notes: list[str] | None = None,
+    saved: list[dict] | None = None,
 ) -> TrainingJob | None:
     """The one place a training's status changes; terminal jobs stay as they are."""
+    removed: list[str] = []
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
         if job is None or job.status in TERMINAL_TRAINING:
             return job
+        if saved:
+            removed = record_saved(job, saved)
         job.status = status
         if reason:
             job.reason = reason
@@ -334,14 +442,23 @@ def update_status(
         if status in TERMINAL_TRAINING:
             job.finished = timezone.now()
         job.save()
+    if removed:
+        store = blob_store()
+        for key in removed:
+            store.delete(key)
     return job
 
 
-def finish(job_id: str, status: str, reason: str = "", notes: list[str] | None = None) -> TrainingJob | None:
-    """The end of a run: ``Completed`` needs output files; the checkpoint follows the job (contract §10.5)."""
+def finish(
+    job_id: str, status: str, reason: str = "", notes: list[str] | None = None, saved: list[dict] | None = None
+) -> TrainingJob | None:
+    """The end of a run: ``Completed`` needs output files; the checkpoint follows the job (contract §10.5).
+    ``saved`` is everything the run uploaded (the final event carries it all)."""
     job = TrainingJob.objects.filter(pk=job_id).first()
     if job is None or job.status in TERMINAL_TRAINING:
         return job
+    if saved:
+        update_status(job_id, job.status, saved=saved)
     if status == TrainingStatus.COMPLETED:
         store = blob_store()
         prefix = keys.training_output(job_id) + "/"
@@ -369,6 +486,74 @@ def finish(job_id: str, status: str, reason: str = "", notes: list[str] | None =
         if checkpoint is not None:
             set_checkpoint_status(checkpoint, CheckpointStatus.DISABLED, error=reason or status)
     return update_status(job_id, status, reason, notes=notes)
+
+
+# --- resume ----------------------------------------------------------------------------------------------------------
+
+
+def latest_state(job: TrainingJob) -> dict | None:
+    """The state a resume continues from: the one saved at the highest step."""
+    states = [entry for entry in job.saved if entry.get("kind") == "state"]
+    return max(states, key=lambda entry: (entry.get("step") or 0, entry["name"]), default=None)
+
+
+def resume_problem(job: TrainingJob) -> str | None:
+    """Why the job cannot be resumed (None when it can): the console shows it, the command and API refuse with it."""
+    if job.status not in (TrainingStatus.FAILED, TrainingStatus.STOPPED):
+        return f"only a failed or stopped training can be resumed; this one is {job.status}"
+    if job.backend == "sagemaker":
+        return "SageMaker trainings cannot be resumed here: resume runs on self-hosted training workers"
+    if latest_state(job) is None:
+        return "the training saved no state to resume from (it needs save_state = true and one finished save)"
+    return None
+
+
+def resume_training(job_id: Any, by: str) -> TrainingJob:
+    """Run a failed or stopped job again from its latest saved state, as the same job: the step count and the loss
+    curve go on, the output checkpoint is the same row. The next attempt number makes workers treat it as a new
+    run and the server ignore late events of the old one."""
+    import tomllib
+
+    store = blob_store()
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None:
+            raise BadRequest("training not found")
+        problem = resume_problem(job)
+        if problem:
+            raise BadRequest(problem)
+        state = latest_state(job)
+        params = job.params["training_params"]
+        dataset = Dataset.objects.filter(name=params["dataset"]).first()
+        if dataset is None:
+            raise BadRequest(f"the training's dataset {params['dataset']} was deleted")
+        if job.inputs.get("reg_dataset") and not Dataset.objects.filter(name=job.inputs["reg_dataset"]).exists():
+            raise BadRequest(f"the training's regularization dataset {job.inputs['reg_dataset']} was deleted")
+        toml_key = store.key_of(params["s3_toml_path"])
+        config = tomllib.loads(store.read_bytes(toml_key).decode())
+        path = f"{INPUT_FOLDER}/resume/{state['name']}"
+        kohya_config.set_key(config, "resume", path)
+        store.put_bytes(toml_key, kohya_config.dumps(config).encode())
+        store.delete(keys.training_cancel_marker(str(job.id)))
+        files = {
+            p: k for p, k in (job.inputs.get("files") or {}).items() if not p.startswith(f"{INPUT_FOLDER}/resume/")
+        }
+        job.inputs = {**job.inputs, "files": {**files, path: state["key"]}}
+        job.attempt += 1
+        job.status = TrainingStatus.STARTING
+        job.reason = ""
+        job.finished = None
+        step = state.get("step") or 0
+        job.losses = [point for point in job.losses if point[0] <= step]
+        job.progress = {k: v for k, v in job.progress.items() if k in ("epochs", "steps")} | {"step": step}
+        job.log = [*job.log, f"resumed by {by} from {state['name']} (step {step})"]
+        job.save()
+        checkpoint = Checkpoint.objects.filter(pk=job.pk).first()
+        if checkpoint is not None:
+            set_checkpoint_status(checkpoint, CheckpointStatus.INITIAL)
+        spec = training_spec(job, config, store.key_of(params["s3_model_path"]), dataset)
+        transaction.on_commit(lambda: send_training(str(job.id), spec))
+    return job
 
 
 def delete_trainings(jobs: list[TrainingJob]) -> int:

@@ -10,5 +10,6 @@ urlpatterns = [
     path("training/<uuid:pk>/", views.training_page, name="training"),
     path("training/<uuid:pk>/live", views.training_live, name="training-live"),
     path("training/<uuid:pk>/delete/", views.training_delete, name="training-delete"),
+    path("training/<uuid:pk>/resume/", views.training_resume, name="training-resume"),
     path("datasets/", views.datasets, name="datasets"),
 ]

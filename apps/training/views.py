@@ -254,9 +254,29 @@ def duration_text(seconds: Any) -> str:
     return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
+def sample_images(job: TrainingJob) -> list[dict[str, Any]]:
+    """The sample images made so far, newest run first, each with a presigned GET and a label."""
+    store = blob_store()
+    samples = [entry for entry in job.saved if entry.get("kind") == "sample"]
+    samples.sort(key=lambda e: (-(e.get("attempt") or 1), e.get("step") or 0, e["name"]))
+    return [
+        {
+            "name": entry["name"].rpartition("/")[2],
+            "url": store.presign_get(entry["key"], settings.ESD_PRESIGN_EXPIRES),
+            "label": f"step {entry.get('step') or 0}" + (f", epoch {entry['epoch']}" if entry.get("epoch") else ""),
+        }
+        for entry in samples
+    ]
+
+
 def live_context(job: TrainingJob) -> dict[str, Any]:
     """What the live part shows; ``done`` drops the polling attribute so htmx stops asking."""
+    states = [entry for entry in job.saved if entry.get("kind") == "state"]
     return {
+        "samples": sample_images(job),
+        "states": sorted(states, key=lambda e: e.get("step") or 0),
+        "resume_problem": training.resume_problem(job) if job.status in TERMINAL_TRAINING else None,
+        "resume_from": training.latest_state(job),
         "job": job,
         "done": job.status in TERMINAL_TRAINING,
         "progress": job.progress or {},
@@ -301,6 +321,21 @@ def training_delete(request: HttpRequest, pk: Any) -> HttpResponse:
         "console/training/training_delete.html",
         {"job": job, "output_name": output_name(job), "running": job.status not in TERMINAL_TRAINING},
     )
+
+
+@console_view(*TRAIN)
+def training_resume(request: HttpRequest, pk: Any) -> HttpResponse:
+    """POST: run a failed or stopped training again from its latest state (``training.resume_training``)."""
+    job = _job_or_404(request, pk)
+    if request.method != "POST":
+        return redirect("console:training", pk=job.pk)
+    try:
+        job = training.resume_training(job.pk, by=request.user.username)
+    except EsdError as exc:
+        messages.error(request, f"Cannot resume: {exc.message}")
+    else:
+        messages.success(request, f"Training {output_name(job)} resumed (run {job.attempt}).")
+    return redirect("console:training", pk=job.pk)
 
 
 @console_view(*TRAIN)

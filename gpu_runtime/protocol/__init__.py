@@ -131,6 +131,10 @@ def validate_event(event: Any) -> dict:
         _string(event.get("id"), "event.id")
         _string(event.get("status"), "event.status")
         _string(event.get("reason") or "", "event.reason", empty=True)
+        for index, entry in enumerate(_require(event.get("saved", []), list, "event.saved")):
+            saved_entry(entry, f"event.saved[{index}]")
+        if event.get("attempt") is not None:
+            _require(event["attempt"], int, "event.attempt")
     else:
         raise ProtocolError(f"event.kind {kind!r} is not one of {', '.join(EVENT_KINDS)}")
     return event
@@ -176,6 +180,9 @@ def training_status(job_id: str, status: str, reason: str = "", **extra: Any) ->
 
 
 FM_TYPES = ("sd_1_5", "sd_xl")
+INPUTS_FOLDER = "inputs"  # a training's further input files, beside its config file on the worker
+MAX_INPUT_PARTS = 5  # inputs/reg/<dataset folder>/<repeats>_<class>/<file>
+SAVED_KINDS = ("model", "state", "sample")
 
 
 def _relative_path(path: Any, where: str, *, max_parts: int) -> str:
@@ -193,9 +200,15 @@ def _relative_path(path: Any, where: str, *, max_parts: int) -> str:
 def validate_training_spec(spec: Any) -> dict:
     """The ``run_training(job_id, spec)`` spec of contract §12.2; returns it unchanged when valid.
 
-    ``{"fm_type", "config_key", "model_key", "dataset_prefix", "output_prefix", "urls": {"config": GET, "model":
-    GET, "dataset": {relative path: GET}, "outputs": {file name: PUT}, "cancel": GET (optional)}}``. Dataset paths
-    are relative to ``dataset_prefix`` (``name.png`` or ``10_technic/name.png``); output names are plain file names.
+    ``{"fm_type", "config_key", "model_key", "dataset_prefix", "output_prefix", "attempt" (optional, 1 first),
+    "urls": {"config": GET, "model": GET, "dataset": {relative path: GET}, "outputs": {file name: PUT}, "inputs":
+    {relative path: GET} (optional), "samples": [PUT, ...] (optional), "cancel": GET (optional)}}``.
+
+    Dataset paths are relative to ``dataset_prefix`` (``name.png`` or ``10_technic/name.png``); output names are
+    plain file names. ``inputs`` are further files the config names, relative to the config file's folder under
+    ``inputs/`` (a resume state, regularization images, a LoRA to continue from). ``samples`` are upload slots for
+    sample images, used in the order the images are made (their names are the trainer's, reported in events).
+    ``attempt`` tells a resumed run from the run before it: a worker treats ``(id, attempt)`` as the run.
     """
     _require(spec, dict, "spec")
     fm_type = _string(spec.get("fm_type"), "spec.fm_type")
@@ -218,6 +231,39 @@ def validate_training_spec(spec: Any) -> dict:
     for name, url in outputs.items():
         _relative_path(name, "spec.urls.outputs key", max_parts=1)
         _string(url, f"spec.urls.outputs.{name}")
+    for path, url in _require(urls.get("inputs", {}), dict, "spec.urls.inputs").items():
+        _relative_path(path, "spec.urls.inputs key", max_parts=MAX_INPUT_PARTS)
+        if not path.startswith(INPUTS_FOLDER + "/"):
+            raise ProtocolError(f"spec.urls.inputs key {path!r} must be under {INPUTS_FOLDER}/")
+        _string(url, f"spec.urls.inputs.{path}")
+    for index, url in enumerate(_require(urls.get("samples", []), list, "spec.urls.samples")):
+        _string(url, f"spec.urls.samples[{index}]")
     if urls.get("cancel") is not None:
         _string(urls["cancel"], "spec.urls.cancel")
+    attempt = spec.get("attempt", 1)
+    if _require(attempt, int, "spec.attempt") < 1:
+        raise ProtocolError("spec.attempt must be 1 or more")
     return spec
+
+
+def training_run(job_id: str, attempt: int) -> str:
+    """The id of one run of a training: a resumed job runs again under the same job id, and a worker that saw the
+    first run finish (or be cancelled) must still take the second."""
+    return job_id if attempt <= 1 else f"{job_id}#{attempt}"
+
+
+def saved_entry(entry: Any, where: str) -> dict:
+    """One file a running training uploaded (``saved`` in a ``training`` event): ``{"name", "kind", "epoch",
+    "step"}`` plus ``"slot"`` for a sample image (the index of its upload URL in ``spec.urls.samples``) and
+    ``"removed": true`` when the run deleted an older file (``save_last_n_epochs``)."""
+    _require(entry, dict, where)
+    _relative_path(entry.get("name"), f"{where}.name", max_parts=2)
+    kind = _string(entry.get("kind"), f"{where}.kind")
+    if kind not in SAVED_KINDS:
+        raise ProtocolError(f"{where}.kind must be one of {', '.join(SAVED_KINDS)}")
+    for field in ("epoch", "step"):
+        if entry.get(field) is not None and _require(entry[field], int, f"{where}.{field}") < 0:
+            raise ProtocolError(f"{where}.{field} must not be negative")
+    if kind == "sample":
+        _require(entry.get("slot"), int, f"{where}.slot")
+    return entry

@@ -36,6 +36,9 @@ from gpu_runtime.trainer.state import (
 )
 
 Progress = Callable[[dict], None]
+# ``on_output({"kind": "model" | "state" | "sample", "path", "epoch", "step", "removed"})``: a file was written
+# (or, with ``removed``, deleted again by ``save_last_n_epochs``) - so a worker can upload it while the run goes on.
+Output = Callable[[dict], None]
 
 
 @dataclass
@@ -74,14 +77,16 @@ def train(
     on_progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     work_dir: Path | None = None,
+    on_output: Output | None = None,
 ) -> TrainResult:
     """Train a kohya-format LoRA for ``model_path`` on ``dataset_dir`` as ``config_path`` says; write the epoch
     files and the final file into ``output_dir``.
 
     ``on_progress({"epoch", "epochs", "step", "steps", "loss"})`` is called after every optimizer step (``loss`` is
     the running mean of the current epoch, like kohya's ``avr_loss``); ``should_stop()`` is checked before every
-    step and stops the run with :class:`TrainingCancelled` (no final file). Deterministic for a given ``seed`` on
-    CPU; the caller's global RNG state is left as it was. ``work_dir`` holds the offline config dirs.
+    step and stops the run with :class:`TrainingCancelled` (no final file). ``on_output`` hears of every file as
+    it is written or removed, so what a run saved before it failed or was stopped can be kept. Deterministic for a
+    given ``seed`` on CPU; the caller's global RNG state is left as it was. ``work_dir`` holds the offline config dirs.
 
     With ``resume`` (a state file a ``save_state`` run wrote) the run continues from that state's step exactly as
     the saved run would have; a config or dataset that would train differently is refused, naming what differs.
@@ -108,7 +113,7 @@ def train(
         torch.manual_seed(seed)
         return _train(
             config, Path(model_path), images, output_dir, work_dir, device, seed, warnings, started_at,
-            on_progress, should_stop, state,
+            on_progress, should_stop, state, on_output,
         )  # fmt: skip
 
 
@@ -125,6 +130,7 @@ def _train(
     on_progress: Progress | None,
     should_stop: Callable[[], bool] | None,
     resumed: dict | None = None,
+    on_output: Output | None = None,
 ) -> TrainResult:
     """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG. ``resumed`` is the state
     to continue from (checked against the config and dataset)."""
@@ -237,7 +243,14 @@ def _train(
         lambda: torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast),
         lambda: _eval_weights(config, optimizer), warnings,
     )  # fmt: skip
-    sample_files = sample(network, 0, 0)  # kohya's sample_at_first
+
+    def output(kind: str, paths: list[Path], epoch: int | None, step: int, removed: bool = False) -> list[Path]:
+        """Tell ``on_output`` of written (or removed) files; returns ``paths``."""
+        for path in paths if on_output is not None else ():
+            on_output({"kind": kind, "path": path, "epoch": epoch, "step": step, "removed": removed})
+        return paths
+
+    sample_files = output("sample", sample(network, 0, 0), 0, 0)  # kohya's sample_at_first
     written: list[Path] = []
     epoch_files: list[Path] = []
     state_files: list[Path] = []
@@ -362,10 +375,10 @@ def _train(
             loss_value = sum(epoch_losses) / len(epoch_losses)
             if on_progress is not None:
                 on_progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total_steps, "loss": loss_value})
-            sample_files += sample(network, None, step)  # every sample_every_n_steps
+            sample_files += output("sample", sample(network, None, step), epoch, step)  # every sample_every_n_steps
             if step >= total_steps:
                 break
-        sample_files += sample(network, epoch, step)  # every sample_every_n_epochs, the last epoch included
+        sample_files += output("sample", sample(network, epoch, step), epoch, step)  # every sample_every_n_epochs
         last = epoch == epochs or step >= total_steps
         if last:
             break
@@ -375,31 +388,37 @@ def _train(
                 _save(path, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epoch, step))
             written.append(path)
             epoch_files.append(path)
+            output("model", [path], epoch, step)
             if config.save_last_n_epochs is not None:
                 while len(epoch_files) > config.save_last_n_epochs:
                     old = epoch_files.pop(0)
                     old.unlink(missing_ok=True)
                     written.remove(old)
+                    output("model", [old], epoch, step, removed=True)
             if config.save_state:  # kohya's save_and_remove_state_on_epoch_end
                 path = output_dir / config.epoch_state_file(epoch)
                 save_state(path, training_state(epoch))
                 written.append(path)
                 state_files.append(path)
+                output("state", [path], epoch, step)
                 keep = config.save_last_n_epochs_state or config.save_last_n_epochs
                 while keep is not None and len(state_files) > keep:
                     old = state_files.pop(0)
                     old.unlink(missing_ok=True)
                     written.remove(old)
+                    output("state", [old], epoch, step, removed=True)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
     final = output_dir / config.final_file()
     with _eval_weights(config, optimizer):
         _save(final, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epochs, step))
     written.append(final)
+    output("model", [final], epochs, step)
     if config.save_state or config.save_state_on_train_end:  # kohya's save_state_on_train_end
         path = output_dir / config.final_state_file()
         save_state(path, training_state(epochs))
         written.append(path)
+        output("state", [path], epochs, step)
     return TrainResult(
         files=written,
         warnings=warnings,

@@ -9,6 +9,7 @@ from django.conf import settings
 from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.plumbing import ResolvedComponent
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.training.api.schemas import STATUSES
@@ -197,6 +198,27 @@ class TrainingProgressSerializer(EsdSerializer):
         return {name: progress[name] for name in self.fields if isinstance(progress.get(name), int | float)}
 
 
+class TrainingSampleSerializer(EsdSerializer):
+    """One sample image a run made (kohya's ``sample_prompts``), with a presigned GET."""
+
+    name = serializers.CharField(help_text="The trainer's file name (kohya's, without the timestamp)")
+    epoch = serializers.IntegerField(allow_null=True)
+    step = serializers.IntegerField(allow_null=True)
+    attempt = serializers.IntegerField(help_text="The run that made it (a resume is the next run)")
+    url = serializers.SerializerMethodField()
+
+    def get_url(self, entry: dict[str, Any]) -> str:
+        return blob_store().presign_get(entry["key"], settings.ESD_PRESIGN_EXPIRES)
+
+
+class TrainingStateSerializer(EsdSerializer):
+    """A saved training state (``save_state``): what a resume continues from."""
+
+    name = serializers.CharField()
+    epoch = serializers.IntegerField(allow_null=True)
+    step = serializers.IntegerField(allow_null=True)
+
+
 class TrainingDetailSerializer(EsdSerializer):
     id = serializers.UUIDField()
     checkpoint_id = serializers.UUIDField(source="id", help_text="The output checkpoint has the job's id")
@@ -206,6 +228,17 @@ class TrainingDetailSerializer(EsdSerializer):
     timestamp = EpochField(source="created")
     train_type = serializers.SerializerMethodField()
     progress = TrainingProgressSerializer(help_text="Not in ESD: step, loss and ETA while the job runs")
+    samples = serializers.SerializerMethodField(help_text="Not in ESD: the sample images made so far")
+    states = serializers.SerializerMethodField(help_text="Not in ESD: the saved states a resume can continue from")
+    attempt = serializers.IntegerField(help_text="Not in ESD: 1, and one more for each resume")
+
+    @extend_schema_field(TrainingSampleSerializer(many=True))
+    def get_samples(self, job: TrainingJob) -> list[dict[str, Any]]:
+        return [TrainingSampleSerializer.render(e) for e in job.saved if e.get("kind") == "sample"]
+
+    @extend_schema_field(TrainingStateSerializer(many=True))
+    def get_states(self, job: TrainingJob) -> list[dict[str, Any]]:
+        return [TrainingStateSerializer.render(e) for e in job.saved if e.get("kind") == "state"]
 
     def get_model_id(self, job: TrainingJob) -> str:
         return "kohya"

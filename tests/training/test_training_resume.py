@@ -1,0 +1,201 @@
+"""Saved outputs, sample images and resume, end to end on the tiny model with the real trainer on the training
+queue: files are uploaded as the run writes them, sample images show in the API and the console, and a stopped job
+resumed from its state continues the step count and the loss curve of an uninterrupted run."""
+
+import io
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load
+
+from apps.models_registry.models import Checkpoint
+from apps.training import training
+from apps.training.models import TrainingJob
+from esd.storage import blob_store
+from tests.conftest import Api, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ENDED = ("Completed", "Failed", "Stopped")
+
+
+def png(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def trainer(settings, tmp_path):
+    pytest.importorskip("diffusers")
+    import dramatiq
+
+    from gpu_runtime.training_worker import TrainingWorker
+
+    worker = TrainingWorker(
+        dramatiq.get_broker(),
+        tmp_path / "trainer",
+        queue=settings.ESD_TRAINING_QUEUE,
+        events_queue=settings.ESD_EVENTS_QUEUE,
+        device="cpu",
+        poll_ms=50,
+        cancel_poll_seconds=0.1,
+        progress_seconds=0.0,
+    )
+    worker.start()
+    yield worker
+    worker.stop(timeout=120)
+
+
+def upload_dataset(api: Api, key: str, name: str, prefix: str, extra: dict[str, bytes] | None = None) -> None:
+    """Three captioned images (and ``extra`` files) in ``prefix``, uploaded through the presigned URLs."""
+    files = {f"{i}.png": png(i) for i in range(3)} | {f"{i}.txt": b"a photo of a blob" for i in range(3)}
+    files |= extra or {}
+    content = [
+        {"filename": n, "name": n, "type": "image" if n.endswith(".png") else "text", "params": {}} for n in files
+    ]
+    created = api.post(
+        "datasets",
+        {"dataset_name": name, "prefix": prefix, "params": {}, "creator": "admin", "content": content},
+        key=key,
+    )
+    assert created.status == 201, created.body
+    for file_name, url in created.body["data"]["s3PresignUrl"].items():
+        assert requests.put(url, data=files[file_name], timeout=30).status_code == 200
+    assert api.put(f"datasets/{name}", {"status": "Enabled"}, key=key).status == 200
+
+
+def start(api: Api, key: str, dataset: str, output_name: str, *, epochs: int, **extra: dict) -> str:
+    body = {
+        "lora_train_type": "kohya",
+        "params": {
+            "training_params": {
+                "training_instance_type": "cpu",
+                "model": "tiny.safetensors",
+                "dataset": dataset,
+                "fm_type": "sd_1_5",
+            },
+            "config_params": {
+                "saving_arguments": {"output_name": output_name, "save_every_n_epochs": 1, "save_state": True},
+                "training_arguments": {
+                    "max_train_epochs": epochs,
+                    "resolution": "64,64",
+                    "mixed_precision": "no",
+                    "train_batch_size": 1,
+                    "seed": 7,
+                    **extra.get("training_arguments", {}),
+                },
+                "dataset_arguments": {"min_bucket_reso": 64},
+                "additional_network_arguments": {"network_dim": 4, "network_alpha": 4},
+                "optimizer_arguments": {"optimizer_type": "AdamW", "learning_rate": 0.01, "lr_scheduler": "constant"},
+            },
+        },
+    }
+    answer = api.post("trainings", body, key=key)
+    assert answer.status == 201, answer.body
+    return answer.body["data"]["id"]
+
+
+def ended(job_id: str, timeout: float = 300) -> TrainingJob:
+    return wait_until(lambda: TrainingJob.objects.filter(pk=job_id, status__in=ENDED).first(), timeout=timeout)
+
+
+def lora_tensors(job_id: str, name: str) -> dict[str, torch.Tensor]:
+    return load(blob_store().read_bytes(f"kohya/train/{job_id}/output/{name}"))
+
+
+def test_samples_and_states_are_uploaded_as_the_run_goes(
+    api: Api, admin_key, admin, client, worker, registered, trainer
+):
+    from PIL import Image
+
+    prompts = (
+        b"a photo of a blob --w 64 --h 64 --s 4 --d 5\n# a comment\nred blob --n blurry --w 64 --h 64 --s 4 --d 6\n"
+    )
+    upload_dataset(api, admin_key, "blobs", "2_blob", {"prompts.txt": prompts})
+    job_id = start(
+        api,
+        admin_key,
+        "blobs",
+        "sampled",
+        epochs=2,
+        training_arguments={"sample_prompts": "prompts.txt", "sample_every_n_epochs": 1},
+    )
+    job = ended(job_id)
+    assert job.status == "Completed", (job.reason, job.log)
+
+    detail = api.get(f"trainings/{job_id}", key=admin_key).body["data"]
+    samples = detail["samples"]
+    # two prompts at the end of each of the two epochs, in the order they were made, with kohya's names
+    assert [(s["epoch"], s["name"]) for s in samples] == [
+        (1, "sample/sampled_e000001_00_5.png"),
+        (1, "sample/sampled_e000001_01_6.png"),
+        (2, "sample/sampled_e000002_00_5.png"),
+        (2, "sample/sampled_e000002_01_6.png"),
+    ]
+    pictures = [requests.get(s["url"], timeout=30).content for s in samples]
+    for data in pictures:
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+    # same prompt and seed one epoch later: the LoRA trained in between changed the image
+    assert pictures[0] != pictures[2] and pictures[1] != pictures[3]
+    assert [(s["name"], s["step"]) for s in detail["states"]] == [
+        ("sampled-000001-state.pt", 6),
+        ("sampled-state.pt", 12),
+    ]
+    # the checkpoint holds the LoRA files only; the states stay beside them in the output folder
+    checkpoint = Checkpoint.objects.get(pk=job_id)
+    assert [f.name for f in checkpoint.files.all()] == ["sampled.safetensors", "sampled-000001.safetensors"]
+    assert blob_store().exists(f"kohya/train/{job_id}/output/sampled-000001-state.pt")
+
+    client.force_login(admin)
+    page = client.get(f"/training/{job_id}/").content.decode()
+    assert page.count('alt="sample ') == 4 and "sampled-000001-state.pt" in page
+    assert 'id="training-resume"' not in page  # a completed job has nothing to resume
+
+
+def test_a_stopped_job_resumed_from_its_state_continues_the_loss_curve(
+    api: Api, admin_key, admin, client, worker, registered, trainer
+):
+    upload_dataset(api, admin_key, "blobs", "10_blob")  # 30 steps an epoch
+    reference_id = start(api, admin_key, "blobs", "straight", epochs=3)
+    reference = ended(reference_id)
+    assert reference.status == "Completed", (reference.reason, reference.log)
+
+    job_id = start(api, admin_key, "blobs", "resumed", epochs=3)
+    first = wait_until(lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="state.pt").first(), 300)
+    training.stop(first)
+    stopped = ended(job_id)
+    assert stopped.status == "Stopped", (stopped.reason, stopped.log)
+    state = training.latest_state(stopped)
+    assert state["kind"] == "state" and state["step"] % 30 == 0 and state["step"] < 90
+    stopped_at = max(step for step, _ in stopped.losses)
+    assert stopped_at < 90
+
+    client.force_login(admin)
+    page = client.get(f"/training/{job_id}/").content.decode()
+    assert f"Resume from {state['name']}" in page
+    answer = client.post(f"/training/{job_id}/resume/")
+    assert answer.status_code == 302
+    resumed = TrainingJob.objects.get(pk=job_id)
+    assert resumed.attempt == 2 and resumed.status == "Starting" and not resumed.reason
+    assert all(step <= state["step"] for step, _ in resumed.losses)  # the steps after the state are trained again
+
+    job = ended(job_id)
+    assert job.status == "Completed", (job.reason, job.log)
+    assert any(f"resumed by admin from {state['name']}" in line for line in job.log)
+    # the curve goes on from the state's step and matches the uninterrupted run step for step
+    curve, expected = dict(job.losses), dict(reference.losses)
+    assert max(curve) == 90 and min(s for s in curve if s > state["step"]) == state["step"] + 1
+    assert set(curve) == set(expected)
+    for step, loss in expected.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+    # and so does the LoRA it wrote
+    mine, theirs = lora_tensors(job_id, "resumed.safetensors"), lora_tensors(reference_id, "straight.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+    assert Checkpoint.objects.get(pk=job_id).status == "Active"
