@@ -1,6 +1,7 @@
 """The job and event schemas both sides validate with, and the pure pieces of the engine."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -137,3 +138,45 @@ def test_make_tiny_model_command(tmp_path):
     from gpu_runtime.families import family_of_file
 
     assert out.exists() and family_of_file(out) == "tiny-sd15"
+
+
+def training_spec(**urls) -> dict:
+    return {
+        "fm_type": "sd_1_5",
+        "config_key": "c",
+        "model_key": "m/x.safetensors",
+        "dataset_prefix": "dataset/d",
+        "output_prefix": "o",
+        "urls": {"config": "u", "model": "u", "dataset": {"1_a/x.png": "u"}, "outputs": {"x.safetensors": "u"}, **urls},
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (training_spec(inputs={"reg/1_a/x.png": "u"}), "must be under inputs/"),
+        (training_spec(inputs={"inputs/../x": "u"}), "is not an allowed file path"),
+        (training_spec(inputs={"inputs/a/b/c/d/e": "u"}), "more than 5 path segments"),
+        (training_spec(samples="u"), "spec.urls.samples must be a list"),
+        ({**training_spec(), "attempt": 0}, "spec.attempt must be 1 or more"),
+    ],
+)
+def test_training_specs_say_why(spec, message):
+    with pytest.raises(protocol.ProtocolError, match=re.escape(message)):
+        protocol.validate_training_spec(spec)
+
+
+def test_training_runs_and_saved_entries():
+    spec = {**training_spec(inputs={"inputs/reg/1_a/x.png": "u"}, samples=["u", "u"]), "attempt": 2}
+    assert protocol.validate_training_spec(spec) is spec
+    assert protocol.training_run("j", 1) == "j" and protocol.training_run("j", 2) == "j#2"
+    sample = {"name": "sample/x_e000001_00.png", "kind": "sample", "epoch": 1, "step": 6, "slot": 0}
+    assert protocol.saved_entry(sample, "s") is sample
+    with pytest.raises(protocol.ProtocolError, match="s.slot must be a int"):
+        protocol.saved_entry({**sample, "slot": None}, "s")
+    with pytest.raises(protocol.ProtocolError, match="s.kind must be one of model, state, sample"):
+        protocol.saved_entry({**sample, "kind": "log"}, "s")
+    with pytest.raises(protocol.ProtocolError, match="s.step must not be negative"):
+        protocol.saved_entry({**sample, "step": -1}, "s")
+    event = protocol.training_status("j", "Training", saved=[sample], attempt=2)
+    assert protocol.validate_event(event) is event
