@@ -79,7 +79,7 @@ def monitor_sagemaker_training(job_id: str, delay_ms: int = 30_000) -> None:
 @recoverer("trainings")
 def recover_trainings() -> int:
     """Monitors of SageMaker trainings; self-hosted trainings an in-process broker lost on restart: queued ones are
-    sent again, interrupted ones failed (a run cannot resume)."""
+    sent again, interrupted ones failed (with a saved state they can be resumed from it)."""
     import tomllib
 
     import dramatiq as _dramatiq
@@ -97,7 +97,8 @@ def recover_trainings() -> int:
         return count
     for job in running.exclude(backend="sagemaker"):
         if job.status != TrainingStatus.STARTING:
-            training.finish(str(job.id), TrainingStatus.FAILED, "interrupted by a restart of the server")
+            hint = ": resume it from its latest state" if training.latest_state(job) else ""
+            training.finish(str(job.id), TrainingStatus.FAILED, "interrupted by a restart of the server" + hint)
             continue
         params = job.params["training_params"]
         store = blob_store()

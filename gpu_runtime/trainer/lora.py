@@ -239,7 +239,11 @@ class LoRANetwork(torch.nn.Module):
 
     def param_groups(self, config: TrainingConfig) -> list[dict[str, Any]]:
         """kohya's ``prepare_optimizer_params``: text encoder LoRAs at ``text_encoder_lr``, UNet LoRAs at
-        ``unet_lr``; with a LoRA+ ratio the ``lora_up`` weights form their own group at ``lr * ratio``."""
+        ``unet_lr``; with a LoRA+ ratio the ``lora_up`` weights form their own group at ``lr * ratio``.
+
+        A group at learning rate 0 is left out, as kohya does ("NO LR skipping"): its LoRAs keep their initial
+        weights even under optimizers that ignore the learning rate (Adafactor's relative step), while their
+        gradients still count in ``max_grad_norm``'s clipping (kohya clips all network parameters)."""
         groups: list[dict[str, Any]] = []
         parts = (
             (self.text_loras, config.text_encoder_lr, config.loraplus_text_encoder_lr_ratio),
@@ -253,7 +257,10 @@ class LoRANetwork(torch.nn.Module):
                 groups.append({"params": [lora.lora_up.weight for lora in loras], "lr": lr * ratio})
             else:
                 groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
-        return groups
+        kept = [group for group in groups if group["lr"]]
+        if not kept:
+            raise TrainingError("every learning rate is 0 (unet_lr, text_encoder_lr): nothing would be trained")
+        return kept
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The file's tensors: kohya's key layout, on the CPU in the save precision."""

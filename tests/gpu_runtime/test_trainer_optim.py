@@ -551,3 +551,17 @@ def test_a_missing_optimizer_package_fails_the_job_before_training(root, tmp_pat
     with pytest.raises(TrainingError, match="optimizer_type Lion needs the lion-pytorch package"):
         run(root, tmp_path, _e2e(tmp_path, "lion", optimizer_type="Lion", learning_rate=1e-4))
     assert not stepped and (not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir()))
+
+
+def test_a_group_at_learning_rate_0_is_left_out_as_kohya_does(root, tmp_path, stepped):  # noqa: F811
+    """Adafactor's relative step ignores learning rates: only leaving the text encoder's group out of the optimizer
+    keeps its LoRA untrained with ``text_encoder_lr = 0``, as kohya's "NO LR skipping" does."""
+    config = _e2e(tmp_path, "frozen", optimizer_type="Adafactor", text_encoder_lr=0)
+    lora = _lora(run(root, tmp_path / "frozen", config).files[-1])
+    text_ups = [t for k, t in lora.items() if k.startswith("lora_te_") and "lora_up" in k]
+    unet_ups = [t for k, t in lora.items() if k.startswith("lora_unet_") and "lora_up" in k]
+    assert text_ups and all(not t.any() for t in text_ups)  # zero-initialised, never stepped
+    assert any(t.any() for t in unet_ups)
+    assert len(stepped[-1][0].param_groups) == 1
+    with pytest.raises(TrainingError, match="every learning rate is 0"):
+        run(root, tmp_path / "none", _e2e(tmp_path, "none", unet_lr=0, text_encoder_lr=0))
