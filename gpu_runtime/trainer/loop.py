@@ -85,6 +85,8 @@ def train(
 
     With ``resume`` (a state file a ``save_state`` run wrote) the run continues from that state's step exactly as
     the saved run would have; a config or dataset that would train differently is refused, naming what differs.
+    With ``reg_data_dir`` (resolved against the config file's folder) kohya's regularization images join the
+    dataset, repeated to the training images' count, and their loss is weighted by ``prior_loss_weight``.
     """
     started_at = time.time()
     config = TrainingConfig.from_toml(Path(config_path))
