@@ -320,8 +320,8 @@ def _train(
             # kohya's loss_weights: prior_loss_weight for a regularization image, 1 for a training image
             weights = None
             if reg is not None:
-                weights = [config.prior_loss_weight if image.is_reg else 1.0 for image in batch]
-                weights = torch.tensor(weights, dtype=torch.float32, device=device)
+                values = [config.prior_loss_weight if image.is_reg else 1.0 for image in batch]
+                weights = torch.tensor(values, dtype=torch.float32, device=device)
             with torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast):
                 with torch.set_grad_enabled(config.train_text_encoder):
                     hidden, pooled = encode(captions)
