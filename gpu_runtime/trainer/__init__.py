@@ -28,7 +28,8 @@ The package, in the order a run uses it (each module imports only those above it
 - :mod:`~gpu_runtime.trainer.captions`: kohya's caption processing (prefix/suffix, dropout, wildcards, shuffle and
   kept tags), weighted-caption parsing, ``max_token_length`` chunking and the text encoding (``_Encoder``).
 - :mod:`~gpu_runtime.trainer.dataset`: the ``<repeats>_<name>/`` folders, captions and images
-  (:func:`load_dataset`, bucketed with ``enable_bucket``), tag frequency, and the pixels one step sees.
+  (:func:`load_dataset`, bucketed with ``enable_bucket``), kohya's regularization images and their repeat filling
+  (``reg_data_dir``), tag frequency, and the pixels one step sees.
 - :mod:`~gpu_runtime.trainer.network`: the frozen model (:func:`_load_model`) and the file writer (hashes, ``_save``).
 - :mod:`~gpu_runtime.trainer.lora`: kohya's ``networks/lora.py``: the LoRA modules and their dropouts, kohya's
   target layers and key names (LoCon included), ``network_weights``, ``base_weights``, LoRA+ and max-norm.

@@ -104,7 +104,6 @@ _UNSUPPORTED = {
     "face_crop_aug_range": "image augmentation is not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
-    "reg_data_dir": "regularization images are not supported",
     "in_json": "fine-tuning metadata datasets are not supported: use <repeats>_<name> folders",
     "dataset_config": "dataset config files are not supported: use <repeats>_<name> folders",
     "dataset_repeats": "repeats come from the folder names",
@@ -120,8 +119,9 @@ _UNSUPPORTED = {
     "no_metadata": "ss_* metadata is always written",
     "training_comment_file": "not supported",
 }
-# Keys that shape no training step: a resumed run may differ from its saved state in these.
-RESUME_IGNORED = frozenset({*_RUNTIME_OWNED, *_NO_EFFECT})
+# Keys that shape no training step: a resumed run may differ from its saved state in these. Where reg_data_dir lies
+# does not matter either: its images are part of the dataset digest that a resume compares.
+RESUME_IGNORED = frozenset({*_RUNTIME_OWNED, *_NO_EFFECT, "reg_data_dir"})
 # Keys this trainer reads (honoured, or approximated with their own warning).
 _HONOURED = frozenset(
     {
@@ -224,6 +224,7 @@ _HONOURED = frozenset(
         "color_aug",
         "random_crop",
         "prior_loss_weight",
+        "reg_data_dir",
         "training_comment",
         "sample_every_n_epochs",
         "sample_every_n_steps",
@@ -695,6 +696,7 @@ class TrainingConfig:
     color_aug: bool = False
     random_crop: bool = False
     prior_loss_weight: float = 1.0
+    reg_data_dir: Path | None = None  # kohya's regularization images (<repeats>_<class>/ folders)
     training_comment: str | None = None
     sample_every_n_epochs: int | None = None
     sample_every_n_steps: int | None = None
@@ -825,6 +827,8 @@ class TrainingConfig:
                 "this too); turn cache_latents off or drop the augmentation"
             )
         c.prior_loss_weight = _number(raw, "prior_loss_weight", 1.0, float, 0)
+        reg = _text(raw, "reg_data_dir", None)
+        c.reg_data_dir = Path(reg.strip()) if reg and reg.strip() else None
         c.training_comment = _text(raw, "training_comment", None)
         _samples(c, raw, warnings)
 
@@ -901,8 +905,9 @@ class TrainingConfig:
         self.scale_weight_norms = _number(raw, "scale_weight_norms", None, float, 0) or None
 
     def _resolve_paths(self, folder: Path) -> None:
-        """``network_weights`` and ``base_weights`` relative to the config file's folder; a missing file fails the
-        job before the model is loaded."""
+        """``network_weights``, ``base_weights``, ``sample_prompts`` and the ``reg_data_dir`` folder relative to the
+        config file's folder; a missing file fails the job before the model is loaded (a missing ``reg_data_dir``
+        when the dataset is read, also before)."""
 
         def resolve(path: Path, key: str) -> Path:
             path = path if path.is_absolute() else folder / path
@@ -917,6 +922,8 @@ class TrainingConfig:
         self.base_weights = [resolve(path, "base_weights") for path in self.base_weights]
         if self.sample_prompts is not None:
             self.sample_prompts = resolve(self.sample_prompts, "sample_prompts")
+        if self.reg_data_dir is not None and not self.reg_data_dir.is_absolute():
+            self.reg_data_dir = folder / self.reg_data_dir
 
     def epoch_file(self, epoch: int) -> str:
         """kohya's per-epoch file name (``{output_name}-{epoch:06d}.safetensors``)."""

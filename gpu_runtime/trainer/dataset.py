@@ -1,7 +1,8 @@
 """A kohya dataset folder: ``<repeats>_<name>/`` subfolders of images with captions beside them, loaded into memory
-at the training resolution (with ``enable_bucket``, at kohya's bucket of each image), the pixels one step sees
-(kohya's ``flip_aug``, ``random_crop`` and ``color_aug``) and the captions' tag frequency (what one step reads of a
-caption is :mod:`.captions`)."""
+at the training resolution (with ``enable_bucket``, at kohya's bucket of each image), kohya's regularization images
+(``reg_data_dir``, the same layout, repeated to match the training images), the pixels one step sees (kohya's
+``flip_aug``, ``random_crop`` and ``color_aug``) and the captions' tag frequency (what one step reads of a caption
+is :mod:`.captions`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class TrainImage:
     ``bucket`` is the (width, height) the step trains at: the resolution, or with ``enable_bucket`` kohya's bucket.
     With ``random_crop`` the loop cuts the window each step, so ``pixels`` is the larger image it cuts from.
     ``crop_top_left`` / ``flipped_crop_top_left`` are the SDXL crop conditioning of the image as is and mirrored.
+    ``is_reg`` marks a regularization image (its loss is weighted by ``prior_loss_weight``); its ``repeats`` are the
+    ones kohya's filling gave it, not its folder's.
     """
 
     path: Path
@@ -40,6 +43,7 @@ class TrainImage:
     bucket: tuple[int, int] = (0, 0)
     flipped_crop_top_left: tuple[int, int] = (0, 0)
     ar_error: float = 0.0  # kohya's aspect-ratio error of the bucket (buckets only)
+    is_reg: bool = False
 
 
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -146,41 +150,60 @@ def _load(path: Path, config: TrainingConfig, selector: BucketSelector | None) -
     return _load_image(path, config)
 
 
-def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] | None = None) -> list[TrainImage]:
-    """Read a kohya dataset folder: ``<repeats>_<name>/`` subfolders of images with ``<stem><caption_extension>``
-    captions. Images directly in ``dataset_dir`` or in folders without a repeats prefix count once (with a
-    warning); an image without a caption file is captioned with its folder's name, as kohya does."""
-    warnings = warnings if warnings is not None else []
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise TrainingError(f"the dataset folder {root} does not exist")
-    selector = None
-    if config.enable_bucket:
-        selector = BucketSelector(
-            config.resolution,
-            config.min_bucket_reso or 0,
-            config.max_bucket_reso or 0,
-            config.bucket_reso_steps or 1,
-            config.bucket_no_upscale,
-        )
+def _selector(config: TrainingConfig) -> BucketSelector | None:
+    """kohya's bucket manager of the dataset (one for the training and the regularization images alike)."""
+    if not config.enable_bucket:
+        return None
+    return BucketSelector(
+        config.resolution,
+        config.min_bucket_reso or 0,
+        config.max_bucket_reso or 0,
+        config.bucket_reso_steps or 1,
+        config.bucket_no_upscale,
+    )
+
+
+def _folders(root: Path, warnings: list[str], label: str) -> list[tuple[Path, str, int]]:
+    """The ``(folder, class name, repeats)`` groups of a dataset folder: ``<repeats>_<name>/`` subfolders (sorted);
+    images directly in ``root`` or in folders without a repeats prefix count once (with a warning); 0 repeats skips
+    the folder. ``label`` prefixes the warnings (``reg_data_dir: `` for the regularization folder)."""
     groups: list[tuple[Path, str, int]] = []
     if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
         groups.append((root, root.name, 1))
+        what = "regularization" if label else "dataset"
         warnings.append(
-            "images directly in the dataset folder are used with 1 repeat (kohya expects <repeats>_<name>/)"
+            f"{label}images directly in the {what} folder are used with 1 repeat (kohya expects <repeats>_<name>/)"
         )
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = _FOLDER.match(folder.name)
         if match is None:
-            warnings.append(f"folder {folder.name} has no <repeats>_ prefix: its images are used with 1 repeat")
+            warnings.append(f"{label}folder {folder.name} has no <repeats>_ prefix: its images are used with 1 repeat")
             groups.append((folder, folder.name, 1))
             continue
         repeats = int(match.group(1))
         if repeats == 0:
-            warnings.append(f"folder {folder.name} has 0 repeats: its images are not used")
+            warnings.append(f"{label}folder {folder.name} has 0 repeats: its images are not used")
             continue
         groups.append((folder, match.group(2), repeats))
-    images: list[TrainImage] = []
+    return groups
+
+
+@dataclass
+class _Entry:
+    """One image file of a dataset before it is loaded: where it is, its folder, repeats and caption."""
+
+    path: Path
+    folder: str
+    repeats: int
+    caption: str
+
+
+def _entries(
+    groups: list[tuple[Path, str, int]], config: TrainingConfig, warnings: list[str], label: str
+) -> list[_Entry]:
+    """Every image of the groups (sorted per folder) with its ``<stem><caption_extension>`` caption; an image
+    without a caption file is captioned with its folder's class name, as kohya does (reported once)."""
+    entries: list[_Entry] = []
     uncaptioned: list[str] = []
     for folder, class_name, repeats in groups:
         files = sorted(
@@ -193,23 +216,115 @@ def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] 
             if caption is None:
                 uncaptioned.append(f"{folder.name}/{path.name}")
                 caption = class_name
-            image = _load(path, config, selector)
-            image.folder, image.repeats, image.caption = folder.name, repeats, caption
-            images.append(image)
-    if not images:
-        raise TrainingError(
-            f"the dataset has no images ({', '.join(IMAGE_EXTENSIONS)}) in {root.name} or its <repeats>_<name> folders"
-        )
+            entries.append(_Entry(path, folder.name, repeats, caption))
     if uncaptioned:
         shown = ", ".join(uncaptioned[:5]) + (" ..." if len(uncaptioned) > 5 else "")
         warnings.append(
-            f"{len(uncaptioned)} image(s) have no {config.caption_extension} caption and use their folder name: "
-            + shown
+            f"{label}{len(uncaptioned)} image(s) have no {config.caption_extension} caption and use their folder "
+            "name: " + shown
         )
+    return entries
+
+
+def load_dataset(dataset_dir: Path, config: TrainingConfig, warnings: list[str] | None = None) -> list[TrainImage]:
+    """Read a kohya dataset folder: ``<repeats>_<name>/`` subfolders of images with ``<stem><caption_extension>``
+    captions. Images directly in ``dataset_dir`` or in folders without a repeats prefix count once (with a
+    warning); an image without a caption file is captioned with its folder's name, as kohya does."""
+    warnings = warnings if warnings is not None else []
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise TrainingError(f"the dataset folder {root} does not exist")
+    selector = _selector(config)
+    entries = _entries(_folders(root, warnings, ""), config, warnings, "")
+    if not entries:
+        raise TrainingError(
+            f"the dataset has no images ({', '.join(IMAGE_EXTENSIONS)}) in {root.name} or its <repeats>_<name> folders"
+        )
+    images: list[TrainImage] = []
+    for entry in entries:
+        image = _load(entry.path, config, selector)
+        image.folder, image.repeats, image.caption = entry.folder, entry.repeats, entry.caption
+        images.append(image)
     return images
 
 
-def _tag_frequency(images: list[TrainImage]) -> dict[str, dict[str, int]]:
+def reg_repeats(folder_repeats: list[int], num_train_images: int) -> list[int]:
+    """kohya's repeats of the regularization images (``DreamBoothDataset.__init__``): in order, each image joins
+    with its folder's repeats until the count reaches ``num_train_images`` (the training images with repeats);
+    the images after that are not used (0). When all of them together fall short, one more repeat is added to each
+    in turn until the count is reached. So the regularization samples are exactly ``num_train_images`` when they
+    are fewer, and the first images' whole repeats (at least ``num_train_images``) when they are more."""
+    repeats = [0] * len(folder_repeats)
+    count = 0
+    for index, folder in enumerate(folder_repeats):
+        if count >= num_train_images:
+            return repeats
+        repeats[index] = folder
+        count += folder
+    while repeats and count < num_train_images:
+        for index in range(len(repeats)):
+            repeats[index] += 1
+            count += 1
+            if count >= num_train_images:
+                break
+    return repeats
+
+
+@dataclass
+class RegImages:
+    """The regularization images of a run: ``images`` are those kohya registers, with the repeats its filling gave
+    them (:func:`reg_repeats`); ``num_reg_images`` is kohya's count with the folders' repeats, before the filling;
+    ``dirs`` (``ss_reg_dataset_dirs``) and ``tag_frequency`` cover every image of the folder, used or not, as
+    kohya records them."""
+
+    images: list[TrainImage]
+    num_reg_images: int
+    dirs: dict[str, dict[str, int]]
+    tag_frequency: dict[str, dict[str, int]]
+
+
+def load_reg_images(
+    reg_dir: Path, config: TrainingConfig, num_train_images: int, warnings: list[str] | None = None
+) -> RegImages:
+    """Read kohya's ``reg_data_dir`` (the same ``<repeats>_<name>/`` layout and caption rules as the dataset) and
+    load the images kohya uses, through the same buckets, resize and crop as the training images. A missing folder
+    or one without images is an error naming it (kohya only warns, and trains without them)."""
+    warnings = warnings if warnings is not None else []
+    root = Path(reg_dir)
+    if not root.is_dir():
+        raise TrainingError(f"reg_data_dir: the regularization folder {root} does not exist")
+    label = "reg_data_dir: "
+    entries = _entries(_folders(root, warnings, label), config, warnings, label)
+    if not entries:
+        raise TrainingError(
+            f"reg_data_dir: the regularization folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in it or "
+            "its <repeats>_<name> folders"
+        )
+    num_reg_images = sum(entry.repeats for entry in entries)
+    if num_train_images < num_reg_images:
+        warnings.append(
+            f"reg_data_dir: {num_reg_images} regularization images with repeats are more than the {num_train_images} "
+            "training images: some are not used (as in kohya)"
+        )
+    elif num_reg_images < num_train_images:
+        warnings.append(
+            f"reg_data_dir: {num_reg_images} regularization images with repeats are fewer than the {num_train_images} "
+            "training images: they are repeated to match (as in kohya)"
+        )
+    selector = _selector(config)
+    images: list[TrainImage] = []
+    for entry, repeats in zip(entries, reg_repeats([e.repeats for e in entries], num_train_images), strict=True):
+        if repeats:
+            image = _load(entry.path, config, selector)
+            image.folder, image.repeats, image.caption, image.is_reg = entry.folder, repeats, entry.caption, True
+            images.append(image)
+    dirs: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        dirs.setdefault(entry.folder, {"n_repeats": entry.repeats, "img_count": 0})["img_count"] += 1
+    return RegImages(images, num_reg_images, dirs, _tag_frequency(entries))
+
+
+def _tag_frequency(images: list[TrainImage] | list[_Entry]) -> dict[str, dict[str, int]]:
     """kohya's ``ss_tag_frequency``: per folder, how many images carry each tag (split at commas whatever
     ``caption_separator`` says, lower-cased, as kohya's ``set_tag_frequency`` does)."""
     frequency: dict[str, Counter] = {}

@@ -16,7 +16,7 @@ import torch
 from gpu_runtime.trainer.buckets import BucketBatches
 from gpu_runtime.trainer.captions import _Encoder, process_caption
 from gpu_runtime.trainer.config import RESUME_IGNORED, TrainingConfig, check_prediction, timestep_range
-from gpu_runtime.trainer.dataset import TrainImage, _pixels, load_dataset
+from gpu_runtime.trainer.dataset import RegImages, TrainImage, _pixels, load_dataset, load_reg_images
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.lora import create_network
 from gpu_runtime.trainer.losses import step_loss
@@ -90,6 +90,8 @@ def train(
 
     With ``resume`` (a state file a ``save_state`` run wrote) the run continues from that state's step exactly as
     the saved run would have; a config or dataset that would train differently is refused, naming what differs.
+    With ``reg_data_dir`` (resolved against the config file's folder) kohya's regularization images join the
+    dataset, repeated to the training images' count, and their loss is weighted by ``prior_loss_weight``.
     """
     started_at = time.time()
     config = TrainingConfig.from_toml(Path(config_path))
@@ -103,6 +105,12 @@ def train(
         if config.seed is None:
             warnings.append(f"no seed given: using {seed}")
     images = load_dataset(Path(dataset_dir), config, warnings)
+    reg = None
+    if config.reg_data_dir is not None:
+        # kohya registers the regularization images after every training image, in the same dataset: they share
+        # the buckets, the shuffles, the batches and the epoch length
+        reg = load_reg_images(config.reg_data_dir, config, sum(image.repeats for image in images), warnings)
+        images = images + reg.images
     if state is not None:
         check_state(state, config.raw, RESUME_IGNORED, dataset_digest(images))
     work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / "esd-trainer"
@@ -113,7 +121,7 @@ def train(
         torch.manual_seed(seed)
         return _train(
             config, Path(model_path), images, output_dir, work_dir, device, seed, warnings, started_at,
-            on_progress, should_stop, state, on_output,
+            on_progress, should_stop, state, reg, on_output,
         )  # fmt: skip
 
 
@@ -130,10 +138,12 @@ def _train(
     on_progress: Progress | None,
     should_stop: Callable[[], bool] | None,
     resumed: dict | None = None,
+    reg: RegImages | None = None,
     on_output: Output | None = None,
 ) -> TrainResult:
     """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG. ``resumed`` is the state
-    to continue from (checked against the config and dataset)."""
+    to continue from (checked against the config and dataset); ``reg`` the regularization images (already at the
+    end of ``images``), for the metadata."""
     sampling = config.sample_prompts is not None and any(
         (config.sample_every_n_epochs, config.sample_every_n_steps, config.sample_at_first)
     )
@@ -157,8 +167,8 @@ def _train(
                 raise TrainingError(f"bucket {w}x{h} must be a multiple of {factor} for this model")
     if config.v2 and model.family != "sd2":
         warnings.append(f"v2 is set but the checkpoint is a {model.family} model: trained as {model.family}")
-    if config.prior_loss_weight != 1.0:
-        warnings.append("prior_loss_weight has no effect: regularization images are not supported")
+    if config.prior_loss_weight != 1.0 and reg is None:
+        warnings.append("prior_loss_weight has no effect without reg_data_dir (as in kohya)")
 
     scheduler = model.noise_scheduler
     prediction = scheduler.config.get("prediction_type", "epsilon")
@@ -235,7 +245,7 @@ def _train(
                 cache[index, True] = latents_of([image.pixels.flip(-1)])[0]
 
     metadata = _metadata(
-        config, model, images, seed, epochs, total_steps, batches_per_epoch, optimizer_name, started_at
+        config, model, images, seed, epochs, total_steps, batches_per_epoch, optimizer_name, started_at, reg
     )
     metadata["ss_sd_model_name"] = model_path.name
     sample = SampleMaker(
@@ -320,6 +330,11 @@ def _train(
             else:
                 latents = latents_of(pixels)
             noise, noisy, timesteps = noisy_latents(config, scheduler, latents, generator, max_timestep)
+            # kohya's loss_weights: prior_loss_weight for a regularization image, 1 for a training image
+            weights = None
+            if reg is not None:
+                values = [config.prior_loss_weight if image.is_reg else 1.0 for image in batch]
+                weights = torch.tensor(values, dtype=torch.float32, device=device)
             with torch.autocast(device_type=precision.device_type, dtype=weight_dtype, enabled=precision.autocast):
                 with torch.set_grad_enabled(config.train_text_encoder):
                     hidden, pooled = encode(captions)
@@ -343,8 +358,9 @@ def _train(
                 prediction_out = model.unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), **extra).sample
             target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
             loss = step_loss(
-                prediction_out, target, timesteps, config, snr, scheduler.alphas_cumprod, num_timesteps, v_prediction
-            )
+                prediction_out, target, timesteps, config, snr, scheduler.alphas_cumprod, num_timesteps, v_prediction,
+                weights,
+            )  # fmt: skip
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {step + 1}: lower the learning rate or use bf16/no "

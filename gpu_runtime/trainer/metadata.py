@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gpu_runtime.trainer.config import TrainingConfig
-from gpu_runtime.trainer.dataset import TrainImage, _tag_frequency
+from gpu_runtime.trainer.dataset import RegImages, TrainImage, _tag_frequency
 from gpu_runtime.trainer.network import _Model
 
 
@@ -23,11 +23,18 @@ def _metadata(
     batches_per_epoch: int,
     optimizer_name: str,
     started_at: float,
+    reg: RegImages | None = None,
 ) -> dict[str, str]:
-    """kohya's ``ss_*`` training metadata (strings, as safetensors requires), plus a few ``modelspec.*`` keys."""
+    """kohya's ``ss_*`` training metadata (strings, as safetensors requires), plus a few ``modelspec.*`` keys.
+
+    ``images`` holds the regularization images too (the ones kohya registers, with its filled repeats): they count
+    in the buckets, while ``ss_num_train_images`` and ``ss_dataset_dirs`` are the training images' only and the
+    regularization folders go to ``ss_num_reg_images`` (with the folders' repeats) and ``ss_reg_dataset_dirs``, as
+    kohya writes them."""
     width, height = config.resolution
+    train_images = [image for image in images if not image.is_reg]
     dirs: dict[str, dict[str, int]] = {}
-    for image in images:
+    for image in train_images:
         entry = dirs.setdefault(image.folder, {"n_repeats": image.repeats, "img_count": 0})
         entry["img_count"] += 1
     version = _base_model_version(model)
@@ -41,8 +48,8 @@ def _metadata(
         "ss_learning_rate": config.learning_rate,
         "ss_unet_lr": config.unet_lr,
         "ss_text_encoder_lr": config.text_encoder_lr,
-        "ss_num_train_images": sum(image.repeats for image in images),
-        "ss_num_reg_images": 0,
+        "ss_num_train_images": sum(image.repeats for image in train_images),
+        "ss_num_reg_images": reg.num_reg_images if reg is not None else 0,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": epochs,
         "ss_batch_size_per_device": config.train_batch_size,
@@ -101,8 +108,9 @@ def _metadata(
         "ss_flip_aug": config.flip_aug,
         "ss_color_aug": config.color_aug,
         "ss_random_crop": config.random_crop,
-        "ss_tag_frequency": json.dumps(_tag_frequency(images)),
+        "ss_tag_frequency": json.dumps(_merged_tag_frequency(train_images, reg)),
         "ss_dataset_dirs": json.dumps(dirs),
+        "ss_reg_dataset_dirs": json.dumps(reg.dirs if reg is not None else {}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if model.xl else "diffusers",
@@ -116,6 +124,17 @@ def _metadata(
             args.setdefault("dropout", config.network_dropout)
         meta["ss_network_args"] = json.dumps(args)
     return {key: str(value) for key, value in meta.items()}
+
+
+def _merged_tag_frequency(train_images: list[TrainImage], reg: RegImages | None) -> dict[str, dict[str, int]]:
+    """kohya's one ``tag_frequency`` of the dataset: the training folders, then the regularization folders (every
+    caption of them, used or not); a folder name in both counts the tags of both, as ``set_tag_frequency`` adds."""
+    frequency = _tag_frequency(train_images)
+    for folder, tags in (reg.tag_frequency if reg is not None else {}).items():
+        merged = frequency.setdefault(folder, {})
+        for tag, count in tags.items():
+            merged[tag] = merged.get(tag, 0) + count
+    return frequency
 
 
 def _bucket_info(images: list[TrainImage]) -> dict[str, Any]:

@@ -56,8 +56,13 @@ def config_differences(
 
 def dataset_digest(images: list[Any]) -> str:
     """What the dataset looked like to the run: file names, repeats, captions and buckets (not pixel data, which
-    would cost a pass over every image)."""
-    text = json.dumps([[i.folder, i.path.name, i.repeats, i.caption, list(i.bucket)] for i in images])
+    would cost a pass over every image), the regularization images marked as such (the training images' entries
+    are the ones of a run without them, so their digests stay as they were)."""
+    entries = []
+    for i in images:
+        entry = [i.folder, i.path.name, i.repeats, i.caption, list(i.bucket)]
+        entries.append([*entry, "reg"] if getattr(i, "is_reg", False) else entry)
+    text = json.dumps(entries)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -91,7 +96,10 @@ def check_state(
             "training options"
         )
     if state["dataset"] != digest:
-        raise TrainingError("resume: the dataset (files, repeats, captions or buckets) differs from the saved state's")
+        raise TrainingError(
+            "resume: the dataset (files, repeats, captions or buckets; the regularization images included) differs "
+            "from the saved state's"
+        )
 
 
 def rng_states(generator: torch.Generator, rng: random.Random, device: str) -> dict[str, Any]:

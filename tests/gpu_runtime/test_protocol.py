@@ -172,11 +172,11 @@ def test_training_runs_and_saved_entries():
     assert protocol.training_run("j", 1) == "j" and protocol.training_run("j", 2) == "j#2"
     sample = {"name": "sample/x_e000001_00.png", "kind": "sample", "epoch": 1, "step": 6, "slot": 0}
     assert protocol.saved_entry(sample, "s") is sample
-    with pytest.raises(protocol.ProtocolError, match="s.slot must be a int"):
+    with pytest.raises(protocol.ProtocolError, match=r"s\.slot must be a int"):
         protocol.saved_entry({**sample, "slot": None}, "s")
-    with pytest.raises(protocol.ProtocolError, match="s.kind must be one of model, state, sample"):
+    with pytest.raises(protocol.ProtocolError, match=r"s\.kind must be one of model, state, sample"):
         protocol.saved_entry({**sample, "kind": "log"}, "s")
-    with pytest.raises(protocol.ProtocolError, match="s.step must not be negative"):
+    with pytest.raises(protocol.ProtocolError, match=r"s\.step must not be negative"):
         protocol.saved_entry({**sample, "step": -1}, "s")
     event = protocol.training_status("j", "Training", saved=[sample], attempt=2)
     assert protocol.validate_event(event) is event

@@ -305,10 +305,10 @@ def test_config_semantics_and_dataset_layout(tmp_path):
     # No silent drops: an option that would change the result and is not implemented, or that kohya does not
     # know, fails the run at start with its name (never a warning in a log)
     with pytest.raises(TrainingError) as refused:
-        TrainingConfig.from_dict({"masked_loss": True, "reg_data_dir": "reg", "lr_restart_cycles": 1})
+        TrainingConfig.from_dict({"masked_loss": True, "vae": "vae.safetensors", "lr_restart_cycles": 1})
     assert str(refused.value) == (
-        "options this trainer does not implement: masked_loss (masked loss is not supported); reg_data_dir "
-        "(regularization images are not supported); lr_restart_cycles (not kohya train_network options)"
+        "options this trainer does not implement: masked_loss (masked loss is not supported); vae (a separate VAE "
+        "is not supported: the checkpoint's VAE is used); lr_restart_cycles (not kohya train_network options)"
     )
     TrainingConfig.from_dict({"sample_prompts": "", "reg_data_dir": None, "save_state": False})  # unset: fine
     # kohya's own defaults ask for nothing: a public kohya config with them set runs

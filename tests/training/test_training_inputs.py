@@ -3,7 +3,6 @@
 
 import tomllib
 import uuid
-
 from urllib.parse import urlsplit
 
 import pytest

@@ -199,3 +199,19 @@ def test_a_stopped_job_resumed_from_its_state_continues_the_loss_curve(
     for name in theirs:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
     assert Checkpoint.objects.get(pk=job_id).status == "Active"
+
+
+def test_a_regularization_dataset_trains_with_the_job(api: Api, admin_key, worker, registered, trainer):
+    from safetensors import safe_open
+
+    upload_dataset(api, admin_key, "blobs", "2_blob")  # 6 training images with repeats
+    upload_dataset(api, admin_key, "people", "1_person")  # 3 regularization images, repeated to 6
+    job_id = start(api, admin_key, "blobs", "regular", epochs=1, training_arguments={"reg_data_dir": "people"})
+    job = ended(job_id)
+    assert job.status == "Completed", (job.reason, job.log)
+    assert job.progress["steps"] == 12  # kohya: the reg images double the epoch
+    path = registered["model"].parent / f"{job_id}.safetensors"
+    path.write_bytes(blob_store().read_bytes(f"kohya/train/{job_id}/output/regular.safetensors"))
+    with safe_open(str(path), "pt") as lora:
+        metadata = lora.metadata()
+    assert metadata["ss_num_reg_images"] == "3" and metadata["ss_num_train_images"] == "6"
