@@ -78,6 +78,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "esd.monitoring.ProbeMiddleware",  # /metrics /healthz /readyz, before host checks and redirects (esd.monitoring)
     "esd.api.middleware.ApiMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -369,6 +370,12 @@ ESD_EMBEDDED_WORKER_THREADS = env.int("ESD_EMBEDDED_WORKER_THREADS", default=4)
 # `runesd` also runs a gpu_runtime worker for every self-hosted endpoint when the runtime extra is installed.
 ESD_EMBEDDED_GPU_WORKER = env.bool("ESD_EMBEDDED_GPU_WORKER", default=True)
 ESD_EMBEDDED_GPU_DEVICE = env.str("ESD_EMBEDDED_GPU_DEVICE", default="auto")
+
+# --- Monitoring (esd.monitoring: /metrics, /healthz, /readyz) -----------------------------------------------
+# Set: /metrics wants "Authorization: Bearer <token>". Unset: served to loopback and private addresses only.
+ESD_METRICS_TOKEN = env.str("ESD_METRICS_TOKEN", default="")
+# Seconds each /readyz check (database, migrations, broker, storage) may take before it counts as failing.
+ESD_READY_TIMEOUT = env.float("ESD_READY_TIMEOUT", default=3.0)
 
 # --- Logging ------------------------------------------------------------------------------------------------
 LOGGING = {

@@ -124,6 +124,10 @@ class BlobStore(ABC):
             count += 1
         return count
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raise when the store cannot be used now (``/readyz``): one cheap call, no object read."""
+
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
@@ -171,6 +175,10 @@ class S3BlobStore(BlobStore):
     def signer(self):
         endpoint = settings.S3_PUBLIC_ENDPOINT_URL or settings.AWS_ENDPOINT_URL or None
         return _s3_storage(self.bucket, endpoint, settings.AWS_REGION).connection.meta.client
+
+    def check(self) -> None:
+        """The bucket answers a HEAD with our credentials (a missing bucket or a refused key raises)."""
+        self.client.head_bucket(Bucket=self.bucket)
 
     def presign_get(self, key: str, expires: int) -> str:
         return self.signer.generate_presigned_url(
@@ -305,6 +313,13 @@ class LocalBlobStore(BlobStore):
         self.min_part = min_part
         self.root.mkdir(parents=True, exist_ok=True)
         self.uploads.mkdir(parents=True, exist_ok=True)
+
+    def check(self) -> None:
+        """The bucket's folder exists and this process may write in it."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is not a directory")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise PermissionError(f"{self.root} is not writable")
 
     # paths --------------------------------------------------------------------------------------------------
     def path(self, key: str) -> Path:

@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> None:
         default=20,
         help="how often an idle queue is read (ms): the pickup delay of a job on an idle worker",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("ESD_METRICS_PORT", "0")),
+        help="serve /metrics, /healthz and /readyz on this port (default $ESD_METRICS_PORT; 0: off)",
+    )
 
     serve = commands.add_parser("serve", help="SageMaker container mode: GET /ping, POST /invocations")
     serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a container listens on all interfaces
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         max_batch=args.max_batch,
     )
     engine.max_batch = args.max_batch
+    if args.metrics_port:
+        worker_.serve_metrics(args.metrics_port)
     logging.getLogger("gpu_runtime").info("worker %s on %s (%s)", worker_.worker_id, args.endpoint, engine.device)
     worker_.run_forever()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every config ships with the runtime
 
-from gpu_runtime import transfer
+from gpu_runtime import metrics, transfer
 from gpu_runtime.errors import JobError
 from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
@@ -1347,7 +1347,9 @@ class Engine:
             pipe.safety_checker = None
         loaded = Loaded(pipe, image_cls(**pipe.components))
         loaded.img2img.set_progress_bar_config(disable=True)
-        log.info("loaded %s (%s) in %.1f s", checkpoint.name, family, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        metrics.MODEL_LOAD_SECONDS.observe(seconds)
+        log.info("loaded %s (%s) in %.1f s", checkpoint.name, family, seconds)
         self.pipelines[key] = loaded
         self._evict(protect=protect)
         return loaded

@@ -30,7 +30,7 @@ from typing import Any
 
 import dramatiq
 
-from gpu_runtime import protocol
+from gpu_runtime import metrics, protocol
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,20 @@ class QueueService:
         """Handle a cheap message on the consumer thread at once (True), or leave it for the work thread."""
         return False
 
+    # --- probes ----------------------------------------------------------------------------------------------------
+    def readiness(self) -> dict[str, str | None]:
+        """What ``/readyz`` checks (None: fine). A worker is ready when its consumer answers the broker (the same
+        condition its heartbeats are sent under) and its threads are alive; subclasses add their engine."""
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        return {
+            "broker": None if self.consuming.is_set() else f"the consumer of {self.queue} is not connected",
+            "threads": f"not running: {', '.join(dead)}" if dead else (None if self.threads else "not started"),
+        }
+
+    def serve_metrics(self, port: int, host: str = "0.0.0.0") -> Any:  # noqa: S104 - scraped in-cluster
+        """``--metrics-port``: ``/metrics``, ``/healthz`` and ``/readyz`` of this process (gpu_runtime.metrics)."""
+        return metrics.serve(port, self.readiness, host)
+
     # --- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the heartbeat, consumer and work threads."""
@@ -173,6 +187,7 @@ class QueueService:
         try:
             self.send(event)
         except Exception:
+            metrics.ERRORS.labels(self.queue, "event").inc()
             log.exception("could not send event %s", event.get("kind"))
 
     def _check_publisher(self) -> None:
@@ -234,6 +249,7 @@ class QueueService:
                     self._serve(consumer)
                 except Exception as exc:
                     self.consuming.clear()
+                    metrics.ERRORS.labels(self.queue, "broker").inc()
                     failures = 1 if self._served else failures + 1
                     self._close(consumer)
                     self.reconnects += 1

@@ -659,6 +659,12 @@ def main_trainer(argv: list[str]) -> int:
     parser.add_argument("--work-dir", type=Path, default=_default_work_dir(), help="config dirs, model cache, jobs")
     parser.add_argument("--cache-gb", type=float, default=100.0, help="disk budget of the model cache")
     parser.add_argument("--instance-type", default=os.environ.get("ESD_INSTANCE_TYPE", ""), help="sent in heartbeats")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("ESD_METRICS_PORT", "0")),
+        help="serve /metrics, /healthz and /readyz on this port (default $ESD_METRICS_PORT; 0: off)",
+    )
     args = parser.parse_args(argv)
     if not args.broker:
         parser.error("--broker (or DRAMATIQ_BROKER_URL) is required")
@@ -674,6 +680,8 @@ def main_trainer(argv: list[str]) -> int:
         cache_bytes=int(args.cache_gb * 1024**3),
         instance_type=args.instance_type,
     )
+    if args.metrics_port:
+        worker.serve_metrics(args.metrics_port)
     log.info("training worker on %s (events to %s, work dir %s)", args.queue, args.events_queue, args.work_dir)
     worker.run_forever()
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import dramatiq
 
-from gpu_runtime import protocol, transfer
+from gpu_runtime import metrics, protocol, transfer
 from gpu_runtime.errors import JobError
 from gpu_runtime.service import HEARTBEAT_SECONDS, QueueService
 
@@ -79,6 +79,24 @@ class GpuWorker(QueueService):
         describe = getattr(engine, "capabilities", None)
         self.capabilities = protocol.capability_summary(describe()) if describe else None
 
+    def readiness(self) -> dict[str, str | None]:
+        """The service's checks plus the engine's device: a CUDA worker whose GPU has gone cannot take a job."""
+        checks = super().readiness()
+        device = str(getattr(self.engine, "device", "cpu"))
+        problem = None
+        if device.startswith("cuda"):
+            try:
+                import torch
+
+                if not torch.cuda.is_available():
+                    problem = f"the engine's device {device} is not available"
+                else:
+                    torch.cuda.mem_get_info(torch.device(device))
+            except Exception as exc:
+                problem = f"the engine's device {device} does not answer: {type(exc).__name__}: {exc}"
+        checks["engine"] = problem
+        return checks
+
     # --- events ----------------------------------------------------------------------------------------------------
     def _heartbeat_event(self) -> dict:
         """The one place that builds this worker's heartbeat (the endpoint counts live workers from these)."""
@@ -97,48 +115,74 @@ class GpuWorker(QueueService):
         self.handle(messages)
 
     def handle(self, messages: list[Any]) -> None:
-        """Prepare every job, run compatible ones together, report each. Nothing here may kill the worker."""
+        """Prepare every job, run compatible ones together, report each. Nothing here may kill the worker.
+
+        The batch was picked up now: each job's run time counts from here, and its worker time (GPU-seconds) is
+        its own preparation plus its share, by images, of the engine call it ran in."""
+        picked = time.monotonic()
         groups: OrderedDict[Any, list] = OrderedDict()
         for message in messages:
             job_id, request = self._unpack(message)
             if job_id is None or job_id in self.done:
                 continue
+            began = time.monotonic()
             try:
                 protocol.validate_request(request)
                 prepared = self.engine.prepare(job_id, request)
             except (JobError, protocol.ProtocolError, ValueError) as exc:
-                self._finish(job_id, request, {"error": str(exc)}, ok=False)
+                metrics.ERRORS.labels(self.queue, "rejected").inc()
+                self._finish(
+                    job_id, request, {"error": str(exc)}, ok=False, picked=picked, busy=time.monotonic() - began
+                )
                 continue
             except Exception as exc:
                 log.exception("job %s could not be prepared", job_id)
-                self._finish(job_id, request, {"error": f"internal error: {type(exc).__name__}: {exc}"}, ok=False)
+                metrics.ERRORS.labels(self.queue, "internal").inc()
+                output = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+                self._finish(job_id, request, output, ok=False, picked=picked, busy=time.monotonic() - began)
                 continue
             key = prepared.batch_key() or ("solo", job_id)
-            groups.setdefault(key, []).append((prepared, request))
+            groups.setdefault(key, []).append((prepared, request, time.monotonic() - began))
         for group in groups.values():
-            self._run(group)
+            self._run(group, picked)
 
-    def _run(self, group: list[tuple[Any, dict]]) -> None:
+    def _run(self, group: list[tuple[Any, dict, float]], picked: float) -> None:
         """One engine call for a group of compatible jobs; progress is throttled, every job gets its own result."""
-        jobs = [prepared for prepared, _ in group]
+        jobs = [prepared for prepared, _, _ in group]
         last = [0.0]
+        iterations = [0]
 
         def progress(step: int, steps: int) -> None:
+            iterations[0] = max(iterations[0], steps if step == steps else 0)
             now = time.monotonic()
             if step == steps or now - last[0] >= PROGRESS_EVERY_SECONDS:
                 last[0] = now
                 for job in jobs:
                     self.send_quietly(protocol.progress(job.job_id, step, steps))
 
+        began = time.monotonic()
+        raised = True
         try:
             outputs = self.engine.run(jobs, progress)
+            raised = False
         except JobError as exc:
+            metrics.ERRORS.labels(self.queue, "job").inc()
             outputs = [{"error": str(exc)}] * len(jobs)
         except Exception as exc:
             log.exception("jobs %s failed", [job.job_id for job in jobs])
+            metrics.ERRORS.labels(self.queue, "internal").inc()
             outputs = [{"error": f"internal error: {type(exc).__name__}: {exc}"}] * len(jobs)
-        for (prepared, request), output in zip(group, outputs, strict=True):
-            self._finish(prepared.job_id, request, output, ok="error" not in output)
+        elapsed = time.monotonic() - began
+        weights = [max(1, len(getattr(job, "prompts", None) or ())) for job in jobs]
+        metrics.BATCH_SIZE.labels(self.queue).observe(sum(weights))
+        if iterations[0] and elapsed > 0:
+            metrics.ITERATIONS.labels(self.queue).inc(iterations[0])
+            metrics.ITERATIONS_PER_SECOND.labels(self.queue).set(iterations[0] / elapsed)
+        for (prepared, request, prepare_seconds), output, weight in zip(group, outputs, weights, strict=True):
+            if "error" in output and not raised:  # the engine failed this job alone
+                metrics.ERRORS.labels(self.queue, "job").inc()
+            share = prepare_seconds + elapsed * weight / sum(weights)
+            self._finish(prepared.job_id, request, output, ok="error" not in output, picked=picked, busy=share)
 
     def _unpack(self, message: Any) -> tuple[str | None, Any]:
         """(job id, request) of a ``run_inference`` message; anything else is logged and skipped, never fatal."""
@@ -148,8 +192,9 @@ class GpuWorker(QueueService):
         job_id, request = message.args
         return (job_id if isinstance(job_id, str) and job_id else None), request
 
-    def _finish(self, job_id: str, request: Any, output: dict, *, ok: bool) -> None:
-        """PUT the raw output where the server reads it, then say so on the events queue."""
+    def _finish(self, job_id: str, request: Any, output: dict, *, ok: bool, picked: float, busy: float) -> None:
+        """PUT the raw output where the server reads it, then say so on the events queue (with the job's run time
+        since ``picked`` and its ``busy`` worker seconds)."""
         url = (request.get("urls") or {}).get("output") if isinstance(request, dict) else None
         reason = output.get("error", "") if not ok else ""
         location = url.split("?", 1)[0] if url else ""
@@ -158,9 +203,19 @@ class GpuWorker(QueueService):
                 transfer.put(url, json.dumps(output).encode(), "the output", "application/json")
             except JobError as exc:
                 log.warning("could not upload the output of job %s: %s", job_id, exc)
+                metrics.ERRORS.labels(self.queue, "upload").inc()
                 ok, reason, location = False, str(exc), ""
             except Exception as exc:
                 log.exception("could not upload the output of job %s", job_id)
+                metrics.ERRORS.labels(self.queue, "upload").inc()
                 ok, reason, location = False, f"uploading the output failed: {exc}", ""
-        self.send_quietly(protocol.inference_result(job_id, ok=ok, output_location=location, reason=reason))
+        run_seconds = time.monotonic() - picked
+        metrics.JOBS.labels(self.queue, "ok" if ok else "failed").inc()
+        metrics.RUN_SECONDS.labels(self.queue).observe(run_seconds)
+        if ok and isinstance(output.get("images"), list):
+            metrics.IMAGES.labels(self.queue).inc(len(output["images"]))
+        event = protocol.inference_result(
+            job_id, ok=ok, output_location=location, reason=reason, run_seconds=run_seconds, gpu_seconds=busy
+        )
+        self.send_quietly(event)
         self.remember_done(job_id)

@@ -40,7 +40,12 @@ class EmbeddedRuntime:
         self.thread = threading.Thread(target=self._loop, name="embedded-runtime", daemon=True)
 
     def start(self) -> None:
+        from esd.monitoring import metrics_collector
+        from gpu_runtime import metrics as runtime_metrics
         from gpu_runtime.training_worker import TrainingWorker
+
+        # One process serves everything here: its /metrics includes the runtime's (esd_runtime_*).
+        metrics_collector("runtime")(runtime_metrics.REGISTRY.collect)
 
         # Trainings queue up on the same machine; a LoRA run on a CPU takes long but needs no other host.
         self.trainer = TrainingWorker(

@@ -55,6 +55,14 @@ class InferenceJob(models.Model):
     progress_step = models.PositiveIntegerField(default=0)
     progress_steps = models.PositiveIntegerField(default=0)
     runtime_seconds = models.FloatField(null=True, blank=True, help_text="Generation time the runtime reported")
+    # Where a finished job's time went (the latency histograms of /metrics), measured where they can be without
+    # comparing two machines' clocks: the worker reports how long it ran, the server times the rest.
+    queue_seconds = models.FloatField(null=True, blank=True, help_text="From start (dispatch) to the worker's pickup")
+    run_seconds = models.FloatField(null=True, blank=True, help_text="From the worker's pickup to its result")
+    ingest_seconds = models.FloatField(null=True, blank=True, help_text="From the result's arrival to the job's end")
+    gpu_seconds = models.FloatField(
+        null=True, blank=True, help_text="Worker time the job used (its share of a batched run): GPU-seconds"
+    )
 
     objects = InferenceJobQuerySet.as_manager()
     # The owner is the creating user; a role of the same name gains nothing (contract §4.2).

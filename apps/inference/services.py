@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -309,9 +309,40 @@ def _invoke_async(job: InferenceJob, endpoint: Endpoint) -> None:
 # --- results ---------------------------------------------------------------------------------------------------------
 
 
-def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
+@dataclass(frozen=True)
+class Arrival:
+    """When a job's result reached the server (its clock) and what the runtime measured on its own clock.
+
+    The terminal transitions turn this into the job's queue / run / ingest / GPU seconds (``/metrics``): queue is
+    what remains of start-to-arrival once the run is taken out, so no two machines' clocks are ever compared.
+    """
+
+    received: datetime
+    run_seconds: float | None = None
+    gpu_seconds: float | None = None
+
+
+def _timing_fields(job: InferenceJob, arrival: Arrival | None, runtime_seconds: float | None = None) -> dict:
+    """The duration fields a terminal transition writes (unknown parts stay null rather than being guessed)."""
+    now = timezone.now()
+    arrival = arrival or Arrival(received=now)
+    run = arrival.run_seconds
+    queue = None
+    if run is not None and job.start_time is not None:
+        queue = max(0.0, (arrival.received - job.start_time).total_seconds() - run)
+    gpu = arrival.gpu_seconds if arrival.gpu_seconds is not None else runtime_seconds
+    return {
+        "queue_seconds": queue,
+        "run_seconds": run,
+        "ingest_seconds": max(0.0, (now - arrival.received).total_seconds()),
+        "gpu_seconds": gpu,
+    }
+
+
+def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None) -> InferenceJob | None:
     """Record a runtime's raw output (contract §12.3): images and the param file to storage, then ``succeed``;
     an error report or anything unreadable makes the job ``failed``. Safe to call any number of times."""
+    arrival = arrival or Arrival(received=timezone.now())
     job = InferenceJob.objects.filter(pk=job_id).first()
     if job is None or job.status in TERMINAL:
         return job  # deleted meanwhile, or already recorded
@@ -323,14 +354,15 @@ def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
         return fail_job(
             job_id,
             {"error": "the runtime's output is not readable", "output": (raw or b"")[:1000].decode("utf-8", "replace")},
+            arrival,
         )
     if "error" in output:
-        return fail_job(job_id, output)
+        return fail_job(job_id, output, arrival)
     images = output.get("images")
     if images is None and "image" in output:
         images = [output["image"]]
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        return fail_job(job_id, {"error": "the runtime's output has no images", "output_keys": sorted(output)})
+        return fail_job(job_id, {"error": "the runtime's output has no images", "output_keys": sorted(output)}, arrival)
     store = blob_store()
     names = []
     try:
@@ -338,7 +370,7 @@ def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
             store.put_bytes(keys.result_image(job_id, index), base64.b64decode(data, validate=True))
             names.append(f"image_{index}.png")
     except (binascii.Error, ValueError):
-        return fail_job(job_id, {"error": "the runtime's output has an image that is not base64"})
+        return fail_job(job_id, {"error": "the runtime's output has an image that is not base64"}, arrival)
     info = output.get("info")
     store.put_bytes(
         keys.result_params(job_id),
@@ -361,18 +393,21 @@ def ingest_output(job_id: str, raw: bytes | None) -> InferenceJob | None:
             inference_info_name=f"{job_id}_param.json",
             runtime_seconds=runtime_seconds,
             progress_step=F("progress_steps"),
+            **_timing_fields(job, arrival, runtime_seconds),
         )
     if not updated:
         log.info("result for job %s arrived after it ended; dropped", job_id)
     return InferenceJob.objects.filter(pk=job_id).first()
 
 
-def fail_job(job_id: str, report: Any) -> InferenceJob | None:
+def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> InferenceJob | None:
     """``failed`` with the runtime's report in ``sagemakerRaw`` (only from ``inprogress``; created jobs fail
-    too when their dispatch is refused)."""
-    InferenceJob.objects.filter(pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS)).update(
-        status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report
-    )
+    too when their dispatch is refused). ``arrival``: a runtime reported the failure (its time is recorded)."""
+    pending = InferenceJob.objects.filter(pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS))
+    timings: dict[str, Any] = {}
+    if arrival is not None and (job := pending.only("start_time").first()) is not None:
+        timings = _timing_fields(job, arrival)
+    pending.update(status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report, **timings)
     return InferenceJob.objects.filter(pk=job_id).first()
 
 

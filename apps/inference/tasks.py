@@ -9,6 +9,7 @@ import dramatiq
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.dispatch import receiver
+from django.utils import timezone
 
 from apps.endpoints.services import endpoint_removed
 from apps.inference import services
@@ -32,6 +33,7 @@ def invoke_realtime(job_id: str) -> None:
     if job is None:
         return
     request = services.build_request(job, self_hosted=False)
+    invoked = timezone.now()
     try:
         answer = client("sagemaker-runtime").invoke_endpoint(
             EndpointName=job.endpoint_name,
@@ -44,7 +46,13 @@ def invoke_realtime(job_id: str) -> None:
     except (ClientError, BotoCoreError) as exc:
         services.fail_job(job_id, {"error": str(exc)})
         return
-    services.ingest_output(job_id, raw)
+    received = timezone.now()
+    arrival = services.Arrival(received, run_seconds=(received - invoked).total_seconds())
+    services.ingest_output(job_id, raw, arrival)
+
+
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
 
 
 @handles("inference")
@@ -53,14 +61,17 @@ def worker_result(event: dict) -> None:
     job_id = event.get("inferenceId")
     if not isinstance(job_id, str):
         return
+    arrival = services.Arrival(
+        timezone.now(), run_seconds=_seconds(event.get("runSeconds")), gpu_seconds=_seconds(event.get("gpuSeconds"))
+    )
     try:
         raw = blob_store().read_bytes(keys.raw_output(job_id))
     except FileNotFoundError:
         raw = None
     if raw is None and event.get("invocationStatus") == "Failed":
-        services.fail_job(job_id, {"error": event.get("failureReason") or "the worker reported a failure"})
+        services.fail_job(job_id, {"error": event.get("failureReason") or "the worker reported a failure"}, arrival)
         return
-    services.ingest_output(job_id, raw)
+    services.ingest_output(job_id, raw, arrival)
 
 
 @handles("progress")

@@ -122,6 +122,9 @@ def validate_event(event: Any) -> dict:
             raise ProtocolError(f"event.invocationStatus must be one of {', '.join(INVOCATION_STATUSES)}")
         _string(event.get("outputLocation") or "", "event.outputLocation", empty=True)
         _string(event.get("failureReason") or "", "event.failureReason", empty=True)
+        for timing in ("runSeconds", "gpuSeconds"):  # optional: what the worker measured (the server's metrics)
+            if event.get(timing) is not None and _require(event[timing], (int, float), f"event.{timing}") < 0:
+                raise ProtocolError(f"event.{timing} must not be negative")
     elif kind == "progress":
         _string(event.get("inferenceId"), "event.inferenceId")
         step, steps = _require(event.get("step"), int, "event.step"), _require(event.get("steps"), int, "event.steps")
@@ -161,14 +164,29 @@ def capability_summary(document: dict) -> dict:
     return summary
 
 
-def inference_result(job_id: str, *, ok: bool, output_location: str = "", reason: str = "") -> dict:
-    return {
+def inference_result(
+    job_id: str,
+    *,
+    ok: bool,
+    output_location: str = "",
+    reason: str = "",
+    run_seconds: float | None = None,
+    gpu_seconds: float | None = None,
+) -> dict:
+    """A job's end. ``run_seconds`` (pickup to result) and ``gpu_seconds`` (the job's share of the worker's time)
+    are durations on the worker's own clock, so the server can split a job's latency without comparing clocks."""
+    event: dict[str, Any] = {
         "kind": "inference",
         "inferenceId": job_id,
         "invocationStatus": "Completed" if ok else "Failed",
         "outputLocation": output_location,
         "failureReason": reason,
     }
+    if run_seconds is not None:
+        event["runSeconds"] = round(run_seconds, 4)
+    if gpu_seconds is not None:
+        event["gpuSeconds"] = round(gpu_seconds, 4)
+    return event
 
 
 def progress(job_id: str, step: int, steps: int) -> dict:

@@ -149,6 +149,12 @@ def test_embedded_server_generates_an_image_end_to_end(tmp_path):
         image_url = answer.json()["data"]["img_presigned_urls"][0]
         image = Image.open(io.BytesIO(requests.get(image_url, timeout=30).content))
         assert (image.format, image.size) == ("PNG", (64, 64))
+        # one process, one /metrics: the control plane's numbers and the in-process GPU worker's
+        root = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{root}/readyz", timeout=30).json()["message"] == "ready"
+        metrics = requests.get(f"{root}/metrics", timeout=30).text
+        assert 'esd_inference_jobs{endpoint="esd-real-time-demo",status="succeed"} 1.0' in metrics
+        assert 'esd_runtime_images_total{queue="esd-real-time-demo"} 1.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

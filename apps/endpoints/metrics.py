@@ -1,0 +1,53 @@
+"""Endpoint metrics for ``/metrics`` (esd.monitoring): what the console's endpoint line shows, per endpoint.
+
+The numbers come from the same functions the console and ``endpoint_status`` use (``describe_for_operators``:
+the queue backlog and the scaling hint; ``live_workers``: the heartbeat rule), so a dashboard, an autoscaler
+reading these gauges and the console can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.db.models import Count
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from apps.endpoints.backends.selfhosted import live_workers
+from apps.endpoints.models import Endpoint
+from apps.endpoints.services import describe_for_operators
+from esd.monitoring import metrics_collector
+
+
+@metrics_collector("endpoints")
+def endpoint_metrics() -> Iterable[Metric]:
+    """One broker call (the backlog) and one query (live workers) per live self-hosted endpoint; one GROUP BY."""
+    by_status = GaugeMetricFamily("esd_endpoints", "Live endpoints by backend and status", labels=["backend", "status"])
+    for row in Endpoint.objects.live().values("backend", "status").annotate(n=Count("id")).order_by():
+        by_status.add_metric([row["backend"], row["status"]], row["n"])
+    backlog = GaugeMetricFamily(
+        "esd_endpoint_backlog",
+        "Jobs waiting in a self-hosted endpoint's queue (not yet taken by a worker)",
+        labels=["endpoint"],
+    )
+    live = GaugeMetricFamily(
+        "esd_endpoint_workers_live",
+        "Workers serving an endpoint: self-hosted workers heard from within ESD_WORKER_HEARTBEAT_TTL, or the "
+        "instances SageMaker last reported",
+        labels=["endpoint", "backend"],
+    )
+    desired = GaugeMetricFamily(
+        "esd_endpoint_workers_desired",
+        "Workers a self-hosted endpoint should run: the console's scaling hint, clamp(ceil(backlog / 3), min, max) "
+        "with autoscaling, else its initial count",
+        labels=["endpoint"],
+    )
+    for endpoint in Endpoint.objects.live().order_by("name"):
+        line = describe_for_operators(endpoint)
+        if endpoint.backend == "self-hosted":
+            live.add_metric([endpoint.name, endpoint.backend], live_workers(endpoint.name))
+            if line["backlog"] is not None:
+                backlog.add_metric([endpoint.name], line["backlog"])
+            desired.add_metric([endpoint.name], line["desired"])
+        else:
+            live.add_metric([endpoint.name, endpoint.backend], line["instances"])
+    return [by_status, backlog, live, desired]
