@@ -368,6 +368,10 @@ ESD_EMBEDDED_WORKER_THREADS = env.int("ESD_EMBEDDED_WORKER_THREADS", default=4)
 ESD_EMBEDDED_GPU_WORKER = env.bool("ESD_EMBEDDED_GPU_WORKER", default=True)
 ESD_EMBEDDED_GPU_DEVICE = env.str("ESD_EMBEDDED_GPU_DEVICE", default="auto")
 
+# --- Deploying GPU workers on Kubernetes with KEDA (`manage.py k8s_manifests`, README "Deploy") -------------------
+ESD_GPU_WORKER_IMAGE = env.str("ESD_GPU_WORKER_IMAGE", default="esd-gpu-runtime:latest")
+ESD_K8S_NAMESPACE = env.str("ESD_K8S_NAMESPACE", default="esd")
+
 # --- Logging ------------------------------------------------------------------------------------------------
 LOGGING = {
     "version": 1,
