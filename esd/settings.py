@@ -189,8 +189,9 @@ USE_TZ = True
 
 # --- Static files (whitenoise serves them; no CDN anywhere) -------------------------------------------------
 STATIC_URL = "static/"
-STATIC_ROOT = ESD_VAR_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
+# Images collect them at build time into a directory of their own (a volume on ESD_VAR_DIR would hide them).
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default="") or ESD_VAR_DIR / "static")
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [d for d in [BASE_DIR / "static"] if d.is_dir()]
 # Serve straight from the app and package static dirs: `make run` needs no collectstatic step.
 WHITENOISE_USE_FINDERS = True

@@ -31,6 +31,7 @@ SECRET_NAME = "esd-secrets"  # noqa: S105 - a name, not a value: the Secret of d
 PART_OF = "esd-server"
 MANAGED_BY = "esd-server-k8s-manifests"
 MODELS_DIR = "/var/lib/esd-runtime"
+RUN_AS_USER = 10001  # the images' USER (Dockerfile, gpu_runtime/Dockerfile)
 
 
 class ManifestError(ValueError):
@@ -161,7 +162,7 @@ def _deployment(
     pod_spec: dict[str, Any] = {
         # SIGTERM finishes the job in hand (gpu_runtime.service): give a scaled-in worker time to do so.
         "terminationGracePeriodSeconds": options.grace_seconds,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
         "containers": [
             {
                 "name": "worker",
