@@ -14,7 +14,7 @@ from apps.endpoints import services
 from apps.endpoints.models import ColdStart, Endpoint
 from apps.inference.models import InferenceJob
 from esd.tasks import queue_backlog
-from tests.conftest import Api, wait_until
+from tests.conftest import Api, make_user, wait_until
 
 
 def zero_body(**changes):
@@ -108,7 +108,7 @@ def test_jobs_queue_at_zero_and_run_when_a_worker_appears(api: Api, admin_key, a
 
 
 @pytest.mark.django_db
-def test_the_sweep_starts_the_clock_for_jobs_queued_elsewhere(api: Api, admin_key):
+def test_the_sweep_starts_the_clock_for_jobs_queued_elsewhere(api: Api, admin_key, client):
     import dramatiq
 
     name = api.post("endpoints", zero_body(), key=admin_key).body["data"]["endpoint_name"]
@@ -122,3 +122,7 @@ def test_the_sweep_starts_the_clock_for_jobs_queued_elsewhere(api: Api, admin_ke
     assert Endpoint.objects.get(pk=endpoint.pk).waiting_since is not None
     assert services.record_cold_start(name, "host/0").seconds >= 0
     assert Endpoint.objects.get(pk=endpoint.pk).waiting_since is None
+    # operators find the history in the admin
+    client.force_login(make_user("ops", is_staff=True, is_superuser=True))
+    page = client.get(reverse("admin:endpoints_coldstart_changelist"))
+    assert page.status_code == 200 and "host/0" in page.content.decode()
