@@ -190,8 +190,9 @@ USE_TZ = True
 
 # --- Static files (whitenoise serves them; no CDN anywhere) -------------------------------------------------
 STATIC_URL = "static/"
-STATIC_ROOT = ESD_VAR_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
+# Images collect them at build time into a directory of their own (a volume on ESD_VAR_DIR would hide them).
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default="") or ESD_VAR_DIR / "static")
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [d for d in [BASE_DIR / "static"] if d.is_dir()]
 # Serve straight from the app and package static dirs: `make run` needs no collectstatic step.
 WHITENOISE_USE_FINDERS = True
@@ -376,6 +377,9 @@ ESD_EMBEDDED_GPU_DEVICE = env.str("ESD_EMBEDDED_GPU_DEVICE", default="auto")
 ESD_METRICS_TOKEN = env.str("ESD_METRICS_TOKEN", default="")
 # Seconds each /readyz check (database, migrations, broker, storage) may take before it counts as failing.
 ESD_READY_TIMEOUT = env.float("ESD_READY_TIMEOUT", default=3.0)
+# --- Deploying GPU workers on Kubernetes with KEDA (`manage.py k8s_manifests`, README "Deploy") -------------------
+ESD_GPU_WORKER_IMAGE = env.str("ESD_GPU_WORKER_IMAGE", default="esd-gpu-runtime:latest")
+ESD_K8S_NAMESPACE = env.str("ESD_K8S_NAMESPACE", default="esd")
 
 # --- Logging ------------------------------------------------------------------------------------------------
 LOGGING = {

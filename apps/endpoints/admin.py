@@ -8,7 +8,7 @@ from django.http import HttpRequest
 
 from apps.accounts.admin import EsdPermissionsAdmin, SharedResourceAdmin, request_permissions
 from apps.endpoints import services
-from apps.endpoints.models import Endpoint, Worker
+from apps.endpoints.models import ColdStart, Endpoint, Worker
 
 
 @admin.register(Endpoint)
@@ -92,3 +92,13 @@ class WorkerAdmin(EsdPermissionsAdmin):
     list_display = ("worker", "endpoint_name", "instance_type", "last_seen")
     list_filter = ("endpoint_name",)
     readonly_fields = ("worker", "endpoint_name", "instance_type", "last_seen")
+
+
+@admin.register(ColdStart)
+class ColdStartAdmin(EsdPermissionsAdmin):
+    """Scale-from-zero history: how long queued jobs waited for an endpoint's first worker."""
+
+    view_permissions = ("sagemaker_endpoint:all", "sagemaker_endpoint:list")
+    list_display = ("endpoint_name", "seconds", "worker", "queued_at", "started_at")
+    list_filter = ("endpoint_name",)
+    readonly_fields = ("endpoint_name", "worker", "queued_at", "started_at", "seconds")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from django.db.models import Count
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from apps.endpoints.backends.selfhosted import live_workers
 from apps.endpoints.models import Endpoint
-from apps.endpoints.services import describe_for_operators
+from apps.endpoints.services import cold_start_stats, describe_for_operators
 from esd.monitoring import metrics_collector
 
 
@@ -50,4 +50,15 @@ def endpoint_metrics() -> Iterable[Metric]:
             desired.add_metric([endpoint.name], line["desired"])
         else:
             live.add_metric([endpoint.name, endpoint.backend], line["instances"])
-    return [by_status, backlog, live, desired]
+    cold = SummaryMetricFamily(
+        "esd_endpoint_cold_start_seconds",
+        "From the first job waiting with no live worker to the first worker's heartbeat (scale from zero)",
+        labels=["endpoint"],
+    )
+    last_cold = GaugeMetricFamily(
+        "esd_endpoint_cold_start_last_seconds", "The endpoint's latest cold start", labels=["endpoint"]
+    )
+    for name, stat in sorted(cold_start_stats().items()):
+        cold.add_metric([name], count_value=stat["count"], sum_value=stat["sum_seconds"])
+        last_cold.add_metric([name], stat["last_seconds"])
+    return [by_status, backlog, live, desired, cold, last_cold]

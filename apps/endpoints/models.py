@@ -63,6 +63,9 @@ class Endpoint(models.Model):
     end_time = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
     checked_at = models.DateTimeField(null=True, blank=True)
+    # Self-hosted: since when jobs have been queued with no live worker (the cold-start clock; cleared by the first
+    # heartbeat, which records a ColdStart).
+    waiting_since = models.DateTimeField(null=True, blank=True)
 
     objects = EndpointQuerySet.as_manager()
     grant_policy = GrantPolicy(
@@ -127,6 +130,21 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.worker} @ {self.endpoint_name}"
+
+
+class ColdStart(models.Model):
+    """One scale-from-zero of a self-hosted endpoint: jobs were queued while no worker was live, and a worker's
+    first heartbeat came ``seconds`` later. Kept per event (not only the last) so the metrics can export a count
+    and a sum, and an operator can see how long an autoscaler takes to bring a GPU worker up."""
+
+    endpoint_name = models.CharField(max_length=63, db_index=True)
+    worker = models.CharField(max_length=200)
+    queued_at = models.DateTimeField()
+    started_at = models.DateTimeField(db_index=True)
+    seconds = models.FloatField()
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_name}: {self.seconds:.1f} s"
 
 
 class EndpointUserObjectPermission(UserObjectPermissionBase):

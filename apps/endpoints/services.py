@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -13,11 +12,13 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
+from apps.endpoints import scaling
 from apps.endpoints.backends import get_backend
 from apps.endpoints.backends.base import BackendError, RemoteStatus
+from apps.endpoints.backends.selfhosted import live_workers
 from apps.endpoints.choices import EndpointStatus, EndpointType
 from apps.endpoints.lifecycle import ENABLE_AUTOSCALING, FAIL_JOBS, MARK_READY, Current, Outcome, transition
-from apps.endpoints.models import Endpoint, EndpointOwner
+from apps.endpoints.models import ColdStart, Endpoint, EndpointOwner
 from esd.api.errors import BadRequest
 from esd.owners import save_owners
 from esd.tasks import queue_backlog
@@ -176,6 +177,8 @@ def reconcile(endpoint_id: str) -> Endpoint | None:
             remote = RemoteStatus("Failed", 0, exc.message)
         outcome = transition(Current(endpoint.status, endpoint.end_time is not None, endpoint.autoscaling), remote)
         apply_outcome(endpoint, outcome)
+        if endpoint.backend == "self-hosted" and outcome.instances == 0 and endpoint.waiting_since is None:
+            _start_cold_start_clock_if_queued(endpoint)
     for effect in outcome.effects:
         run_effect(endpoint, effect)
     return endpoint
@@ -209,12 +212,11 @@ def run_effect(endpoint: Endpoint, effect: str) -> None:
 
 def scaling_hint(endpoint: Endpoint, backlog: int | None = None) -> int:
     """Workers a self-hosted endpoint should run (contract §12.2): clamp(ceil(backlog / 3), min, max) with
-    autoscaling, else its initial count."""
-    if not endpoint.autoscaling:
-        return endpoint.initial_instance_count
+    autoscaling, else its initial count. ``apps.endpoints.scaling`` holds the rule; the rendered KEDA objects
+    (``apps.endpoints.k8s``) use the same one."""
     if backlog is None:
         backlog = queue_backlog(endpoint.queue_name) or 0
-    return max(endpoint.min_instance_number, min(endpoint.max_instance_number, math.ceil(backlog / 3)))
+    return scaling.desired_workers(endpoint, backlog)
 
 
 def describe_for_operators(endpoint: Endpoint) -> dict[str, Any]:
@@ -230,3 +232,66 @@ def describe_for_operators(endpoint: Endpoint) -> dict[str, Any]:
         "desired": scaling_hint(endpoint, backlog) if endpoint.backend == "self-hosted" else None,
         "error": endpoint.error,
     }
+
+
+# --- scale from zero: the cold-start clock ---------------------------------------------------------------------------
+
+
+def note_queued(endpoint: Endpoint) -> None:
+    """A job was queued for a self-hosted endpoint: with no live worker, start the cold-start clock (kept if it is
+    already running). The inference app calls this when it sends a job to the endpoint's queue."""
+    if endpoint.backend == "self-hosted" and live_workers(endpoint.name) == 0:
+        Endpoint.objects.filter(pk=endpoint.pk, waiting_since__isnull=True).update(waiting_since=timezone.now())
+
+
+def _start_cold_start_clock_if_queued(endpoint: Endpoint) -> None:
+    """The sweep's view: no worker and jobs waiting (queued by another process, or left when the workers died)."""
+    if (queue_backlog(endpoint.queue_name) or 0) > 0:
+        now = timezone.now()
+        if Endpoint.objects.filter(pk=endpoint.pk, waiting_since__isnull=True).update(waiting_since=now):
+            endpoint.waiting_since = now
+
+
+def record_cold_start(endpoint_name: str, worker: str) -> ColdStart | None:
+    """A worker heartbeat: if the endpoint's jobs were waiting for a worker, this is the end of its cold start.
+
+    The clock is cleared with a conditional update, so of concurrent first heartbeats exactly one records it.
+    """
+    endpoint = (
+        Endpoint.objects.live()
+        .filter(name=endpoint_name, backend="self-hosted", waiting_since__isnull=False)
+        .only("pk", "waiting_since")
+        .first()
+    )
+    if endpoint is None:
+        return None
+    since = endpoint.waiting_since
+    if not Endpoint.objects.filter(pk=endpoint.pk, waiting_since=since).update(waiting_since=None):
+        return None
+    now = timezone.now()
+    cold = ColdStart.objects.create(
+        endpoint_name=endpoint_name,
+        worker=worker[:200],
+        queued_at=since,
+        started_at=now,
+        seconds=max(0.0, (now - since).total_seconds()),
+    )
+    log.info("endpoint %s: worker %s started %.1f s after jobs were queued", endpoint_name, worker, cold.seconds)
+    return cold
+
+
+def cold_start_stats() -> dict[str, dict[str, float]]:
+    """Per endpoint: ``count`` and ``sum_seconds`` of its cold starts and ``last_seconds`` (the metrics export
+    these as ``esd_endpoint_cold_start_seconds``), for endpoints that still exist."""
+    from django.db.models import Count, Sum
+
+    live = Endpoint.objects.live().values("name")
+    rows = ColdStart.objects.filter(endpoint_name__in=live).values("endpoint_name")
+    stats = {
+        row["endpoint_name"]: {"count": row["n"], "sum_seconds": row["total"] or 0.0}
+        for row in rows.annotate(n=Count("id"), total=Sum("seconds"))
+    }
+    for name, stat in stats.items():
+        last = ColdStart.objects.filter(endpoint_name=name).order_by("-started_at").values_list("seconds", flat=True)
+        stat["last_seconds"] = last.first() or 0.0
+    return stats

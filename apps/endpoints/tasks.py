@@ -62,6 +62,7 @@ def heartbeat(event: dict) -> None:
             "capabilities": event.get("capabilities") if isinstance(event.get("capabilities"), dict) else {},
         },
     )
+    services.record_cold_start(name, worker)
     endpoint = Endpoint.objects.live().filter(name=name, backend=Backend.SELF_HOSTED).first()
     if endpoint is not None:
         services.reconcile(str(endpoint.id))

@@ -22,6 +22,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from apps.accounts.models import User, permissions_of
+from apps.endpoints import services as endpoint_services
 from apps.endpoints.choices import USABLE, EndpointStatus
 from apps.endpoints.models import Endpoint
 from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
@@ -222,6 +223,8 @@ def start_job(job_id: str) -> Started:
         if endpoint.backend == "self-hosted":
             request = build_request(job, self_hosted=True)
             transaction.on_commit(lambda: send_to_worker(endpoint.queue_name, str(job.id), request))
+            # With no live worker (an endpoint scaled to zero) the job waits: start the cold-start clock.
+            endpoint_services.note_queued(endpoint)
         elif realtime:
             from esd.tasks import enqueue
 

@@ -627,7 +627,17 @@ def live_context(job: InferenceJob) -> dict[str, Any]:
         "percent": percent,
         "images": image_links(job) if job.status == InferenceStatus.SUCCEED else [],
         "failure": error_text(job.sagemaker_raw) if job.status == InferenceStatus.FAILED else None,
+        "waiting_for_worker": waiting_for_worker(job),
     }
+
+
+def waiting_for_worker(job: InferenceJob) -> bool:
+    """A started job on a self-hosted endpoint with no live worker (scaled to zero, or its workers gone): it waits
+    in the queue until a worker starts, and the page says so rather than "waiting for the first step"."""
+    if job.status != InferenceStatus.IN_PROGRESS or job.progress_steps or job.backend != "self-hosted":
+        return False
+    endpoint = job.endpoint
+    return endpoint is not None and endpoint.current_instance_count == 0
 
 
 def _job_or_404(request: HttpRequest, pk: Any) -> InferenceJob:

@@ -138,7 +138,8 @@ def test_metrics_follow_a_job_from_queued_to_run_to_finished(api, admin_key, set
     assert answer.status == 202, answer.body
     name = answer.body["data"]["endpoint_name"]
     first = gpu(name)
-    wait_until(lambda: Endpoint.objects.filter(name=name, status="InService").exists())
+    # autoscaling from 0: InService before any worker, so wait for the worker's first heartbeat
+    wait_until(lambda: Endpoint.objects.filter(name=name, status="InService", current_instance_count=1).exists())
     first.stop(timeout=60)  # its heartbeat is still fresh: InService, live, but nobody reads the queue now
 
     idle = scrape(client)

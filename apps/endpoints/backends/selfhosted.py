@@ -1,7 +1,9 @@
 """Self-hosted endpoints: a dramatiq queue named after the endpoint, consumed by ``gpu_runtime`` workers.
 
-Nothing is provisioned remotely: operators (or an orchestrator following the scaling hint) start workers with
-``python -m gpu_runtime worker --endpoint NAME``. Liveness comes from the workers' heartbeats on the events queue.
+Nothing is provisioned remotely: operators (or an orchestrator following the scaling hint, e.g. KEDA with the
+objects ``manage.py k8s_manifests`` renders) start workers with ``python -m gpu_runtime worker --endpoint NAME``.
+Liveness comes from the workers' heartbeats on the events queue. An endpoint that autoscales from zero serves with
+no worker at all (its jobs wait in the queue until the autoscaler starts one), like a SageMaker async endpoint at 0.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dramatiq
 from django.conf import settings
 from django.utils import timezone
 
+from apps.endpoints import scaling
 from apps.endpoints.backends.base import NO_WORKERS, STARTUP_TIMEOUT, RemoteStatus
 from apps.endpoints.choices import EndpointStatus
 from apps.endpoints.models import Endpoint, Worker
@@ -38,6 +41,8 @@ class SelfHostedBackend:
         count = live_workers(endpoint.name)
         if count:
             return RemoteStatus("InService", count)
+        if scaling.may_scale_to_zero(endpoint):  # no worker is needed to take jobs: no startup timeout either
+            return RemoteStatus("InService", 0)
         timeout = settings.ESD_SELF_HOSTED_STARTUP_TIMEOUT
         if endpoint.status == EndpointStatus.CREATING and timezone.now() - endpoint.start_time > timedelta(
             seconds=timeout
@@ -46,7 +51,8 @@ class SelfHostedBackend:
         return RemoteStatus(NO_WORKERS)
 
     def enable_autoscaling(self, endpoint: Endpoint) -> None:
-        """Nothing to configure: the console and ``endpoint_status`` show the scaling hint to act on."""
+        """Nothing to configure here: the console and ``endpoint_status`` show the scaling hint, and
+        ``manage.py k8s_manifests`` renders the KEDA objects that follow it."""
 
     def teardown(self, endpoint: Endpoint) -> None:
         broker = dramatiq.get_broker()
