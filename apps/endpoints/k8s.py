@@ -32,6 +32,9 @@ PART_OF = "esd-server"
 MANAGED_BY = "esd-server-k8s-manifests"
 MODELS_DIR = "/var/lib/esd-runtime"
 RUN_AS_USER = 10001  # the images' USER (Dockerfile, gpu_runtime/Dockerfile)
+METRICS_PORT = 9100  # the worker's /metrics, /healthz and /readyz (gpu_runtime --metrics-port)
+# The usual Prometheus pod-discovery annotations (the worker's port has no token: cluster network only).
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
 
 
 class ManifestError(ValueError):
@@ -171,6 +174,10 @@ def _deployment(
                 "env": _env(options),
                 "resources": {"limits": {"nvidia.com/gpu": options.gpus_per_worker}} if options.gpus_per_worker else {},
                 "volumeMounts": [{"name": "runtime", "mountPath": MODELS_DIR}],
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+                # alive while the process answers; ready while its consumer answers the broker and its threads run
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 20},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
             }
         ],
         # The model cache; a cold worker downloads what its first jobs name (presigned URLs in each job).
@@ -184,7 +191,10 @@ def _deployment(
         "metadata": _metadata(name, labels, options, annotations),
         "spec": {
             "selector": {"matchLabels": _selector(labels)},
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {**annotations, **SCRAPE}},
+                "spec": pod_spec,
+            },
         },
     }
 
@@ -245,6 +255,8 @@ def endpoint_objects(endpoint: Endpoint, options: Options) -> list[dict[str, Any
         MODELS_DIR,
         "--cache-gb",
         f"{options.cache_gb:g}",
+        "--metrics-port",
+        str(METRICS_PORT),
     ]
     target = scaling.backlog_per_worker(endpoint)
     return [
@@ -269,6 +281,8 @@ def trainer_objects(options: Options, max_trainers: int) -> list[dict[str, Any]]
         MODELS_DIR,
         "--cache-gb",
         f"{options.cache_gb:g}",
+        "--metrics-port",
+        str(METRICS_PORT),
     ]
     return [
         _deployment(name, labels, args, options, annotations),

@@ -115,6 +115,12 @@ def test_redis_manifests_match_every_endpoint(rows):
         assert args[args.index("--instance-type") + 1] == endpoint.instance_type
         assert args[args.index("--device") + 1] == "cuda"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        # probed and scraped on the port the worker serves /healthz, /readyz and /metrics on
+        port = args[args.index("--metrics-port") + 1]
+        assert container["ports"] == [{"name": "metrics", "containerPort": int(port)}]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
         env = {e["name"]: e for e in container["env"]}
         assert env["DRAMATIQ_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
             "name": "esd-secrets",
