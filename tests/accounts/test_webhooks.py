@@ -427,6 +427,13 @@ def test_the_admin_lists_deliveries_read_only_with_a_status_filter(client, desig
     assert client.get("/admin/accounts/webhook/").status_code == 200
     assert hook.secret not in page(client.get(f"/admin/accounts/webhook/{hook.pk}/change/"))
 
+    form = {"user": designer.pk, "url": "http://10.0.0.1/x", "events": '["training.ended"]', "active": "on"}
+    refused = page(client.post("/admin/accounts/webhook/add/", form))
+    assert "webhook url http://10.0.0.1/x is not allowed" in refused and Webhook.objects.count() == 1
+    added = client.post("/admin/accounts/webhook/add/", {**form, "url": "http://127.0.0.1:9/y"}, follow=True)
+    new = Webhook.objects.exclude(pk=hook.pk).get()
+    assert new.events == ["training.ended"] and new.created_by == "root" and new.secret in page(added)
+
 
 def test_readme_snippet_verifies_a_real_delivery(designer, worker, receiver, allow_loopback):
     """The README's verification code, run as a receiver would run it, accepts what we send."""
