@@ -29,6 +29,7 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("Users", "console:users", ("user:all", "user:list")),
     ("Roles", "console:roles", ("role:all", "role:list")),
     ("API keys", "console:keys", ()),
+    ("Webhooks", "console:webhooks", ()),
 ]
 
 

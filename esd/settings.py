@@ -223,6 +223,17 @@ ESD_CHECKPOINT_URL_ALLOW_PRIVATE = env.bool("ESD_CHECKPOINT_URL_ALLOW_PRIVATE", 
 ESD_CHECKPOINT_URL_ALLOWED_NETWORKS = env.list("ESD_CHECKPOINT_URL_ALLOWED_NETWORKS", default=[])
 ESD_CHECKPOINT_URL_MAX_BYTES = env.int("ESD_CHECKPOINT_URL_MAX_BYTES", default=20 * 1024**3)
 
+# --- Webhooks (apps.accounts.webhooks) --------------------------------------------------------------------------
+# Webhook URLs pass the same SSRF guard as checkpoint downloads; by default they allow what downloads allow.
+ESD_WEBHOOK_ALLOW_PRIVATE = env.bool("ESD_WEBHOOK_ALLOW_PRIVATE", default=ESD_CHECKPOINT_URL_ALLOW_PRIVATE)
+ESD_WEBHOOK_ALLOWED_NETWORKS = env.list("ESD_WEBHOOK_ALLOWED_NETWORKS", default=ESD_CHECKPOINT_URL_ALLOWED_NETWORKS)
+# Seconds to connect, and to wait for the answer, per attempt.
+ESD_WEBHOOK_TIMEOUT = env.float("ESD_WEBHOOK_TIMEOUT", default=10.0)
+# Attempts per delivery (the first and its retries); retries back off exponentially from MIN to MAX (ms).
+ESD_WEBHOOK_MAX_ATTEMPTS = env.int("ESD_WEBHOOK_MAX_ATTEMPTS", default=9)
+ESD_WEBHOOK_MIN_BACKOFF_MS = env.int("ESD_WEBHOOK_MIN_BACKOFF_MS", default=10_000)
+ESD_WEBHOOK_MAX_BACKOFF_MS = env.int("ESD_WEBHOOK_MAX_BACKOFF_MS", default=3_600_000)
+
 # --- Endpoints, inference and training (contract §14) --------------------------------------------------------
 ESD_ONE_ENDPOINT_PER_ROLE = env.bool("ESD_ONE_ENDPOINT_PER_ROLE", default=True)
 # Instances allowed per instance type across live endpoints: "ml.g4dn.16xlarge=0,*=16".

@@ -1,4 +1,5 @@
-"""The operator console for accounts: users with their roles, roles with their ESD permissions, API keys.
+"""The operator console for accounts: users with their roles, roles with their ESD permissions, API keys,
+webhooks and their deliveries.
 
 Every change goes through ``apps.accounts.services`` so the console and the API apply the same rules.
 """
@@ -17,8 +18,16 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from guardian.admin import AdminGroupObjectPermissionsForm, AdminUserObjectPermissionsForm, GuardedModelAdminMixin
 
-from apps.accounts import grants, services
-from apps.accounts.models import ApiKey, Role, User, esd_permission_queryset, permissions_of
+from apps.accounts import grants, services, webhooks
+from apps.accounts.models import (
+    ApiKey,
+    Role,
+    User,
+    Webhook,
+    WebhookDelivery,
+    esd_permission_queryset,
+    permissions_of,
+)
 from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS, first_not_covered
 from esd.api.errors import EsdError
 
@@ -399,3 +408,115 @@ class ApiKeyAdmin(EsdPermissionsAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
         count = sum(services.revoke_api_key(key) for key in queryset)
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+
+# --- webhooks -----------------------------------------------------------------------------------------------------
+
+
+class WebhookForm(forms.ModelForm):
+    class Meta:
+        model = Webhook
+        fields = ("user", "role", "url", "events", "active")
+
+    def clean(self) -> dict:
+        """The service's rules (the SSRF guard, known events, one owner) for admin edits too."""
+        data = super().clean()
+        if bool(data.get("user")) == bool(data.get("role")):
+            raise forms.ValidationError("A webhook belongs to exactly one user or one role.")
+        if not isinstance(data.get("events") or [], list):
+            raise forms.ValidationError('Events are a JSON list, e.g. ["inference.ended"].')
+        try:
+            if data.get("url"):
+                data["url"] = webhooks.check_webhook_url(data["url"])
+            data["events"] = webhooks.check_events(data.get("events"))
+        except EsdError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        return data
+
+
+@admin.register(Webhook)
+class WebhookAdmin(EsdPermissionsAdmin):
+    """Every webhook (users' and roles'): role administration, as in the console. The secret is never shown."""
+
+    form = WebhookForm
+    view_permissions = add_permissions = change_permissions = ("role:all",)
+    list_display = ("id", "url", "user", "role", "events", "active", "secret_hint", "created_by", "created_at")
+    list_filter = ("active", ("role", admin.EmptyFieldListFilter))
+    search_fields = ("url", "user__username", "role__name")
+    list_select_related = ("user", "role")
+    autocomplete_fields = ("user",)
+    readonly_fields = ("secret_hint", "created_by", "created_at")
+    actions = ["ping"]
+
+    def save_model(self, request: HttpRequest, obj: Webhook, form: WebhookForm, change: bool) -> None:
+        if not change:
+            created = webhooks.create_webhook(
+                url=obj.url, user=obj.user, role=obj.role, events=obj.events, by=request.user.get_username()
+            )
+            obj.pk, obj.secret = created.pk, created.secret
+            self.message_user(
+                request,
+                f"Webhook {created.pk} created. Signing secret: {created.secret} — copy it now, it will not be "
+                "shown again.",
+                messages.SUCCESS,
+            )
+            return
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return HttpResponseRedirect(reverse("admin:accounts_webhook_changelist"))
+
+    @admin.action(description="Send a ping to the selected webhooks")
+    def ping(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for hook in queryset.select_related("user", "role"):
+            webhooks.ping(hook)
+        self.message_user(request, f"Queued {queryset.count()} ping(s).", messages.SUCCESS)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(EsdPermissionsAdmin):
+    """What was sent where and how it went; read-only (a failed delivery can be sent again, from scratch)."""
+
+    view_permissions = ("role:all",)
+    list_display = ("id", "event", "webhook", "job_id", "status", "attempts", "last_status_code", "last_error")
+    list_display_links = ("id",)
+    list_filter = ("status", "event")
+    search_fields = ("id", "job_id", "webhook__url")
+    list_select_related = ("webhook__user", "webhook__role")
+    date_hierarchy = "created_at"
+    actions = ["redeliver"]
+    fields = (
+        "id",
+        "webhook",
+        "event",
+        "job_id",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "last_attempt_at",
+        "delivered_at",
+        "body",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def get_actions(self, request: HttpRequest):
+        # The redeliver action changes rows: only for those who manage webhooks (actions need no change permission).
+        return super().get_actions(request) if self._holds(request, ("role:all",)) else {}
+
+    @admin.action(description="Deliver the selected failed deliveries again")
+    def redeliver(self, request: HttpRequest, queryset: QuerySet) -> None:
+        failed = list(queryset.filter(status="failed"))
+        for delivery in failed:
+            webhooks.redeliver(delivery)
+        self.message_user(request, f"Queued {len(failed)} delivery(ies) again.", messages.SUCCESS)

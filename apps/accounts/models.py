@@ -6,6 +6,7 @@ import functools
 import hashlib
 import secrets
 import string
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from django.db import connection, connections, models
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from apps.accounts.choices import ApiKeyKind
+from apps.accounts.choices import ApiKeyKind, WebhookDeliveryStatus, WebhookEvent
 from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS
 
 SEED_CREATOR = "ESD"
@@ -278,3 +279,79 @@ class ApiKey(models.Model):
             ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
             self.last_used_at = now
             cache.delete(key_cache_name(self.digest))
+
+
+# --- webhooks ------------------------------------------------------------------------------------------------------
+
+
+def all_webhook_events() -> list[str]:
+    return list(WebhookEvent.values)
+
+
+class Webhook(models.Model):
+    """A URL called when a job of its user ends, or a job of any member of its role (exactly one of the two is set).
+
+    ``secret`` signs every delivery (``X-ESD-Signature``, ``apps.accounts.webhooks``). Unlike API keys it is stored
+    in clear: HMAC needs the key itself on every send, so a digest would be useless; it is shown once when the
+    webhook is created and never rendered again (console, admin and command show only its first characters).
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="webhooks"
+    )
+    role = models.ForeignKey(Role, null=True, blank=True, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.URLField(max_length=2000)
+    events = models.JSONField(default=all_webhook_events, help_text="Event names this webhook is called for")
+    secret = models.CharField(max_length=100, editable=False)
+    active = models.BooleanField(default=True)
+    created_by = models.CharField(max_length=150, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(user__isnull=False, role__isnull=True) | Q(user__isnull=True, role__isnull=False),
+                name="webhook_user_xor_role",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.subscriber})"
+
+    @property
+    def subscriber(self) -> str:
+        """Whose jobs it reports: ``user NAME`` or ``role NAME``."""
+        return f"user {self.user.username}" if self.user_id else f"role {self.role.name}"
+
+    @property
+    def secret_hint(self) -> str:
+        return f"{self.secret[:4]}…"
+
+
+class WebhookDelivery(models.Model):
+    """One event sent to one webhook: the exact body (every retry sends the same bytes, signed anew) and how its
+    attempts went. The row is the delivery's state machine: ``pending`` -> ``delivered`` | ``failed``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=32)
+    job_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    body = models.TextField(help_text="The JSON sent, byte for byte")
+    status = models.CharField(
+        max_length=16, choices=WebhookDeliveryStatus.choices, default=WebhookDeliveryStatus.PENDING
+    )
+    attempts = models.PositiveSmallIntegerField(default=0)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"], name="webhook_delivery_status")]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.id} ({self.status})"

@@ -1,4 +1,4 @@
-"""Console pages of this app (namespace ``console``): users, roles and API keys.
+"""Console pages of this app (namespace ``console``): users, roles, API keys and webhooks.
 
 User and role names travel in the path with the ``path`` converter: the API accepts role names with any characters
 (``/`` included), and a name the converter could not carry would break every page that links to it. Deleting is an
@@ -16,4 +16,7 @@ urlpatterns = [
     path("roles/<path:name>/", views.role, name="role"),
     path("keys/", views.keys, name="keys"),
     path("keys/<int:pk>/revoke/", views.revoke_key, name="key-revoke"),
+    path("webhooks/", views.webhook_list, name="webhooks"),
+    path("webhooks/<int:pk>/delete/", views.webhook_delete, name="webhook-delete"),
+    path("webhooks/<int:pk>/test/", views.webhook_test, name="webhook-test"),
 ]

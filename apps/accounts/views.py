@@ -1,4 +1,4 @@
-"""Console pages for users, roles and API keys (namespace ``console``).
+"""Console pages for users, roles, API keys and webhooks (namespace ``console``).
 
 Every change goes through ``apps.accounts.services``, exactly as the API and the admin do, so a rule lives in one
 place; these views only parse forms, decide what to *show* from the user's ESD permissions, and turn a service's
@@ -25,9 +25,9 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from apps.accounts import services
-from apps.accounts.choices import ApiKeyKind
-from apps.accounts.models import ApiKey, Role, User, role_permissions, user_roles
+from apps.accounts import services, webhooks
+from apps.accounts.choices import ApiKeyKind, WebhookEvent
+from apps.accounts.models import ApiKey, Role, User, Webhook, WebhookDelivery, role_permissions, user_roles
 from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS, first_not_covered
 from esd.api.errors import EsdError
 from esd.console import console_view, holds, permissions
@@ -502,3 +502,103 @@ def revoke_key(request: HttpRequest, pk: int) -> HttpResponse:
 def _forbidden(request: HttpRequest, needed: tuple[str, ...]) -> HttpResponse:
     """The frame's 403 page, for actions a page offers only to some of its viewers."""
     return render(request, "console/forbidden.html", {"needed": needed}, status=403)
+
+
+# --- webhooks -----------------------------------------------------------------------------------------------------
+# Everyone manages the webhooks of their own jobs; role webhooks (the jobs of every member) are role administration.
+
+ROLE_WEBHOOKS = ("role:all",)
+RECENT_DELIVERIES = 50
+
+
+class WebhookForm(forms.Form):
+    url = forms.CharField(max_length=2000, label="URL")
+    events = forms.MultipleChoiceField(
+        choices=WebhookEvent.choices, required=False, widget=forms.CheckboxSelectMultiple
+    )
+    role = forms.CharField(max_length=150, required=False, help_text="Empty: your own jobs")
+
+
+@never_cache
+@console_view()
+def webhook_list(request: HttpRequest) -> HttpResponse:
+    """Webhooks, recent deliveries and the add form. A new webhook's secret is rendered in this POST's response
+    only (as a new API key is), so it is shown exactly once."""
+    may_role = holds(request, *ROLE_WEBHOOKS)
+    form, status, created = WebhookForm(), 200, None
+    if request.method == "POST":
+        form = WebhookForm(request.POST)
+        if not form.is_valid():
+            status = 400
+        else:
+            status, created = _add_webhook(request, form, may_role)
+            if created is not None:
+                form = WebhookForm()
+    hooks = list(webhooks.manageable_by(request.user, permissions(request)))
+    deliveries = (
+        WebhookDelivery.objects.filter(webhook__in=hooks)
+        .select_related("webhook__user", "webhook__role")
+        .order_by("-created_at")[:RECENT_DELIVERIES]
+    )
+    context = {
+        "hooks": hooks,
+        "deliveries": deliveries,
+        "form": form,
+        "created": created,
+        "may_role": may_role,
+        "roles": list(Role.objects.order_by("name").values_list("name", flat=True)) if may_role else [],
+        "events": WebhookEvent.choices,
+    }
+    return render(request, "console/accounts/webhooks.html", context, status=status)
+
+
+def _add_webhook(request: HttpRequest, form: WebhookForm, may_role: bool) -> tuple[int, Webhook | None]:
+    data = form.cleaned_data
+    role = None
+    if data["role"]:
+        if not may_role:
+            form.add_error(None, "Webhooks for a role need the role:all permission.")
+            return 403, None
+        role = Role.objects.filter(name=data["role"]).first()
+        if role is None:
+            form.add_error("role", f"No role {data['role']}.")
+            return 400, None
+    try:
+        hook = webhooks.create_webhook(
+            url=data["url"],
+            user=None if role else request.user,
+            role=role,
+            events=data["events"],
+            by=request.user.get_username(),
+        )
+    except EsdError as exc:
+        form.add_error(None, exc.message)
+        return exc.status, None
+    return 200, hook
+
+
+def _manageable(request: HttpRequest, pk: int) -> Webhook:
+    hook = webhooks.manageable_by(request.user, permissions(request)).filter(pk=pk).first()
+    if hook is None:
+        raise Http404("no such webhook")
+    return hook
+
+
+@require_POST
+@console_view()
+def webhook_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """Delete one of the webhooks the page lists (others are treated as nonexistent), with its deliveries."""
+    hook = _manageable(request, pk)
+    hook.delete()
+    messages.success(request, f"Webhook {hook.url} deleted.")
+    return redirect("console:webhooks")
+
+
+@require_POST
+@console_view()
+def webhook_test(request: HttpRequest, pk: int) -> HttpResponse:
+    """Send a ``ping`` event now; its delivery appears in the list below."""
+    hook = _manageable(request, pk)
+    webhooks.ping(hook)
+    messages.success(request, f"Ping queued for {hook.url}.")
+    return redirect("console:webhooks")

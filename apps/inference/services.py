@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from apps.accounts import webhooks
 from apps.accounts.models import User, permissions_of
 from apps.endpoints import services as endpoint_services
 from apps.endpoints.choices import USABLE, EndpointStatus
@@ -398,6 +399,8 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
             progress_step=F("progress_steps"),
             **_timing_fields(job, arrival, runtime_seconds),
         )
+        if updated:
+            ended(job_id, job.owner)
     if not updated:
         log.info("result for job %s arrived after it ended; dropped", job_id)
     return InferenceJob.objects.filter(pk=job_id).first()
@@ -406,12 +409,26 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
 def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> InferenceJob | None:
     """``failed`` with the runtime's report in ``sagemakerRaw`` (only from ``inprogress``; created jobs fail
     too when their dispatch is refused). ``arrival``: a runtime reported the failure (its time is recorded)."""
-    pending = InferenceJob.objects.filter(pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS))
-    timings: dict[str, Any] = {}
-    if arrival is not None and (job := pending.only("start_time").first()) is not None:
-        timings = _timing_fields(job, arrival)
-    pending.update(status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report, **timings)
-    return InferenceJob.objects.filter(pk=job_id).first()
+    with transaction.atomic():
+        pending = InferenceJob.objects.filter(
+            pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS)
+        )
+        timings: dict[str, Any] = {}
+        if arrival is not None and (started := pending.only("start_time").first()) is not None:
+            timings = _timing_fields(started, arrival)
+        updated = pending.update(
+            status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report, **timings
+        )
+        job = InferenceJob.objects.filter(pk=job_id).first()
+        if updated and job is not None:
+            ended(job_id, job.owner)
+    return job
+
+
+def ended(job_id: str, owner: str) -> None:
+    """Every change to a final status calls this once, in the transaction that makes it: the owner's webhooks
+    (``apps.accounts.webhooks``) are notified after the commit."""
+    webhooks.job_ended("inference", str(job_id), owner)
 
 
 def record_progress(job_id: str, step: int, steps: int) -> None:
@@ -463,9 +480,17 @@ def fail_timed_out() -> int:
 
 def fail_jobs_of_endpoint(endpoint: Endpoint) -> int:
     """The endpoint is gone: its in-progress jobs cannot finish."""
-    return InferenceJob.objects.filter(endpoint_id_copy=str(endpoint.id), status=InferenceStatus.IN_PROGRESS).update(
-        status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw="endpoint deleted"
-    )
+    with transaction.atomic():
+        running = InferenceJob.objects.select_for_update().filter(
+            endpoint_id_copy=str(endpoint.id), status=InferenceStatus.IN_PROGRESS
+        )
+        owners = dict(running.values_list("pk", "owner"))
+        InferenceJob.objects.filter(pk__in=owners).update(
+            status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw="endpoint deleted"
+        )
+        for job_id, owner in owners.items():
+            ended(str(job_id), owner)
+    return len(owners)
 
 
 def _runtime_seconds(info: Any) -> float | None:

@@ -37,11 +37,14 @@ __all__ = [
     "Download",
     "Guard",
     "Probe",
+    "Reply",
     "UrlNotAllowed",
     "UrlNotReachable",
     "address_allowed",
+    "check_url",
     "filename_from_disposition",
     "open_download",
+    "post",
     "probe",
 ]
 
@@ -309,7 +312,15 @@ class _Exchange:
         self.pool.close()
 
 
-def _send(method: str, url: str, guard: Guard, original_url: str) -> _Exchange:
+def _send(
+    method: str,
+    url: str,
+    guard: Guard,
+    original_url: str,
+    *,
+    body: bytes | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> _Exchange:
     """One request, no redirects followed, connected only to addresses that passed the guard.
 
     If connecting to the first address fails, the next checked address is tried (a host with a dead IPv6
@@ -317,10 +328,11 @@ def _send(method: str, url: str, guard: Guard, original_url: str) -> _Exchange:
     """
     target = _check(url, guard, original_url)
     headers = {
-        "Host": target.host_header,
         "User-Agent": _USER_AGENT,
         "Accept": "*/*",
         "Accept-Encoding": "identity",
+        **(extra_headers or {}),
+        "Host": target.host_header,
     }
     last_error: Exception | None = None
     for address in target.addresses:
@@ -329,6 +341,7 @@ def _send(method: str, url: str, guard: Guard, original_url: str) -> _Exchange:
             response = pool.urlopen(
                 method,
                 target.request_target,
+                body=body,
                 headers=headers,
                 retries=False,
                 redirect=False,
@@ -506,5 +519,43 @@ def open_download(url: str, guard: Guard) -> Iterator[Download]:
     exchange = _follow("GET", url, guard)
     try:
         yield Download(url=url, final_url=exchange.url, response=exchange.response)
+    finally:
+        exchange.close()
+
+
+# ------------------------------------------------------------------------------------------- other callers
+# Webhooks (apps.accounts.webhooks) call URLs that users give, which is the same SSRF hole as downloads by URL:
+# they get the same checks and the same pinning.
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A POST's answer: its status and the first bytes of its body (enough to show an error, no more)."""
+
+    status: int
+    body: bytes
+
+
+def check_url(url: str, guard: Guard) -> None:
+    """Judge ``url`` as a request would (scheme, host, every address it resolves to) without sending anything.
+
+    Raises :class:`UrlNotAllowed` or, when the host does not resolve, :class:`UrlNotReachable`.
+    """
+    _check(url, guard, url)
+
+
+def post(
+    url: str, body: bytes, guard: Guard, headers: dict[str, str] | None = None, *, max_reply_bytes: int = 2048
+) -> Reply:
+    """POST ``body`` to ``url`` once, guarded and pinned exactly as downloads are.
+
+    Redirects are not followed: a 3xx comes back as the reply. Following it would send the body to a place the
+    caller never checked with its owner, and a webhook receiver is expected to answer for itself.
+    """
+    exchange = _send("POST", url, guard, url, body=body, extra_headers=headers)
+    try:
+        return Reply(status=exchange.response.status, body=exchange.response.read(max_reply_bytes))
+    except (Urllib3Error, OSError) as exc:
+        raise UrlNotReachable(url, f"the answer from {url} broke off") from exc
     finally:
         exchange.close()

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from apps.accounts import webhooks
 from apps.accounts.models import User, held_role_names
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
@@ -441,6 +442,7 @@ def update_status(
             job.log = job.log + [n for n in notes if n not in job.log]
         if status in TERMINAL_TRAINING:
             job.finished = timezone.now()
+            webhooks.job_ended("training", str(job.id), job.owner)
         job.save()
     if removed:
         store = blob_store()

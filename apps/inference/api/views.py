@@ -81,6 +81,12 @@ def render_detail(job: InferenceJob) -> dict[str, Any]:
     }
 
 
+def webhook_data(job_id: str) -> dict[str, Any] | None:
+    """The job as ``GET /inferences/{id}`` returns its ``data``: the body of its webhooks (``apps.accounts``)."""
+    job = InferenceJob.objects.filter(pk=job_id).first()
+    return None if job is None else InferenceJobDetailSerializer.render(render_detail(job))
+
+
 def start_response(job_id: str) -> Response:
     """What both start routes answer: 202 for async; for real-time, the finished job, its error, or 504."""
     started = services.start_job(job_id)

@@ -94,3 +94,9 @@ class TrainingViewSet(EsdViewSet):
     )
     def retrieve(self, request: Request, id: str) -> Response:
         return envelope(200, TrainingDetailSerializer.render(self.get_object()))
+
+
+def webhook_data(job_id: str) -> dict | None:
+    """The job as ``GET /trainings/{id}`` returns its ``data``: what its webhooks carry (``apps.accounts.webhooks``)."""
+    job = TrainingJob.objects.filter(pk=job_id).first()
+    return None if job is None else TrainingDetailSerializer.render(job)
