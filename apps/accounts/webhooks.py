@@ -13,7 +13,7 @@ The timestamp is part of what is signed, so a receiver that rejects old timestam
 attempt signs anew with its own time. ``X-ESD-Event`` and ``X-ESD-Delivery`` name the event and the delivery (a
 receiver can drop a delivery id it has seen: delivery is at least once).
 
-Every URL passes the SSRF guard of checkpoint downloads (``apps.models_registry.fetch``): at creation, so a user
+Every URL passes the SSRF guard of checkpoint downloads (``esd.fetch``): at creation, so a user
 learns at once, and again at each attempt, because what a name resolves to can change. Private, loopback and
 link-local addresses are refused unless ``ESD_WEBHOOK_ALLOW_PRIVATE`` or ``ESD_WEBHOOK_ALLOWED_NETWORKS`` (by
 default the checkpoint settings) admit them.
@@ -43,8 +43,8 @@ from django.utils.module_loading import import_string
 
 from apps.accounts.choices import PING_EVENT, WebhookDeliveryStatus, WebhookEvent
 from apps.accounts.models import Role, User, Webhook, WebhookDelivery
-from apps.models_registry.fetch import Guard, UrlNotAllowed, UrlNotReachable, check_url, post
 from esd.api.errors import BadRequest
+from esd.fetch import Guard, UrlNotAllowed, UrlNotReachable, check_url, post
 
 log = logging.getLogger("esd.webhooks")
 

@@ -11,10 +11,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from apps.models_registry.choices import URL_EXTENSIONS, CheckpointStatus
-from apps.models_registry.fetch import Guard, Probe, UrlNotAllowed, UrlNotReachable, probe
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
 from esd import keys
 from esd.api.errors import BadRequest
+from esd.fetch import Guard, Probe, UrlNotAllowed, UrlNotReachable, probe
 from esd.owners import save_owners
 from esd.storage import StorageError, blob_store
 from esd.tasks import enqueue

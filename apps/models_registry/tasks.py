@@ -10,10 +10,10 @@ from dramatiq.middleware import CurrentMessage
 
 from apps.models_registry import services
 from apps.models_registry.choices import CheckpointStatus
-from apps.models_registry.fetch import UrlNotAllowed, UrlNotReachable, open_download
 from apps.models_registry.models import Checkpoint
 from esd import keys
 from esd.api.errors import BadRequest
+from esd.fetch import UrlNotAllowed, UrlNotReachable, open_download
 from esd.storage import blob_store
 from esd.tasks import periodic, recoverer
 

@@ -13,11 +13,11 @@ from django.test.utils import CaptureQueriesContext
 
 from apps.models_registry import services
 from apps.models_registry.choices import CheckpointStatus
-from apps.models_registry.fetch import Probe
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
 from apps.models_registry.services import new_checkpoint
 from apps.models_registry.tasks import rename_checkpoint
 from esd import keys
+from esd.fetch import Probe
 from esd.owners import save_owners
 from tests.conftest import make_role, make_user
 

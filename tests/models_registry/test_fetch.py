@@ -1,6 +1,6 @@
 """The URL fetcher against a real HTTP server on the loopback interface.
 
-Nothing in ``apps.models_registry.fetch`` is mocked: the tests start a threaded ``http.server`` on 127.0.0.1 (and
+Nothing in ``esd.fetch`` is mocked: the tests start a threaded ``http.server`` on 127.0.0.1 (and
 on ::1 and a TLS listener where those matter) and let the fetcher resolve, check, connect and read for real. The
 default guard refuses loopback, so most tests open it with ``allow_private=True`` or an allowed network.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from apps.models_registry.fetch import (
+from esd.fetch import (
     Guard,
     Probe,
     UrlNotAllowed,

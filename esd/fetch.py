@@ -1,4 +1,7 @@
-"""Network side of "register a checkpoint by URL": find out what a URL delivers, then stream it.
+"""Outbound HTTP to URLs users give (a checkpoint by URL, a webhook): what a URL delivers, streaming it, posting.
+
+It is plumbing because two rooms need it (apps.models_registry downloads checkpoints, apps.accounts delivers
+webhooks), and neither may know about the other.
 
 Registering a model by URL makes this server fetch whatever a user points it at, which is the textbook
 server-side request forgery hole: ``http://169.254.169.254/`` (cloud metadata), ``http://localhost:5432/``,
