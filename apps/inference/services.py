@@ -465,15 +465,13 @@ def record_started(job_id: str) -> None:
     InferenceJob.objects.filter(pk=job_id, worker_started__isnull=True).update(worker_started=timezone.now())
 
 
-def progress_of(job: InferenceJob, now: float | None = None) -> dict[str, Any] | None:
-    """``{"step", "total", "eta_seconds"}`` of ``GET /inferences/{id}`` and the console, None before a worker
-    reported a step. The estimate counts down from the last report; it is 0 once the job succeeded and None while
-    unknown (before a second report) or after a failure."""
-    if not job.progress_steps:
-        return None
+def progress_of(job: InferenceJob, now: float | None = None) -> dict[str, Any]:
+    """``{"step", "total", "eta_seconds"}`` of ``GET /inferences/{id}`` and the console (``total`` is 0 before a
+    worker reported a step). The estimate counts down from the last report; it is 0 once the job succeeded and
+    None while unknown (before a second report) or after a failure."""
     eta: float | None = None
     mark = job.progress_mark or {}
-    if job.status == InferenceStatus.SUCCEED:
+    if job.status == InferenceStatus.SUCCEED and job.progress_steps:
         eta = 0.0
     elif job.status == InferenceStatus.IN_PROGRESS and isinstance(mark.get("eta_seconds"), int | float):
         now = timezone.now().timestamp() if now is None else now

@@ -42,7 +42,9 @@ class InferenceProgressSerializer(EsdSerializer):
     """The last step a worker reported (an addition to ESD's job object)."""
 
     step = serializers.IntegerField(min_value=0)
-    total = serializers.IntegerField(min_value=1, help_text="Model calls of the whole job (hires fix included)")
+    total = serializers.IntegerField(
+        min_value=0, help_text="Model calls of the whole job (hires fix included); 0 until a worker reports a step"
+    )
     eta_seconds = serializers.FloatField(
         allow_null=True, min_value=0, help_text="Time left from the step rate so far; null until two steps are known"
     )
@@ -54,7 +56,7 @@ class InferenceJobDetailSerializer(InferenceJobSerializer):
 
     img_presigned_urls = StringListField()
     output_presigned_urls = StringListField()
-    progress = InferenceProgressSerializer(allow_null=True, help_text="Null until a worker reports a step")
+    progress = InferenceProgressSerializer()
     queue_position = serializers.IntegerField(
         allow_null=True,
         min_value=0,
