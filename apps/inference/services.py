@@ -410,12 +410,24 @@ def cancel_job(job: InferenceJob, username: str) -> InferenceJob:
         job.refresh_from_db()
         raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
     if job.status == InferenceStatus.IN_PROGRESS and job.backend == "self-hosted":
+        _stop_on_worker(job, reason)
+    job.refresh_from_db()
+    return job
+
+
+def _stop_on_worker(job: InferenceJob, reason: str) -> None:
+    """The marker, then the message. The job has already ended here, so trouble with either is logged, not raised:
+    at worst the worker runs the job to its end and the result is dropped, as for any late result."""
+    try:
         blob_store().put_bytes(cancel_marker(job), reason.encode())
+    except Exception:
+        log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
+    try:
         endpoint = Endpoint.objects.filter(pk=job.endpoint_id).first() if job.endpoint_id else None
         if endpoint is not None:
             send_cancel(endpoint.queue_name, str(job.id))
-    job.refresh_from_db()
-    return job
+    except Exception:
+        log.warning("could not send the cancel message of inference %s", job.id, exc_info=True)
 
 
 def send_cancel(queue_name: str, job_id: str) -> None:
