@@ -51,6 +51,12 @@ def inference_params(task_type: str, job_id: str) -> str:
     return f"{task_type}/infer_v2/{job_id}/api_param.json"
 
 
+def inference_cancel_marker(task_type: str, job_id: str) -> str:
+    """A cancelled job's marker, polled by the worker running it through a presigned GET (200 = cancelled).
+    Beside the parameter file, not in ``out/{job_id}/``, so it outlives the job's results."""
+    return f"{task_type}/infer_v2/{job_id}/cancel"
+
+
 def async_input(endpoint_name: str, job_id: str) -> str:
     return f"async-inputs/{endpoint_name}/{job_id}.json"
 

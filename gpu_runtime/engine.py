@@ -30,7 +30,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: every config ships with the runtime
 
 from gpu_runtime import metrics, transfer
-from gpu_runtime.errors import JobError
+from gpu_runtime.errors import JobCancelled, JobError
 from gpu_runtime.files import ModelFiles
 from gpu_runtime.images import decode_image, encode_image, flatten, resize_image
 from gpu_runtime.inpainting_models import ConditionedUNet, image_conditioning, is_inpainting
@@ -661,25 +661,37 @@ class Engine:
             raise JobError(str(exc)) from None
 
     # --- generating ------------------------------------------------------------------------------------------------
-    def run(self, jobs: list[Prepared], progress: Progress | None = None) -> list[dict]:
+    def run(
+        self, jobs: list[Prepared], progress: Progress | None = None, stop: Callable[[], bool] | None = None
+    ) -> list[dict]:
         """Generate one job, or several with the same ``batch_key``, in as few pipeline calls as the batch cap
-        allows; returns each job's output in the shape of contract §12.3."""
+        allows; returns each job's output in the shape of contract §12.3.
+
+        ``stop`` is asked after every denoising step (the pipelines' step callback reports progress there): when it
+        answers True the call ends with :class:`JobCancelled` before the next step. The caller decides what it
+        means - the worker answers True only once every job of the call was cancelled, so a batch goes on for
+        the jobs still wanted."""
+        progress = _stoppable(progress, stop)
         try:
             with self.lock:
                 first = jobs[0]
                 if first.task in ("extra-single-image", "extra-batch-images", "rembg"):
                     from gpu_runtime.extras import run_extras
 
-                    return [
-                        run_extras(
-                            job.task,
-                            job.params,
-                            {name: self.upscaler_pass(job, name) for name in job.upscalers},
-                            {name: self.face_pass(job, name) for name in job.faces if name in FACE_RESTORERS},
-                            job.rembg,
+                    outputs = []
+                    for job in jobs:
+                        if stop is not None and stop():
+                            raise JobCancelled("cancelled")
+                        outputs.append(
+                            run_extras(
+                                job.task,
+                                job.params,
+                                {name: self.upscaler_pass(job, name) for name in job.upscalers},
+                                {name: self.face_pass(job, name) for name in job.faces if name in FACE_RESTORERS},
+                                job.rembg,
+                            )
                         )
-                        for job in jobs
-                    ]
+                    return outputs
                 if first.xyz is not None:
                     return [self._run_xyz(first, progress)]
                 return self._diffuse(jobs, progress)
@@ -1506,6 +1518,21 @@ class Engine:
 
 class _Incompatible(ValueError):
     """An embedding made for another text encoder (A1111 skips these)."""
+
+
+def _stoppable(progress: Progress | None, stop: Callable[[], bool] | None) -> Progress | None:
+    """The step callback every pipeline call reports to, with the cancel check in front: it runs between two
+    denoising steps, so raising there stops the call without leaving a half-run step behind."""
+    if stop is None:
+        return progress
+
+    def report(step: int, steps: int) -> None:
+        if stop():
+            raise JobCancelled(f"cancelled at step {step} of {steps}")
+        if progress is not None:
+            progress(step, steps)
+
+    return report
 
 
 def _parse_constant(name: str) -> float:

@@ -26,11 +26,12 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 
-from gpu_runtime import metrics, protocol
+from gpu_runtime import metrics, protocol, transfer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,59 @@ RECONNECT_MAX_SECONDS = 10.0
 SEND_ATTEMPTS = 3
 
 Delivery = tuple[Any, Any]  # (the consumer that delivered it, the message)
+
+
+class CancelWatch:
+    """Polls a job's cancel URL (200 = cancelled; anything else, errors included, = not cancelled) in the
+    background, so the check between two steps (of a training, of a denoising loop) stays a cheap flag read.
+
+    Both workers use it: a cancel *message* reaches a worker on its consumer thread at once, but only when no
+    other messages are queued ahead of it (the consumer's prefetch is limited), so the running job also polls its
+    cancel marker in storage through a presigned GET. ``is_cancelled`` is the worker's own flag (the message).
+    """
+
+    def __init__(self, url: str | None, is_cancelled: Callable[[], bool], every: float, *, name: str = "cancel-watch"):
+        self.url = url if url and url.startswith(("http://", "https://")) else None
+        self.is_cancelled = is_cancelled
+        self.every = every
+        self.name = name
+        self.flag = threading.Event()
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def poll(self) -> bool:
+        """One look at the cancel URL: 404 (not cancelled), 403 (S3's answer for a missing key) and network trouble
+        all mean "not cancelled"; the next poll comes soon."""
+        if self.url is None:
+            return False
+        cancelled = transfer.status_of(self.url) == 200
+        if cancelled:
+            self.flag.set()
+        return cancelled
+
+    def start(self) -> None:
+        if self.url is None:
+            return
+
+        def loop() -> None:
+            while not self.done.wait(self.every):
+                if self.poll():
+                    return
+
+        self.thread = threading.Thread(target=loop, name=self.name, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def __call__(self) -> bool:
+        if not self.flag.is_set():
+            try:
+                if self.is_cancelled():
+                    self.flag.set()
+            except Exception:
+                log.exception("is_cancelled failed")
+        return self.flag.is_set()
 
 
 def _is_rabbitmq(broker: dramatiq.Broker) -> bool:

@@ -34,13 +34,13 @@ import dramatiq
 
 from gpu_runtime import protocol, transfer
 from gpu_runtime.errors import JobError
-from gpu_runtime.service import HEARTBEAT_SECONDS, QueueService
+from gpu_runtime.service import HEARTBEAT_SECONDS, CancelWatch, QueueService
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainingWorker", "main_train", "main_trainer", "run_spec"]
 
-CANCEL_POLL_SECONDS = 10.0
+CANCEL_POLL_SECONDS = 2.0
 PROGRESS_EVERY_SECONDS = 5.0
 DEFAULT_CACHE_BYTES = 100 * 1024**3
 DOWNLOAD_THREADS = 8
@@ -58,53 +58,6 @@ def _download(url: str, target: Path, what: str) -> int:
 def _upload(url: str, path: Path, what: str) -> None:
     """PUT a file (streamed, with Content-Length, as presigned S3 URLs require; retried on 5xx/429)."""
     transfer.put(url, path, what)
-
-
-class _CancelWatch:
-    """Polls the job's cancel URL (200 = cancelled; anything else, errors included, = not cancelled) in the
-    background, so ``should_stop`` stays a cheap flag read between training steps."""
-
-    def __init__(self, url: str | None, is_cancelled: Callable[[], bool], every: float):
-        self.url = url if url and url.startswith(("http://", "https://")) else None
-        self.is_cancelled = is_cancelled
-        self.every = every
-        self.flag = threading.Event()
-        self.done = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def poll(self) -> bool:
-        """One look at the cancel URL: 404 (not cancelled), 403 (S3's answer for a missing key) and network trouble
-        all mean "not cancelled"; the next poll comes soon."""
-        if self.url is None:
-            return False
-        cancelled = transfer.status_of(self.url) == 200
-        if cancelled:
-            self.flag.set()
-        return cancelled
-
-    def start(self) -> None:
-        if self.url is None:
-            return
-
-        def loop() -> None:
-            while not self.done.wait(self.every):
-                if self.poll():
-                    return
-
-        self.thread = threading.Thread(target=loop, name="training-cancel-watch", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.done.set()
-
-    def __call__(self) -> bool:
-        if not self.flag.is_set():
-            try:
-                if self.is_cancelled():
-                    self.flag.set()
-            except Exception:
-                log.exception("is_cancelled failed")
-        return self.flag.is_set()
 
 
 class _Uploads:
@@ -257,7 +210,7 @@ def run_spec(
 
     work_root = Path(work_root)
     job_dir: Path | None = None
-    watch = _CancelWatch(None, is_cancelled, cancel_poll_seconds)
+    watch = CancelWatch(None, is_cancelled, cancel_poll_seconds, name="training-cancel-watch")
     files = None
     model_path: Path | None = None
     uploads: _Uploads | None = None
@@ -271,7 +224,7 @@ def run_spec(
             report("Failed", f"invalid training spec: {exc}")
             return
         urls = spec["urls"]
-        watch = _CancelWatch(urls.get("cancel"), is_cancelled, cancel_poll_seconds)
+        watch = CancelWatch(urls.get("cancel"), is_cancelled, cancel_poll_seconds, name="training-cancel-watch")
         if watch.poll() or watch():
             report("Stopped", "the training was cancelled before it started")
             return
@@ -405,7 +358,7 @@ class TrainingWorker(QueueService):
     cancelled - a job that is taken from the queue later is answered ``Stopped`` without running, the running one
     is stopped at its next step. The queue is read with prefetch 1 (a training fills the GPU, and queued jobs stay
     available to other workers), so a cancel *message* queued behind the running job is read only after it; the
-    running job also polls its spec's cancel URL every ~10 s, which is what stops it promptly. A message is acked
+    running job also polls its spec's cancel URL every 2 s, which is what stops it promptly. A message is acked
     only after its job has finished; on stop the job in hand is finished first. The training runs on the work
     thread while the consumer thread keeps the broker connection serviced (a training can run for hours), and the
     worker heartbeats every 15 s with its queue name as the endpoint while its consumer is healthy.

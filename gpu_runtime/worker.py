@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -18,12 +19,14 @@ from typing import Any
 import dramatiq
 
 from gpu_runtime import metrics, protocol, transfer
-from gpu_runtime.errors import JobError
-from gpu_runtime.service import HEARTBEAT_SECONDS, QueueService
+from gpu_runtime.errors import JobCancelled, JobError
+from gpu_runtime.service import HEARTBEAT_SECONDS, CancelWatch, QueueService
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_SECONDS = 0.5
+CANCEL_POLL_SECONDS = 1.0  # a running job's look at its cancel marker (the cancel message is seen at once)
+REMEMBERED_CANCELS = 10000
 
 
 def make_broker(url: str) -> dramatiq.Broker:
@@ -45,6 +48,13 @@ class GpuWorker(QueueService):
     The consumer thread receives (prefetch = ``max_batch``, so queued compatible jobs arrive together), the work
     thread prepares and runs them, the heartbeat thread reports the worker while the consumer is healthy (see
     :mod:`gpu_runtime.service`).
+
+    Cancelling: ``cancel_inference(job_id)`` on the endpoint's queue is handled on the consumer thread at once
+    (:meth:`inline`) and marks the id; the request's ``urls.cancel`` marker is looked at once before a job runs and
+    polled every second while it runs (the message may be queued behind others). A job cancelled before it runs
+    is skipped; a running one stops between two denoising steps - or, in a batched call, the call goes on for the
+    other jobs and only the cancelled job's result is dropped. Either way the cancelled job's output is not
+    uploaded and it is reported ``Failed`` with the step it stopped at.
     """
 
     thread_prefix = "gpu-worker"
@@ -61,6 +71,7 @@ class GpuWorker(QueueService):
         max_batch: int = 8,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         poll_ms: int = 20,
+        cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
     ):
         super().__init__(
             broker,
@@ -75,6 +86,9 @@ class GpuWorker(QueueService):
         )
         self.engine = engine
         self.endpoint = endpoint
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self.cancel_lock = threading.Lock()
+        self.cancelled: OrderedDict[str, None] = OrderedDict()  # ids a cancel message named (bounded)
         # What the console shows for this worker; engines without a policy (test doubles) report none.
         describe = getattr(engine, "capabilities", None)
         self.capabilities = protocol.capability_summary(describe()) if describe else None
@@ -114,6 +128,47 @@ class GpuWorker(QueueService):
         """The work thread's entry point: one batch of received messages."""
         self.handle(messages)
 
+    # --- cancelling ------------------------------------------------------------------------------------------------
+    def inline(self, message: Any) -> bool:
+        """A ``cancel_inference`` message is handled on the consumer thread at once: it must reach the running job,
+        not wait behind it."""
+        if message.actor_name != protocol.CANCEL_INFERENCE:
+            return False
+        try:
+            self.cancel(protocol.validate_cancel(tuple(message.args or ())))
+        except protocol.ProtocolError as exc:
+            log.warning("ignoring cancel message %s: %s", message.message_id, exc)
+        return True
+
+    def cancel(self, job_id: str) -> None:
+        """Mark a job cancelled: a running one stops at its next step, a later delivery is skipped."""
+        with self.cancel_lock:
+            self.cancelled[job_id] = None
+            while len(self.cancelled) > REMEMBERED_CANCELS:
+                self.cancelled.popitem(last=False)
+        log.info("inference %s: cancel requested", job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether a cancel message named this job (thread-safe: the work thread asks between steps)."""
+        with self.cancel_lock:
+            return job_id in self.cancelled
+
+    def _watch(self, job_id: str, request: Any) -> CancelWatch:
+        """The job's cancel check: this worker's flag, or its marker in storage (``urls.cancel``)."""
+        url = (request.get("urls") or {}).get("cancel") if isinstance(request, dict) else None
+        return CancelWatch(
+            url, lambda: self.is_cancelled(job_id), self.cancel_poll_seconds, name=f"inference-cancel-{job_id[:8]}"
+        )
+
+    def _report_cancelled(self, job_id: str, step: int, steps: int) -> None:
+        """A cancelled job: nothing is uploaded; its last step and a ``Failed`` event with the reason are sent."""
+        if steps:
+            self.send_quietly(protocol.progress(job_id, min(step, steps), steps))
+        reason = f"cancelled at step {step} of {steps}" if steps else "cancelled before it ran"
+        log.info("inference %s %s", job_id, reason)
+        self.send_quietly(protocol.inference_result(job_id, ok=False, reason=reason))
+        self.remember_done(job_id)
+
     def handle(self, messages: list[Any]) -> None:
         """Prepare every job, run compatible ones together, report each. Nothing here may kill the worker.
 
@@ -126,6 +181,11 @@ class GpuWorker(QueueService):
             if job_id is None or job_id in self.done:
                 continue
             began = time.monotonic()
+            watch = self._watch(job_id, request)
+            if watch() or watch.poll():  # cancelled while queued: never runs
+                self._report_cancelled(job_id, 0, 0)
+                continue
+            self.send_quietly(protocol.started(job_id, self.worker_id))
             try:
                 protocol.validate_request(request)
                 prepared = self.engine.prepare(job_id, request)
@@ -147,24 +207,42 @@ class GpuWorker(QueueService):
             self._run(group, picked)
 
     def _run(self, group: list[tuple[Any, dict, float]], picked: float) -> None:
-        """One engine call for a group of compatible jobs; progress is throttled, every job gets its own result."""
+        """One engine call for a group of compatible jobs; progress is throttled, every job gets its own result.
+
+        The engine asks ``stop`` after every step: it answers True once every job of the call is cancelled. A job
+        cancelled while the others go on gets no more progress events, and its result is dropped."""
         jobs = [prepared for prepared, _, _ in group]
+        watches = {prepared.job_id: self._watch(prepared.job_id, request) for prepared, request, _ in group}
         last = [0.0]
         iterations = [0]
+        at = [0, 0]  # the last step of the call
+        stopped_at: dict[str, tuple[int, int]] = {}  # where each cancelled job was when its cancel was seen
 
         def progress(step: int, steps: int) -> None:
             iterations[0] = max(iterations[0], steps if step == steps else 0)
+            at[:] = [step, steps]
             now = time.monotonic()
-            if step == steps or now - last[0] >= PROGRESS_EVERY_SECONDS:
+            throttled = not (step == steps or now - last[0] >= PROGRESS_EVERY_SECONDS)
+            if not throttled:
                 last[0] = now
-                for job in jobs:
+            for job in jobs:
+                if watches[job.job_id]():
+                    stopped_at.setdefault(job.job_id, (step, steps))
+                elif not throttled:
                     self.send_quietly(protocol.progress(job.job_id, step, steps))
 
+        def stop() -> bool:
+            return all(watch() for watch in watches.values())
+
+        for watch in watches.values():
+            watch.start()
         began = time.monotonic()
         raised = True
         try:
-            outputs = self.engine.run(jobs, progress)
+            outputs = self.engine.run(jobs, progress, stop)
             raised = False
+        except JobCancelled:
+            outputs = [{"error": "cancelled"}] * len(jobs)
         except JobError as exc:
             metrics.ERRORS.labels(self.queue, "job").inc()
             outputs = [{"error": str(exc)}] * len(jobs)
@@ -172,6 +250,9 @@ class GpuWorker(QueueService):
             log.exception("jobs %s failed", [job.job_id for job in jobs])
             metrics.ERRORS.labels(self.queue, "internal").inc()
             outputs = [{"error": f"internal error: {type(exc).__name__}: {exc}"}] * len(jobs)
+        finally:
+            for watch in watches.values():
+                watch.stop()
         elapsed = time.monotonic() - began
         weights = [max(1, len(getattr(job, "prompts", None) or ())) for job in jobs]
         metrics.BATCH_SIZE.labels(self.queue).observe(sum(weights))
@@ -179,6 +260,9 @@ class GpuWorker(QueueService):
             metrics.ITERATIONS.labels(self.queue).inc(iterations[0])
             metrics.ITERATIONS_PER_SECOND.labels(self.queue).set(iterations[0] / elapsed)
         for (prepared, request, prepare_seconds), output, weight in zip(group, outputs, weights, strict=True):
+            if watches[prepared.job_id]():
+                self._report_cancelled(prepared.job_id, *stopped_at.get(prepared.job_id, (at[0], at[1])))
+                continue
             if "error" in output and not raised:  # the engine failed this job alone
                 metrics.ERRORS.labels(self.queue, "job").inc()
             share = prepare_seconds + elapsed * weight / sum(weights)

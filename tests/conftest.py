@@ -437,6 +437,7 @@ def gpu(settings, tmp_path):
         started.append(worker)
         return worker
 
+    start.started = started  # the workers started so far (a test may look at one's engine)
     yield start
     for worker in started:
         worker.stop(timeout=60)

@@ -27,7 +27,9 @@ class InferenceJob(models.Model):
 
     The endpoint's name, id and instance type are copied at creation: the job keeps describing where it ran after
     the endpoint is gone. ``output_location`` and ``failure_location`` are where a SageMaker async invocation
-    writes; ``progress_*`` is the last step a self-hosted worker reported.
+    writes; ``progress_*`` is the last step a self-hosted worker reported, ``progress_mark`` the step rate's mark
+    (``esd.progress.with_eta``) and the estimate of time left it gave, and ``worker_started`` when a worker took the
+    job from its queue (before that a started self-hosted job is queued, and has a queue position).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -54,6 +56,8 @@ class InferenceJob(models.Model):
     failure_location = models.CharField(max_length=1024, null=True, blank=True)
     progress_step = models.PositiveIntegerField(default=0)
     progress_steps = models.PositiveIntegerField(default=0)
+    progress_mark = models.JSONField(null=True, blank=True, help_text="rate_mark and eta_seconds of the progress")
+    worker_started = models.DateTimeField(null=True, blank=True)
     runtime_seconds = models.FloatField(null=True, blank=True, help_text="Generation time the runtime reported")
     # Where a finished job's time went (the latency histograms of /metrics), measured where they can be without
     # comparing two machines' clocks: the worker reports how long it ran, the server times the rest.
@@ -72,6 +76,7 @@ class InferenceJob(models.Model):
         indexes = [
             models.Index(fields=["task_type", "-create_time", "-id"], name="inference_by_task"),
             models.Index(fields=["status", "start_time"], name="inference_running"),
+            models.Index(fields=["endpoint_id_copy", "status", "start_time"], name="inference_queue"),
         ]
 
     def __str__(self) -> str:

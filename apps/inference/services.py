@@ -1,4 +1,5 @@
-"""Inference job operations (contract §9.7, §10.3, §12): create, start, dispatch, ingest, fail, delete.
+"""Inference job operations (contract §9.7, §10.3, §12): create, start, dispatch, ingest, fail, cancel, progress,
+delete.
 
 Every way a result can arrive (a worker's event, a real-time invocation, an async output found by the sweeper or
 announced by a notification) ends in ``ingest_output``, which is idempotent: the first result wins, later ones
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import random
@@ -18,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.accounts import webhooks
@@ -32,6 +34,7 @@ from apps.models_registry.choices import STEM_NAMED_TYPES, STEM_SUFFIXES, Checkp
 from apps.models_registry.models import Checkpoint, CheckpointFile
 from esd import keys
 from esd.api.errors import BadRequest
+from esd.progress import with_eta
 from esd.storage import blob_store
 from gpu_runtime.protocol.scripts import FACE_HELPER_FILES, FACE_RESTORERS
 
@@ -262,6 +265,7 @@ def build_request(job: InferenceJob, *, self_hosted: bool) -> dict:
             "params": None if job.payload_string is not None else store.presign_get(params_key(job), expires),
             "models": models,
             "output": store.presign_put(keys.raw_output(str(job.id)), expires),
+            "cancel": store.presign_get(cancel_marker(job), expires),
         }
     if request["payload_string"] is None:
         del request["payload_string"]
@@ -409,6 +413,18 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
 def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> InferenceJob | None:
     """``failed`` with the runtime's report in ``sagemakerRaw`` (only from ``inprogress``; created jobs fail
     too when their dispatch is refused). ``arrival``: a runtime reported the failure (its time is recorded)."""
+    _fail(job_id, report, arrival)
+    return InferenceJob.objects.filter(pk=job_id).first()
+
+
+def ended(job_id: str, owner: str) -> None:
+    """Every change to a final status calls this once, in the transaction that makes it: the owner's webhooks
+    (``apps.accounts.webhooks``) are notified after the commit."""
+    webhooks.job_ended("inference", str(job_id), owner)
+
+
+def _fail(job_id: str, report: Any, arrival: Arrival | None = None) -> bool:
+    """The one transition to ``failed``; False when the job had already ended (the first outcome wins)."""
     with transaction.atomic():
         pending = InferenceJob.objects.filter(
             pk=job_id, status__in=(InferenceStatus.CREATED, InferenceStatus.IN_PROGRESS)
@@ -419,22 +435,133 @@ def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> Infere
         updated = pending.update(
             status=InferenceStatus.FAILED, complete_time=timezone.now(), sagemaker_raw=report, **timings
         )
-        job = InferenceJob.objects.filter(pk=job_id).first()
-        if updated and job is not None:
-            ended(job_id, job.owner)
+        if updated:
+            ended(job_id, InferenceJob.objects.filter(pk=job_id).values_list("owner", flat=True).first() or "")
+    return bool(updated)
+
+
+# --- cancel ----------------------------------------------------------------------------------------------------------
+
+
+def cancel_marker(job: InferenceJob) -> str:
+    return keys.inference_cancel_marker(job.task_type, str(job.id))
+
+
+def cancel_job(job: InferenceJob, username: str) -> InferenceJob:
+    """Stop a job that has not ended: it is ``failed`` with ``cancelled by {username}`` at once, whatever runs it.
+
+    A self-hosted job is also stopped on its worker: a cancel marker in storage (which the worker looks at before
+    running the job and polls while it runs) and a ``cancel_inference`` message on the endpoint's queue (seen at
+    once unless other messages are queued ahead of it). A queued job is therefore skipped when its message reaches
+    a worker, a running one stops between two denoising steps. A SageMaker job runs on; its result is not ingested
+    (``ingest_output`` drops results of ended jobs, and the sweeper looks only at jobs in progress).
+    """
+    if job.status in TERMINAL:
+        raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
+    reason = f"cancelled by {username}"
+    if not _fail(str(job.id), {"error": reason}):
+        job.refresh_from_db()
+        raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
+    if job.status == InferenceStatus.IN_PROGRESS and job.backend == "self-hosted":
+        _stop_on_worker(job, reason)
+    job.refresh_from_db()
     return job
 
 
-def ended(job_id: str, owner: str) -> None:
-    """Every change to a final status calls this once, in the transaction that makes it: the owner's webhooks
-    (``apps.accounts.webhooks``) are notified after the commit."""
-    webhooks.job_ended("inference", str(job_id), owner)
+def _stop_on_worker(job: InferenceJob, reason: str) -> None:
+    """The marker, then the message. The job has already ended here, so trouble with either is logged, not raised:
+    at worst the worker runs the job to its end and the result is dropped, as for any late result."""
+    try:
+        blob_store().put_bytes(cancel_marker(job), reason.encode())
+    except Exception:
+        log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
+    try:
+        endpoint = Endpoint.objects.filter(pk=job.endpoint_id).first() if job.endpoint_id else None
+        if endpoint is not None:
+            send_cancel(endpoint.queue_name, str(job.id))
+    except Exception:
+        log.warning("could not send the cancel message of inference %s", job.id, exc_info=True)
 
 
-def record_progress(job_id: str, step: int, steps: int) -> None:
+def send_cancel(queue_name: str, job_id: str) -> None:
+    """``cancel_inference(job_id)`` on the endpoint's queue, which every worker of the endpoint consumes."""
+    import dramatiq
+
+    from gpu_runtime import protocol
+
+    args = (job_id,)
+    protocol.validate_cancel(args)
+    broker = dramatiq.get_broker()
+    broker.declare_queue(queue_name)
+    broker.enqueue(
+        dramatiq.Message(queue_name=queue_name, actor_name=protocol.CANCEL_INFERENCE, args=args, kwargs={}, options={})
+    )
+
+
+# --- progress --------------------------------------------------------------------------------------------------------
+
+
+def record_progress(job_id: str, step: int, steps: int, now: float | None = None) -> None:
     """Progress only moves forward. Events are handled concurrently, so a step may arrive after the result: it
-    still counts, but can never move a finished job backwards."""
-    InferenceJob.objects.filter(pk=job_id, progress_step__lte=step).update(progress_step=step, progress_steps=steps)
+    still counts, but can never move a finished job backwards. The step rate for the time left is kept as
+    training keeps it (``esd.progress.with_eta``), with the time of this report so a reader can count down."""
+    now = timezone.now().timestamp() if now is None else now
+    with transaction.atomic():
+        job = (
+            InferenceJob.objects.select_for_update()
+            .filter(pk=job_id)
+            .only("id", "progress_step", "progress_steps", "progress_mark")
+            .first()
+        )
+        if job is None or step < job.progress_step:
+            return
+        mark = {k: v for k, v in (job.progress_mark or {}).items() if k in ("rate_mark", "eta_seconds")}
+        estimate = with_eta({"step": step, "steps": steps, **mark}, now)
+        job.progress_step, job.progress_steps = step, steps
+        job.progress_mark = {
+            **{k: estimate[k] for k in ("rate_mark", "eta_seconds") if k in estimate},
+            "reported": now,
+        }
+        job.save(update_fields=["progress_step", "progress_steps", "progress_mark"])
+
+
+def record_started(job_id: str) -> None:
+    """A worker took the job from its queue: it is no longer queued (the first report counts)."""
+    InferenceJob.objects.filter(pk=job_id, worker_started__isnull=True).update(worker_started=timezone.now())
+
+
+def progress_of(job: InferenceJob, now: float | None = None) -> dict[str, Any]:
+    """``{"step", "total", "eta_seconds"}`` of ``GET /inferences/{id}`` and the console (``total`` is 0 before a
+    worker reported a step). The estimate counts down from the last report; it is 0 once the job succeeded and
+    None while unknown (before a second report) or after a failure."""
+    eta: float | None = None
+    mark = job.progress_mark or {}
+    if job.status == InferenceStatus.SUCCEED and job.progress_steps:
+        eta = 0.0
+    elif job.status == InferenceStatus.IN_PROGRESS and isinstance(mark.get("eta_seconds"), int | float):
+        now = timezone.now().timestamp() if now is None else now
+        since = now - mark["reported"] if isinstance(mark.get("reported"), int | float) else 0.0
+        eta = round(max(0.0, mark["eta_seconds"] - max(0.0, since)), 1)
+    return {"step": job.progress_step, "total": job.progress_steps, "eta_seconds": eta}
+
+
+def queue_position(job: InferenceJob) -> int | None:
+    """How many jobs of the same endpoint are queued ahead of this one (0: it is next), for a self-hosted job that
+    is started and that no worker has taken yet; None otherwise. One indexed count, whatever the backlog."""
+    if (
+        job.status != InferenceStatus.IN_PROGRESS
+        or job.backend != "self-hosted"
+        or job.worker_started is not None
+        or job.start_time is None
+    ):
+        return None
+    return (
+        InferenceJob.objects.filter(
+            endpoint_id_copy=job.endpoint_id_copy, status=InferenceStatus.IN_PROGRESS, worker_started__isnull=True
+        )
+        .filter(Q(start_time__lt=job.start_time) | Q(start_time=job.start_time, id__lt=job.id))
+        .count()
+    )
 
 
 def read_location(uri: str) -> bytes | None:
@@ -504,12 +631,20 @@ def _runtime_seconds(info: Any) -> float | None:
 # --- delete ----------------------------------------------------------------------------------------------------------
 
 
-def delete_jobs(jobs: list[InferenceJob]) -> int:
+def delete_jobs(jobs: list[InferenceJob], cancelled_by: str | None = None) -> int:
     """Parameters, the async request, raw output (and failure file), results and the row; a result arriving later
-    finds no row and is dropped."""
+    finds no row and is dropped.
+
+    With ``cancelled_by`` (``DELETE /inferences``), a job in progress is cancelled first, so its worker stops it;
+    its cancel marker is kept (like a training's), since the worker may not have polled it yet."""
     store = blob_store()
     for job in jobs:
         job_id = str(job.id)
+        if cancelled_by is not None and job.status == InferenceStatus.IN_PROGRESS:
+            with contextlib.suppress(BadRequest):  # it ended meanwhile: nothing to stop
+                cancel_job(job, cancelled_by)
+        elif job.status in TERMINAL:
+            store.delete(cancel_marker(job))
         store.delete(params_key(job))
         store.delete(keys.raw_output(job_id))
         if job.backend == "sagemaker" and job.inference_type == "Async":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 
 import dramatiq
 from django.conf import settings
@@ -76,9 +77,30 @@ def worker_result(event: dict) -> None:
 
 @handles("progress")
 def worker_progress(event: dict) -> None:
-    job_id, step, steps = event.get("inferenceId"), event.get("step"), event.get("steps")
-    if isinstance(job_id, str) and isinstance(step, int) and isinstance(steps, int):
-        services.record_progress(job_id, step, steps)
+    """A step of a running job (validated as the worker built it: a bad event is dropped with a log)."""
+    event = _valid(event)
+    if event is not None:
+        services.record_progress(event["inferenceId"], event["step"], event["steps"])
+
+
+@handles("started")
+def worker_started(event: dict) -> None:
+    """A worker took a job from its queue: the job stops counting as queued (``queue_position``)."""
+    event = _valid(event)
+    if event is not None:
+        services.record_started(event["inferenceId"])
+
+
+def _valid(event: dict) -> dict | None:
+    from gpu_runtime import protocol
+
+    try:
+        protocol.validate_event(event)
+        uuid.UUID(event["inferenceId"])
+    except (protocol.ProtocolError, ValueError) as exc:
+        log.warning("ignoring a %s event: %s", event.get("kind"), exc)
+        return None
+    return event
 
 
 def sweep_interval() -> int:

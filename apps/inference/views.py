@@ -17,6 +17,7 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
+from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -617,14 +618,18 @@ def _visible_job(request: HttpRequest, pk: Any) -> InferenceJob | None:
     return InferenceJob.objects.visible_to(request.user, permissions(request)).filter(pk=job_id).first()
 
 
-def live_context(job: InferenceJob) -> dict[str, Any]:
-    """What the live part shows; polling stops once the job is terminal."""
+def live_context(job: InferenceJob, *, can_cancel: bool = False) -> dict[str, Any]:
+    """What the live part shows; polling stops once the job is terminal. Progress and the queue position are
+    the ones ``GET /inferences/{id}`` answers (the same service functions)."""
     done = job.status in TERMINAL
     percent = round(100 * job.progress_step / job.progress_steps) if job.progress_steps else 0
     return {
         "job": job,
         "done": done,
         "percent": percent,
+        "progress": services.progress_of(job),
+        "queue_position": services.queue_position(job),
+        "can_cancel": can_cancel and not done,
         "images": image_links(job) if job.status == InferenceStatus.SUCCEED else [],
         "failure": error_text(job.sagemaker_raw) if job.status == InferenceStatus.FAILED else None,
         "waiting_for_worker": waiting_for_worker(job),
@@ -654,7 +659,7 @@ def job_page(request: HttpRequest, pk: Any) -> HttpResponse:
     job = _job_or_404(request, pk)
     params = job_params(job)
     context = {
-        **live_context(job),
+        **live_context(job, can_cancel=_may_cancel(request)),
         "params": shown_params(params),
         "used_models": [(t, e.get("model_name")) for t, entries in (job.used_models or {}).items() for e in entries],
         "can_generate": not permissions(request).isdisjoint(WRITE),
@@ -666,7 +671,28 @@ def job_page(request: HttpRequest, pk: Any) -> HttpResponse:
 @console_view(*READ)
 def job_live(request: HttpRequest, pk: Any) -> HttpResponse:
     """The part of the job page htmx refreshes every second while the job runs."""
-    return render(request, "console/inference/_job_live.html", live_context(_job_or_404(request, pk)))
+    job = _job_or_404(request, pk)
+    return render(request, "console/inference/_job_live.html", live_context(job, can_cancel=_may_cancel(request)))
+
+
+def _may_cancel(request: HttpRequest) -> bool:
+    """Cancelling needs what starting or deleting a job needs (``PUT /inferences/{id}/cancel``)."""
+    return not permissions(request).isdisjoint(WRITE)
+
+
+@console_view(*WRITE)
+def job_cancel(request: HttpRequest, pk: Any) -> HttpResponse:
+    """POST: cancel a job that has not ended (``services.cancel_job``, as the API route does), back to its page."""
+    job = _job_or_404(request, pk)
+    if request.method != "POST":
+        return redirect("console:job", pk=job.pk)
+    try:
+        services.cancel_job(job, request.user.username)
+    except EsdError as exc:
+        messages.error(request, f"Cannot cancel: {exc.message}")
+    else:
+        messages.success(request, "Job cancelled.")
+    return redirect("console:job", pk=job.pk)
 
 
 @dataclass

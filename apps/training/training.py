@@ -28,6 +28,7 @@ from apps.training.models import Dataset, TrainingJob
 from esd import keys
 from esd.api.errors import BadRequest
 from esd.owners import save_owners
+from esd.progress import with_eta  # the one estimate of time left (inference jobs use it too)
 from esd.storage import blob_store
 
 log = logging.getLogger(__name__)
@@ -369,22 +370,6 @@ def stop(job: TrainingJob) -> None:
 
 
 # --- progress and the end --------------------------------------------------------------------------------------------
-
-
-def with_eta(progress: dict[str, Any], now: float) -> dict[str, Any]:
-    """Add ``eta_seconds`` from the step rate since the first step this server heard of: workers report steps,
-    and the wall clock is ours, so the estimate needs nothing from the trainer and survives a worker restart."""
-    step, steps = progress.get("step"), progress.get("steps")
-    if not isinstance(step, int) or not isinstance(steps, int):
-        return progress
-    mark = progress.get("rate_mark")
-    if not isinstance(mark, list) or len(mark) != 2 or step < mark[1]:
-        progress["rate_mark"] = [now, step]
-        progress.pop("eta_seconds", None)
-    elif step > mark[1]:
-        seconds_per_step = (now - mark[0]) / (step - mark[1])
-        progress["eta_seconds"] = round(seconds_per_step * max(steps - step, 0), 1)
-    return progress
 
 
 def record_saved(job: TrainingJob, entries: list[dict]) -> list[str]:

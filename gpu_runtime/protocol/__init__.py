@@ -14,6 +14,7 @@ from typing import Any
 RUN_INFERENCE = "run_inference"
 RUN_TRAINING = "run_training"
 CANCEL_TRAINING = "cancel_training"
+CANCEL_INFERENCE = "cancel_inference"
 RUNTIME_EVENT = "runtime_event"
 
 TASKS = ("txt2img", "img2img", "extra-single-image", "extra-batch-images", "rembg")
@@ -30,7 +31,7 @@ MODEL_TYPES = (
     "rembg",
     "ControlNetAnnotator",
 )
-EVENT_KINDS = ("heartbeat", "inference", "progress", "training")
+EVENT_KINDS = ("heartbeat", "inference", "progress", "started", "training")
 INVOCATION_STATUSES = ("Completed", "Failed")
 
 
@@ -98,6 +99,8 @@ def validate_request(request: Any) -> dict:
                 raise ProtocolError(f"request.urls.models key {key!r} must be <checkpoint id>/<file>")
             _string(url, f"request.urls.models.{key}")
         _string(urls.get("output"), "request.urls.output")
+        if urls.get("cancel") is not None:
+            _string(urls["cancel"], "request.urls.cancel")
     if payload is None and not param_s3 and not (urls and urls.get("params")):
         raise ProtocolError("request has neither payload_string nor param_s3 (or urls.params)")
     return request
@@ -130,6 +133,9 @@ def validate_event(event: Any) -> dict:
         step, steps = _require(event.get("step"), int, "event.step"), _require(event.get("steps"), int, "event.steps")
         if not 0 <= step <= steps:
             raise ProtocolError("event.step must be between 0 and event.steps")
+    elif kind == "started":
+        _string(event.get("inferenceId"), "event.inferenceId")
+        _string(event.get("worker"), "event.worker")
     elif kind == "training":
         _string(event.get("id"), "event.id")
         _string(event.get("status"), "event.status")
@@ -191,6 +197,25 @@ def inference_result(
 
 def progress(job_id: str, step: int, steps: int) -> dict:
     return {"kind": "progress", "inferenceId": job_id, "step": step, "steps": steps}
+
+
+def started(job_id: str, worker: str) -> dict:
+    """A worker took a job from its queue and is working on it: from here on the job is running, not queued
+    (``queue_position`` of the control plane counts only jobs no worker has reported yet)."""
+    return {"kind": "started", "inferenceId": job_id, "worker": worker}
+
+
+def validate_cancel(args: Any) -> str:
+    """The arguments of a ``cancel_inference(job_id)`` message on an endpoint's queue; returns the job id.
+
+    The message is handled at once on the worker's consumer thread, but a queue with many messages ahead of it
+    (the consumer's prefetch is limited) delivers it late: the request's ``urls.cancel`` (a GET that answers 200
+    once the job is cancelled) is what the worker polls while the job runs, and checks before running it.
+    """
+    _require(args, (list, tuple), "cancel_inference arguments")
+    if len(args) != 1:
+        raise ProtocolError("cancel_inference takes exactly one argument, the job id")
+    return _string(args[0], "cancel_inference job id")
 
 
 def training_status(job_id: str, status: str, reason: str = "", **extra: Any) -> dict:

@@ -224,6 +224,48 @@ def test_job_page_shows_the_failure(client, admin, ready):
     assert ">failed<" in text and "CUDA out of memory" in text and "hx-trigger" not in text
 
 
+def test_job_page_cancel_button_queue_position_and_time_left(client, admin, painter, ready):
+    """The page shows what GET /inferences/{id} answers (queue position, progress with the time left) and cancels
+    through the same service; a user who may only read sees no button and cannot post one."""
+    from apps.inference import services
+
+    now = timezone.now()
+    ahead = make_job(status="inprogress", start_time=now, endpoint_id_copy=str(ready.id))
+    queued = make_job(
+        status="inprogress", start_time=now + timezone.timedelta(seconds=1), endpoint_id_copy=str(ready.id)
+    )
+    client.force_login(admin)
+    text = page(client.get(f"/jobs/{queued.id}/live"))
+    assert "queued: 1 job ahead" in text and 'id="job-cancel"' in text
+    assert "queued: next in line" in page(client.get(f"/jobs/{ahead.id}/live"))
+    services.record_started(str(ahead.id))
+    services.record_progress(str(ahead.id), 2, 20, now=1000.0)
+    services.record_progress(str(ahead.id), 6, 20, now=1004.0)  # 1 s a step, 14 to go
+    assert services.progress_of(InferenceJob.objects.get(pk=ahead.pk), now=1004.0)["eta_seconds"] == 14.0
+    assert "step 6 of 20, about" in page(client.get(f"/jobs/{ahead.id}/live"))
+    assert "queued: next in line" in page(client.get(f"/jobs/{queued.id}/live"))
+
+    response = client.post(f"/jobs/{queued.id}/cancel")
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{queued.id}/"
+    text = page(client.get(response["Location"]))
+    assert "Job cancelled." in text and ">failed<" in text and "cancelled by admin" in text
+    assert 'id="job-cancel"' not in text
+    response = client.post(f"/jobs/{queued.id}/cancel")
+    assert f"Cannot cancel: inference job {queued.id} has already ended with status failed" in page(
+        client.get(response["Location"])
+    )
+
+    make_role("Viewers", ["inference:list"])
+    viewer = make_user("vic", roles=("Viewers",), password="pw-vic-12345")
+    mine = make_job(owner="vic", status="inprogress")
+    client.force_login(viewer)
+    assert 'id="job-cancel"' not in page(client.get(f"/jobs/{mine.id}/"))
+    assert client.post(f"/jobs/{mine.id}/cancel").status_code == 403
+    client.force_login(painter)
+    assert client.post(f"/jobs/{ahead.id}/cancel").status_code == 404  # another user's job
+    assert InferenceJob.objects.get(pk=ahead.pk).status == "inprogress"
+
+
 def test_job_pages_need_visibility(client, painter, ready):
     others = make_job(owner="admin")
     own = make_job(owner="pat")

@@ -180,3 +180,29 @@ def test_training_runs_and_saved_entries():
         protocol.saved_entry({**sample, "step": -1}, "s")
     event = protocol.training_status("j", "Training", saved=[sample], attempt=2)
     assert protocol.validate_event(event) is event
+
+
+def test_cancel_messages_started_events_and_cancel_urls():
+    assert protocol.validate_cancel(("job-1",)) == "job-1"
+    assert protocol.validate_cancel(["job-1"]) == "job-1"
+    for args, message in (
+        ((), "exactly one argument"),
+        (("a", "b"), "exactly one argument"),
+        (("",), "cancel_inference job id must not be empty"),
+        ((7,), "cancel_inference job id must be a str"),
+        ("job-1", "cancel_inference arguments must be a list or tuple"),
+    ):
+        with pytest.raises(protocol.ProtocolError, match=re.escape(message)):
+            protocol.validate_cancel(args)
+    event = protocol.started("job-1", "host/1")
+    assert protocol.validate_event(event) is event
+    with pytest.raises(protocol.ProtocolError, match=re.escape("event.worker must be a str")):
+        protocol.validate_event({"kind": "started", "inferenceId": "job-1"})
+    request = {
+        "task": "txt2img",
+        "payload_string": "{}",
+        "urls": {"models": {}, "output": "http://o", "cancel": "http://c"},
+    }
+    assert protocol.validate_request(request) is request
+    with pytest.raises(protocol.ProtocolError, match=re.escape("request.urls.cancel must be a str")):
+        protocol.validate_request({**request, "urls": {**request["urls"], "cancel": 5}})

@@ -128,7 +128,7 @@ def test_queued_compatible_jobs_run_as_one_batch(broker, queues, engine, files):
         send(broker, endpoint, f"q{i}", make_request(files, f"q{i}", {**BASE, "prompt": prompt, "seed": 20 + i}))
     calls = []
     original = engine.run
-    engine.run = lambda jobs, progress=None: calls.append(len(jobs)) or original(jobs, progress)
+    engine.run = lambda jobs, progress=None, stop=None: calls.append(len(jobs)) or original(jobs, progress, stop)
     worker = GpuWorker(broker, engine, endpoint, events_queue=events_queue, poll_ms=50)
     events = Events(broker, events_queue)
     worker.start()

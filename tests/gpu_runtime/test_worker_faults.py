@@ -60,13 +60,13 @@ class Gate:
         self.calls: list[list[str]] = []
         engine.run = self
 
-    def __call__(self, jobs, progress=None):
+    def __call__(self, jobs, progress=None, stop=None):
         ids = [job.job_id for job in jobs]
         self.calls.append(ids)
         if self.hold & set(ids):
             self.started.set()
             assert self.release.wait(30), "the test never released the job"
-        return self.original(jobs, progress)
+        return self.original(jobs, progress, stop)
 
 
 class Heartbeats:
@@ -323,7 +323,7 @@ def test_rabbitmq_job_longer_than_heartbeat_keeps_connection(engine, files):
     original = engine.run
     calls: list[str] = []
 
-    def slow_run(jobs, progress=None):
+    def slow_run(jobs, progress=None, stop=None):
         """Block on the work thread mid-job, after this thread has opened its publisher connection."""
         calls.extend(job.job_id for job in jobs)
 
@@ -332,7 +332,7 @@ def test_rabbitmq_job_longer_than_heartbeat_keeps_connection(engine, files):
             if step == 1 and jobs[0].job_id == "r1":
                 time.sleep(8)
 
-        return original(jobs, slow_progress)
+        return original(jobs, slow_progress, stop)
 
     engine.run = slow_run
 

@@ -38,11 +38,30 @@ class InferenceJobSerializer(EsdSerializer):
     params = InferenceParamsSerializer()
 
 
+class InferenceProgressSerializer(EsdSerializer):
+    """The last step a worker reported (an addition to ESD's job object)."""
+
+    step = serializers.IntegerField(min_value=0)
+    total = serializers.IntegerField(
+        min_value=0, help_text="Model calls of the whole job (hires fix included); 0 until a worker reports a step"
+    )
+    eta_seconds = serializers.FloatField(
+        allow_null=True, min_value=0, help_text="Time left from the step rate so far; null until two steps are known"
+    )
+
+
 class InferenceJobDetailSerializer(InferenceJobSerializer):
-    """One job with presigned URLs of its images and of its result parameters."""
+    """One job with presigned URLs of its images and of its result parameters; ``progress`` and
+    ``queue_position`` are additions to ESD's shape (ESD clients ignore them)."""
 
     img_presigned_urls = StringListField()
     output_presigned_urls = StringListField()
+    progress = InferenceProgressSerializer()
+    queue_position = serializers.IntegerField(
+        allow_null=True,
+        min_value=0,
+        help_text="Self-hosted jobs no worker has taken yet: jobs of the endpoint queued ahead (0: next); else null",
+    )
 
 
 class InferenceJobListSerializer(EsdSerializer):

@@ -78,6 +78,8 @@ def render_detail(job: InferenceJob) -> dict[str, Any]:
             store.presign_get(f"{keys.result_prefix(job_id)}/{name}", expires) for name in job.image_names
         ],
         "output_presigned_urls": [store.presign_get(keys.result_params(job_id), expires)],
+        "progress": services.progress_of(job),
+        "queue_position": services.queue_position(job),
     }
 
 
@@ -138,10 +140,12 @@ class InferenceViewSet(EsdViewSet):
         "bulk_destroy": WRITE,
         "retrieve": READ,
         "start": WRITE,
+        "cancel": WRITE,
     }
     not_found = {
         "retrieve": "inference with id {id} not found",
         "start": "InferenceJobId {id} not found",
+        "cancel": "InferenceJobId {id} not found",
     }
 
     @operation(
@@ -224,7 +228,7 @@ class InferenceViewSet(EsdViewSet):
 
     @operation(
         operation_id="DeleteInferenceJobs",
-        summary="Delete inference jobs with their parameters and results",
+        summary="Delete inference jobs with their parameters and results (a job in progress is cancelled first)",
         tags=TAGS,
         body=schemas.DELETE,
         keyless_user_ok=True,
@@ -232,7 +236,7 @@ class InferenceViewSet(EsdViewSet):
     )
     def bulk_destroy(self, request: Request) -> Response:
         ids = uuid_list(request.esd_body["inference_id_list"])
-        services.delete_jobs(list(self.get_queryset().filter(pk__in=ids)))
+        services.delete_jobs(list(self.get_queryset().filter(pk__in=ids)), cancelled_by=request.user.username)
         return envelope(204)
 
     @operation(
@@ -260,3 +264,21 @@ class InferenceViewSet(EsdViewSet):
     @action(detail=True, methods=["put"], url_path="start")
     def start(self, request: Request, id: str) -> Response:
         return start_response(str(self.get_object().id))
+
+    @operation(
+        operation_id="CancelInferenceJob",
+        summary="Cancel a job that has not ended (an addition to ESD)",
+        description=(
+            'The job is `failed` at once with `sagemakerRaw` `{"error": "cancelled by {user}"}`. A queued '
+            "self-hosted job never runs; a running one stops between two denoising steps on its worker (the "
+            "worker goes on with its next job, the other jobs of a batched call complete). A SageMaker job's "
+            "result is not ingested. A job that has ended: 400."
+        ),
+        tags=TAGS,
+        path_params=("id",),
+        responses={200: Answer(InferenceJobDetailSerializer, description="The cancelled job, as GET shows it")},
+    )
+    @action(detail=True, methods=["put"], url_path="cancel")
+    def cancel(self, request: Request, id: str) -> Response:
+        job = services.cancel_job(self.get_object(), request.user.username)
+        return envelope(200, InferenceJobDetailSerializer.render(render_detail(job)))
