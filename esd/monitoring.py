@@ -17,7 +17,6 @@ loopback and private addresses are served, and never a request a proxy forwarded
 from __future__ import annotations
 
 import hmac
-import importlib
 import ipaddress
 import json
 import logging
@@ -26,12 +25,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from django.apps import apps
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+
+from esd.discovery import import_app_modules
 
 log = logging.getLogger("esd.monitoring")
 
@@ -58,14 +58,7 @@ def load_metrics_modules() -> None:
     with _loaded:
         if _modules_loaded:
             return
-        for config in apps.get_app_configs():
-            if not config.name.startswith(("apps.", "esd")):
-                continue
-            try:
-                importlib.import_module(f"{config.name}.metrics")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{config.name}.metrics":
-                    raise
+        import_app_modules("metrics")
         _modules_loaded = True
 
 

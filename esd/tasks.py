@@ -6,7 +6,6 @@ Rules for every actor (DESIGN.md §4.2): it takes primary keys, exits early when
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
@@ -14,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import dramatiq
-from django.apps import apps
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.utils.module_loading import import_string
+
+from esd.discovery import import_app_modules
 
 log = logging.getLogger("esd.tasks")
 
@@ -55,18 +55,7 @@ def recoverer(name: str) -> Callable[[Callable[[], int]], Callable[[], int]]:
 
 def load_actor_modules() -> list[str]:
     """Import every app's ``tasks`` module so its actors (and recoverers) exist before a worker starts."""
-    loaded = []
-    for config in apps.get_app_configs():
-        if not config.name.startswith(("apps.", "esd")):
-            continue
-        try:
-            importlib.import_module(f"{config.name}.tasks")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{config.name}.tasks":
-                raise
-            continue
-        loaded.append(f"{config.name}.tasks")
-    return loaded
+    return import_app_modules("tasks")
 
 
 def recover_unfinished_work() -> dict[str, int]:

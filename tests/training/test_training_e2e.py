@@ -2,7 +2,6 @@
 real gpu_runtime trainer on the training queue (through the configured broker), the LoRA checkpoint Active, and an
 inference with ``<lora:...>`` that differs from one without it."""
 
-import io
 import json
 
 import pytest
@@ -13,38 +12,9 @@ from apps.models_registry.models import Checkpoint
 from apps.training.models import TrainingJob
 from esd.storage import blob_store
 from tests.conftest import Api, wait_until
+from tests.training.conftest import png
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def png(seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def trainer(settings, tmp_path):
-    pytest.importorskip("diffusers")
-    import dramatiq
-
-    from gpu_runtime.training_worker import TrainingWorker
-
-    worker = TrainingWorker(
-        dramatiq.get_broker(),
-        tmp_path / "trainer",
-        queue=settings.ESD_TRAINING_QUEUE,
-        events_queue=settings.ESD_EVENTS_QUEUE,
-        device="cpu",
-        poll_ms=50,
-    )
-    worker.start()
-    yield worker
-    worker.stop(timeout=120)
 
 
 def test_train_a_lora_and_use_it(api: Api, admin_key, endpoints, trainer):

@@ -14,41 +14,10 @@ from apps.training import training
 from apps.training.models import TrainingJob
 from esd.storage import blob_store
 from tests.conftest import Api, wait_until
+from tests.training.conftest import png
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ENDED = ("Completed", "Failed", "Stopped")
-
-
-def png(seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def trainer(settings, tmp_path):
-    pytest.importorskip("diffusers")
-    import dramatiq
-
-    from gpu_runtime.training_worker import TrainingWorker
-
-    worker = TrainingWorker(
-        dramatiq.get_broker(),
-        tmp_path / "trainer",
-        queue=settings.ESD_TRAINING_QUEUE,
-        events_queue=settings.ESD_EVENTS_QUEUE,
-        device="cpu",
-        poll_ms=50,
-        cancel_poll_seconds=0.1,
-        progress_seconds=0.0,
-    )
-    worker.start()
-    yield worker
-    worker.stop(timeout=120)
 
 
 def upload_dataset(api: Api, key: str, name: str, prefix: str, extra: dict[str, bytes] | None = None) -> None:
