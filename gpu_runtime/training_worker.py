@@ -274,10 +274,16 @@ def run_spec(
         except Exception:  # an unreadable model fails with a clear reason inside train()
             log.debug("family check skipped", exc_info=True)
 
+        # The upload thread reports what it saved under the stage of the moment: one lock orders its events and the
+        # stage changes, so a file saved late in the run never sends a job that is Uploading back to Training.
+        stage, stage_lock = ["Training"], threading.Lock()
+
+        def report_saved(saved: list) -> None:
+            with stage_lock:
+                report(stage[0], saved=saved)
+
         report("Training")
-        uploads = _Uploads(
-            urls["outputs"], list(urls.get("samples") or []), output_dir, lambda saved: report("Training", saved=saved)
-        )
+        uploads = _Uploads(urls["outputs"], list(urls.get("samples") or []), output_dir, report_saved)
         last = {"at": 0.0, "epoch": 0}
 
         def progress(info: dict) -> None:
@@ -297,7 +303,9 @@ def run_spec(
             work_dir=work_root,
             on_output=uploads,
         )
-        report("Uploading")
+        with stage_lock:
+            stage[0] = "Uploading"
+            report("Uploading")
         uploads.wait()
         warnings = extra_warnings + result.warnings + uploads.warnings
         if uploads.errors:
