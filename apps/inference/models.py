@@ -72,6 +72,8 @@ class InferenceJob(models.Model):
         indexes = [
             models.Index(fields=["task_type", "-create_time", "-id"], name="inference_by_task"),
             models.Index(fields=["status", "start_time"], name="inference_running"),
+            # a user's jobs ended today: the GPU-seconds quota check on every creation (apps.endpoints.usage)
+            models.Index(fields=["owner", "complete_time"], name="inference_owner_completed"),
         ]
 
     def __str__(self) -> str:
