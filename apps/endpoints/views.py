@@ -278,7 +278,8 @@ def usage_page(request: HttpRequest) -> HttpResponse:
         "chart": usage.chart(result),
         "mine": mine,
         "csv_query": urlencode(
-            {"since": data["since"], "until": data["until"], "by": by, "user": data["user"] or "", "format": "csv"}
+            {"since": data["since"], "until": data["until"], "by": by, "user": owner if operator and owner else ""}
+            | {"format": "csv"}
         ),
     }
     return render(request, "console/usage.html", context)
