@@ -249,7 +249,10 @@ def usage_page(request: HttpRequest) -> HttpResponse:
     """GPU-seconds by user, role, endpoint or day with a per-day stacked bar chart; ``?format=csv`` downloads the
     table (the ``usage_report --csv`` columns). Operators see everyone, other users their own jobs."""
     operator = holds(request, *USAGE_OPERATORS)
-    form = UsageForm(request.GET)
+    until = usage.today()
+    defaults = {"since": until - timedelta(days=USAGE_DEFAULT_DAYS - 1), "until": until}
+    defaults["by"] = "user" if operator else "endpoint"
+    form = UsageForm({**{k: str(v) for k, v in defaults.items()}, **request.GET.dict()})  # the form shows them
     if not form.is_valid():
         context = {"form": form, "operator": operator, "time_zone": settings.TIME_ZONE}
         return render(request, "console/usage.html", context, status=400)
