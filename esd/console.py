@@ -26,6 +26,7 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("Models", "console:models", ("checkpoint:all", "checkpoint:list")),
     ("Endpoints", "console:endpoints", ("sagemaker_endpoint:all", "sagemaker_endpoint:list")),
     ("Training", "console:trainings", ("train:all",)),
+    ("Usage", "console:usage", ()),  # everyone's own GPU-seconds; operators (user:all) everyone's
     ("Users", "console:users", ("user:all", "user:list")),
     ("Roles", "console:roles", ("role:all", "role:list")),
     ("API keys", "console:keys", ()),

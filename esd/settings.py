@@ -184,7 +184,7 @@ LOGIN_URL = "console:login"
 LOGIN_REDIRECT_URL = "console:dashboard"
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")  # also the day of GPU-seconds accounting and daily quotas
 USE_I18N = True
 USE_TZ = True
 

@@ -202,10 +202,14 @@ def run_spec(
             log.exception("could not report %s for training %s", status, job_id)
 
     def end(status: str, reason: str = "", **extra: Any) -> None:
-        """The final event, after the uploads in flight: it carries everything saved (a resume needs the states)."""
+        """The final event, after the uploads in flight: it carries everything saved (a resume needs the states)
+        and ``seconds``, how long this run trained (0 when it never got to training), which the server adds up
+        over a resumed job's runs for its GPU-seconds accounting."""
         if uploads is not None:
             uploads.close()
             extra.setdefault("saved", uploads.entries())
+        since = trained["since"]
+        extra.setdefault("seconds", round(time.monotonic() - since, 1) if since is not None else 0.0)
         report(status, reason, **extra)
 
     work_root = Path(work_root)
@@ -214,6 +218,7 @@ def run_spec(
     files = None
     model_path: Path | None = None
     uploads: _Uploads | None = None
+    trained: dict[str, float | None] = {"since": None}  # when train() was called: the end events' ``seconds``
     try:
         from gpu_runtime.files import ModelFiles
         from gpu_runtime.trainer import TrainingCancelled, TrainingError, train
@@ -221,12 +226,12 @@ def run_spec(
         try:
             protocol.validate_training_spec(spec)
         except protocol.ProtocolError as exc:
-            report("Failed", f"invalid training spec: {exc}")
+            end("Failed", f"invalid training spec: {exc}")
             return
         urls = spec["urls"]
         watch = CancelWatch(urls.get("cancel"), is_cancelled, cancel_poll_seconds, name="training-cancel-watch")
         if watch.poll() or watch():
-            report("Stopped", "the training was cancelled before it started")
+            end("Stopped", "the training was cancelled before it started")
             return
         watch.start()
         report("Downloading")
@@ -292,6 +297,7 @@ def run_spec(
                 last.update(at=now, epoch=info["epoch"])
                 report("Training", **{k: info[k] for k in ("epoch", "epochs", "step", "steps")}, loss=info["loss"])
 
+        trained["since"] = time.monotonic()
         result = train(
             config_path,
             model_path,
@@ -469,7 +475,7 @@ class TrainingWorker(QueueService):
         if self.is_cancelled(run):
             reason = "the training was cancelled before it started"
             attempt = spec.get("attempt", 1) if isinstance(spec, dict) else 1
-            self.send_quietly(protocol.training_status(job_id, "Stopped", reason, attempt=attempt))
+            self.send_quietly(protocol.training_status(job_id, "Stopped", reason, attempt=attempt, seconds=0.0))
         else:
             self.current = run
             try:

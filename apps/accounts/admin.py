@@ -22,6 +22,7 @@ from apps.accounts import grants, services, webhooks
 from apps.accounts.models import (
     ApiKey,
     Role,
+    RoleQuota,
     User,
     Webhook,
     WebhookDelivery,
@@ -271,9 +272,29 @@ class RoleForm(forms.ModelForm):
         return data
 
 
+class RoleQuotaInline(admin.StackedInline):
+    """The role's GPU quota on its page (empty fields: unlimited). Only ``role:all`` changes it: a role's creator
+    with ``role:create`` may edit its permissions, but raising their own team's GPU budget is an operator's call."""
+
+    model = RoleQuota
+    max_num = 1
+    can_delete = True
+    verbose_name_plural = "quota (GPU-seconds per day and concurrent jobs per member; empty: unlimited)"
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        return not request_permissions(request).isdisjoint(("role:all", "role:list"))
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return "role:all" in request_permissions(request) and not (obj is not None and obj.is_protected)
+
+    has_change_permission = has_add_permission
+    has_delete_permission = has_add_permission
+
+
 @admin.register(Role)
 class RoleAdmin(EsdPermissionsAdmin):
     form = RoleForm
+    inlines = (RoleQuotaInline,)
     view_permissions = ("role:all", "role:list")
     add_permissions = ("role:all", "role:create")
     change_permissions = ("role:all",)
@@ -322,7 +343,9 @@ class RoleAdmin(EsdPermissionsAdmin):
         obj.pk = role.pk
 
     def save_related(self, request, form, formsets, change):
-        """The service already set the permissions; there are no inlines."""
+        """The service already set the permissions; only the quota inline is left to save."""
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
         services.delete_roles(

@@ -8,6 +8,7 @@ import secrets
 import string
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -94,6 +95,89 @@ class Role(Group):
     @property
     def is_protected(self) -> bool:
         return self.name == ADMIN_ROLE
+
+
+class RoleQuota(models.Model):
+    """What a role's members may use of the GPUs: GPU-seconds per day (the server's ``TIME_ZONE`` day) and jobs
+    running at once (inference jobs and trainings together). Empty means unlimited.
+
+    Why per role: companies budget GPUs per team, and roles are the teams here. A member's limit is the most
+    generous of their roles' (``quota_of``): holding one role without a limit means no limit, like permissions,
+    which are also the union of the roles'. The jobs are counted elsewhere (``apps.endpoints.usage``): this app
+    knows roles, not jobs.
+    """
+
+    role = models.OneToOneField(Role, on_delete=models.CASCADE, primary_key=True, related_name="quota")
+    gpu_seconds_per_day = models.PositiveIntegerField(
+        null=True, blank=True, help_text="GPU-seconds each member may use per day (empty: unlimited)"
+    )
+    concurrent_jobs = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Unfinished inference jobs and trainings per member (empty: unlimited)"
+    )
+
+    class Meta:
+        verbose_name = "quota"
+
+    def __str__(self) -> str:
+        return f"quota of {self.role_id}"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One user's limits and the role each comes from (None: unlimited)."""
+
+    gpu_seconds_per_day: int | None = None
+    gpu_role: str | None = None
+    concurrent_jobs: int | None = None
+    concurrent_role: str | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.gpu_seconds_per_day is not None or self.concurrent_jobs is not None
+
+
+UNLIMITED = Quota()
+
+
+def _most_generous(entries: list[tuple[str, int | None]]) -> tuple[int | None, str | None]:
+    """The highest limit and its role (ties: the first role name); unlimited when any role has none."""
+    if not entries or any(value is None for _, value in entries):
+        return None, None
+    name, value = max(sorted(entries), key=lambda entry: entry[1])
+    return value, name
+
+
+def quotas_of(user_ids: Iterable[int] | None = None) -> dict[int, tuple[str, Quota]]:
+    """(username, quota) per user id that has any limit, in one query over memberships and quota rows; users who
+    hold no role, or a role without a limit, are unlimited and left out. ``None``: every user with a limit."""
+    through = User.groups.through.objects
+    if user_ids is None:
+        limited = through.filter(group__role__quota__isnull=False).values("user_id")
+        rows = through.filter(user_id__in=limited)
+    else:
+        rows = through.filter(user_id__in=list(user_ids))
+    memberships: dict[int, tuple[str, list[tuple[str, int | None]], list[tuple[str, int | None]]]] = {}
+    for user_id, username, role, gpu, concurrent in rows.values_list(
+        "user_id",
+        "user__username",
+        "group__name",
+        "group__role__quota__gpu_seconds_per_day",
+        "group__role__quota__concurrent_jobs",
+    ):
+        entry = memberships.setdefault(user_id, (username, [], []))
+        entry[1].append((role, gpu))
+        entry[2].append((role, concurrent))
+    table: dict[int, tuple[str, Quota]] = {}
+    for user_id, (username, gpu, concurrent) in memberships.items():
+        quota = Quota(*_most_generous(gpu), *_most_generous(concurrent))
+        if quota.limited:
+            table[user_id] = (username, quota)
+    return table
+
+
+def quota_of(user: User) -> Quota:
+    """A user's limits: the most generous of their roles' (unlimited without roles or with an unlimited one)."""
+    return quotas_of([user.pk]).get(user.pk, ("", UNLIMITED))[1]
 
 
 def held_role_names(user: User) -> list[str]:

@@ -21,6 +21,7 @@ from apps.accounts.models import (
     SEED_USER,
     ApiKey,
     Role,
+    RoleQuota,
     User,
     esd_permission_queryset,
     permissions_of,
@@ -133,6 +134,17 @@ def save_role(
             role, created = _create_or_lock(Role, name=name, defaults={"creator": actor})
         role.permissions.set(esd_permission_queryset().filter(codename__in=set(permissions)))
     return role, created
+
+
+def set_role_quota(role: Role, *, gpu_seconds_per_day: int | None, concurrent_jobs: int | None) -> RoleQuota | None:
+    """Set a role's quota (None: unlimited); with no limit left the row goes, so "no row" and "unlimited" agree."""
+    if gpu_seconds_per_day is None and concurrent_jobs is None:
+        RoleQuota.objects.filter(role=role).delete()
+        return None
+    quota, _ = RoleQuota.objects.update_or_create(
+        role=role, defaults={"gpu_seconds_per_day": gpu_seconds_per_day, "concurrent_jobs": concurrent_jobs}
+    )
+    return quota
 
 
 def delete_roles(

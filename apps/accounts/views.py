@@ -27,7 +27,7 @@ from django.views.decorators.http import require_POST
 
 from apps.accounts import services, webhooks
 from apps.accounts.choices import ApiKeyKind, WebhookEvent
-from apps.accounts.models import ApiKey, Role, User, Webhook, WebhookDelivery, role_permissions, user_roles
+from apps.accounts.models import ApiKey, Role, RoleQuota, User, Webhook, WebhookDelivery, role_permissions, user_roles
 from apps.accounts.permissions import ALL_PERMISSIONS, PERMISSIONS, first_not_covered
 from esd.api.errors import EsdError
 from esd.console import console_view, holds, permissions
@@ -81,6 +81,16 @@ class RoleEditForm(RoleForm):
     """Roles are referenced by name (owners of endpoints and checkpoints): no renames."""
 
     name = None
+
+
+class QuotaForm(forms.Form):
+    """A role's GPU quota: empty fields are unlimited."""
+
+    gpu_seconds_per_day = forms.IntegerField(required=False, min_value=0, label="GPU-seconds per day")
+    concurrent_jobs = forms.IntegerField(required=False, min_value=0, label="Concurrent jobs")
+
+
+QUOTA_EDITORS = ("role:all",)  # raising a team's GPU budget is an operator's call, not a role creator's
 
 
 class KeyForm(forms.Form):
@@ -348,12 +358,15 @@ def role(request: HttpRequest, name: str) -> HttpResponse:
     if target is None:
         raise Http404("no such role")
     current = sorted(role_permissions([target.pk]).get(target.pk, ()))
+    quota = RoleQuota.objects.filter(role=target).first()
     can_edit = _may_edit_role(request, target)
     can_delete = holds(request, *ROLE_DELETERS) and not target.is_protected
     form = RoleEditForm(initial={"permissions": current})
     status = 200
     if request.method == "POST":
         action = request.POST.get("action", "save")
+        if action == "quota":
+            return _save_quota(request, target)
         if action == "delete":
             if not holds(request, *ROLE_DELETERS):
                 return _forbidden(request, ROLE_DELETERS)
@@ -389,9 +402,37 @@ def role(request: HttpRequest, name: str) -> HttpResponse:
             "confirm_delete": can_delete and "delete" in request.GET,
             "form": form,
             "choices": _permission_choices(request, form, current),
+            "quota": quota,
+            "quota_form": QuotaForm(
+                initial={
+                    "gpu_seconds_per_day": getattr(quota, "gpu_seconds_per_day", None),
+                    "concurrent_jobs": getattr(quota, "concurrent_jobs", None),
+                }
+            ),
+            "can_edit_quota": holds(request, *QUOTA_EDITORS) and not target.is_protected,
         },
         status=status,
     )
+
+
+def _save_quota(request: HttpRequest, target: Role) -> HttpResponse:
+    """Set the role's quota through ``set_role_quota`` (``role:all`` only; the default role has none)."""
+    if not holds(request, *QUOTA_EDITORS):
+        return _forbidden(request, QUOTA_EDITORS)
+    form = QuotaForm(request.POST)
+    if target.is_protected or not form.is_valid():
+        messages.error(
+            request,
+            "The quota was not saved: "
+            + (
+                "; ".join(f"{form.fields[name].label}: {' '.join(errors)}" for name, errors in form.errors.items())
+                or f"the default role {target.name} cannot be changed"
+            ),
+        )
+        return redirect("console:role", target.name)
+    services.set_role_quota(target, **form.cleaned_data)
+    messages.success(request, f"Quota of role {target.name} saved.")
+    return redirect("console:role", target.name)
 
 
 def _may_edit_role(request: HttpRequest, target: Role) -> bool:

@@ -10,6 +10,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from apps.endpoints import services as endpoint_services
+from apps.endpoints import usage
 from apps.endpoints.models import Endpoint
 from apps.inference.models import InferenceJob
 from apps.training.models import TrainingJob
@@ -44,4 +45,7 @@ def dashboard_context(request: HttpRequest) -> dict[str, Any]:
             trainings.exclude(status__in=("Completed", "Failed", "Stopped")).order_by("-created")[:5]
         )
         context["failed_trainings"] = list(trainings.filter(status="Failed").order_by("-finished")[:5])
+    if holds(request, "user:all"):
+        # users at 80 % of a role quota or more (apps.endpoints.usage), in a fixed number of queries
+        context["quota_use"] = usage.quota_use()
     return context

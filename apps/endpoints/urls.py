@@ -10,4 +10,5 @@ urlpatterns = [
     path("endpoints/", views.endpoints_page, name="endpoints"),
     path("endpoints/live", views.endpoints_live, name="endpoints-live"),
     path("endpoints/<uuid:pk>/delete", views.endpoint_delete, name="endpoint-delete"),
+    path("usage/", views.usage_page, name="usage"),
 ]

@@ -11,6 +11,7 @@ import logging
 import re
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from botocore.exceptions import ClientError
 from django import forms
@@ -22,8 +23,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
-from apps.accounts.models import Role, held_role_names
-from apps.endpoints import services
+from apps.accounts.models import Role, held_role_names, quota_of
+from apps.endpoints import services, usage
 from apps.endpoints.api.schemas import CREATE, NAME_PATTERN
 from apps.endpoints.backends import get_backend
 from apps.endpoints.backends.base import BackendError
@@ -213,3 +214,75 @@ def endpoint_delete(request: HttpRequest, pk: str) -> HttpResponse:
     else:
         messages.success(request, f"Deleted {endpoint.name}.")
     return redirect("console:endpoints")
+
+
+# --- usage (GPU-seconds accounting, apps.endpoints.usage) -----------------------------------------------------------
+
+# Usage shows who ran what: everyone's for those who may see every user (user:all), one's own for everybody else.
+USAGE_OPERATORS = ("user:all",)
+USAGE_DEFAULT_DAYS = 14
+USAGE_MAX_DAYS = 366
+
+
+class UsageForm(forms.Form):
+    """The usage page's filters (GET): a period of server days, a grouping, and for operators one user."""
+
+    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    by = forms.ChoiceField(choices=[(g, g) for g in usage.GROUPINGS], required=False)
+    user = forms.CharField(required=False, max_length=150)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        until = data.get("until") or usage.today()
+        since = data.get("since") or until - timedelta(days=USAGE_DEFAULT_DAYS - 1)
+        if until < since:
+            raise forms.ValidationError("The period ends before it starts.")
+        if (until - since).days >= USAGE_MAX_DAYS:
+            raise forms.ValidationError(f"At most {USAGE_MAX_DAYS} days at once (the report command has no limit).")
+        data["since"], data["until"] = since, until
+        return data
+
+
+@console_view()
+def usage_page(request: HttpRequest) -> HttpResponse:
+    """GPU-seconds by user, role, endpoint or day with a per-day stacked bar chart; ``?format=csv`` downloads the
+    table (the ``usage_report --csv`` columns). Operators see everyone, other users their own jobs."""
+    operator = holds(request, *USAGE_OPERATORS)
+    until = usage.today()
+    defaults = {"since": until - timedelta(days=USAGE_DEFAULT_DAYS - 1), "until": until}
+    defaults["by"] = "user" if operator else "endpoint"
+    form = UsageForm({**{k: str(v) for k, v in defaults.items()}, **request.GET.dict()})  # the form shows them
+    if not form.is_valid():
+        context = {"form": form, "operator": operator, "time_zone": settings.TIME_ZONE}
+        return render(request, "console/usage.html", context, status=400)
+    data = form.cleaned_data
+    by = data["by"] or ("user" if operator else "endpoint")
+    owner = (data["user"] or None) if operator else request.user.username
+    result = usage.usage(usage.Period(data["since"], data["until"]), by, owner)
+    if request.GET.get("format") == "csv":
+        response = HttpResponse(result.to_csv(), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="usage-{by}-{data["since"]}-{data["until"]}.csv"'
+        return response
+    quota = quota_of(request.user)
+    mine = None
+    if quota.limited:
+        name = request.user.username
+        mine = usage.QuotaUse(
+            name, quota, usage.used_today([name]).get(name, 0.0), usage.running_jobs([name]).get(name, 0)
+        )
+    context = {
+        "form": form,
+        "operator": operator,
+        "time_zone": settings.TIME_ZONE,
+        "result": result,
+        "by": by,
+        "owner": owner,
+        "chart": usage.chart(result),
+        "mine": mine,
+        "csv_query": urlencode(
+            {"since": data["since"], "until": data["until"], "by": by, "user": owner if operator and owner else ""}
+            | {"format": "csv"}
+        ),
+    }
+    return render(request, "console/usage.html", context)

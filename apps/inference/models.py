@@ -77,6 +77,8 @@ class InferenceJob(models.Model):
             models.Index(fields=["task_type", "-create_time", "-id"], name="inference_by_task"),
             models.Index(fields=["status", "start_time"], name="inference_running"),
             models.Index(fields=["endpoint_id_copy", "status", "start_time"], name="inference_queue"),
+            # a user's jobs ended today: the GPU-seconds quota check on every creation (apps.endpoints.usage)
+            models.Index(fields=["owner", "complete_time"], name="inference_owner_completed"),
         ]
 
     def __str__(self) -> str:

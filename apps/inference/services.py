@@ -28,6 +28,7 @@ from apps.accounts.models import User, permissions_of
 from apps.endpoints import services as endpoint_services
 from apps.endpoints.choices import USABLE, EndpointStatus
 from apps.endpoints.models import Endpoint
+from apps.endpoints.usage import check_quota
 from apps.inference.choices import DIFFUSION_TASKS, EXTRA_TASKS, TERMINAL, InferenceStatus
 from apps.inference.models import InferenceJob
 from apps.models_registry.choices import STEM_NAMED_TYPES, STEM_SUFFIXES, CheckpointStatus
@@ -138,18 +139,20 @@ def create_job(
         raise BadRequest(f"task type {task_type} should be in {list(EXTRA_TASKS)!r} or {list(DIFFUSION_TASKS)!r}")
     endpoint = resolve_endpoint(user, permissions, endpoint_name, inference_type)
     used = resolve_models(user, permissions, models) if task_type in DIFFUSION_TASKS else {}
-    return InferenceJob.objects.create(
-        task_type=task_type,
-        inference_type=inference_type,
-        owner=user.username,
-        endpoint=endpoint,
-        endpoint_id_copy=str(endpoint.id),
-        endpoint_name=endpoint.name,
-        instance_type=endpoint.instance_type,
-        backend=endpoint.backend,
-        payload_string=payload_string,
-        used_models=used,
-    )
+    with transaction.atomic():
+        check_quota(user)  # the role quota (apps.endpoints.usage); it locks the user until the job exists
+        return InferenceJob.objects.create(
+            task_type=task_type,
+            inference_type=inference_type,
+            owner=user.username,
+            endpoint=endpoint,
+            endpoint_id_copy=str(endpoint.id),
+            endpoint_name=endpoint.name,
+            instance_type=endpoint.instance_type,
+            backend=endpoint.backend,
+            payload_string=payload_string,
+            used_models=used,
+        )
 
 
 def params_key(job: InferenceJob) -> str:

@@ -122,12 +122,21 @@ class TrainingJob(models.Model):
         blank=True,
         help_text="Further inputs the config names: {reg_dataset: name, files: {path under inputs/: storage key}}",
     )
+    # GPU-seconds accounting (apps.endpoints.usage): what each run trained, by attempt, so a redelivered end event
+    # of a run counts once and a resumed job's runs add up; ``gpu_seconds`` is their sum (None: no run reported).
+    gpu_seconds = models.FloatField(null=True, blank=True, help_text="GPU-seconds its runs trained, all attempts")
+    gpu_seconds_by_attempt = models.JSONField(
+        default=dict, blank=True, help_text="{attempt: seconds} as each run's end event (or SageMaker) reported"
+    )
 
     objects = TrainingJobQuerySet.as_manager()
     grant_policy = GrantPolicy(owner_lookup="owner", owner_actions=("view", "change", "delete"))
 
     class Meta:
-        indexes = [models.Index(fields=["-created", "-id"], name="training_newest")]
+        indexes = [
+            models.Index(fields=["-created", "-id"], name="training_newest"),
+            models.Index(fields=["finished"], name="training_finished"),
+        ]
 
     def __str__(self) -> str:
         return f"training {self.id} ({self.status})"

@@ -39,7 +39,9 @@ def worker_training_event(event: dict) -> None:
         except protocol.ProtocolError as exc:
             log.warning("training %s: ignoring a saved entry: %s", job_id, exc)
     if status in ENDINGS:
-        training.finish(job_id, ENDINGS[status], reason, notes=notes, saved=saved)
+        seconds = event.get("seconds")
+        gpu_seconds = float(seconds) if isinstance(seconds, int | float) and seconds >= 0 else None
+        training.finish(job_id, ENDINGS[status], reason, notes=notes, saved=saved, gpu_seconds=gpu_seconds)
         return
     progress = {k: event[k] for k in PROGRESS_KEYS if isinstance(event.get(k), int | float)}
     training.update_status(job_id, status, reason, progress=progress, notes=notes, saved=saved)
@@ -65,15 +67,28 @@ def monitor_sagemaker_training(job_id: str, delay_ms: int = 30_000) -> None:
     primary = described.get("TrainingJobStatus")
     secondary = described.get("SecondaryStatus") or primary or job.status
     reason = described.get("FailureReason", "")
+    seconds = sagemaker_gpu_seconds(described)
     if primary == "Completed":
-        training.finish(job_id, TrainingStatus.COMPLETED)
+        training.finish(job_id, TrainingStatus.COMPLETED, gpu_seconds=seconds)
     elif primary == "Failed":
-        training.finish(job_id, TrainingStatus.FAILED, reason or "SageMaker reported a failure")
+        training.finish(job_id, TrainingStatus.FAILED, reason or "SageMaker reported a failure", gpu_seconds=seconds)
     elif primary == "Stopped":
-        training.finish(job_id, TrainingStatus.STOPPED, reason)
+        training.finish(job_id, TrainingStatus.STOPPED, reason, gpu_seconds=seconds)
     else:
         training.update_status(job_id, secondary, reason)
         monitor_sagemaker_training.send_with_options(args=(job_id, min(delay_ms * 2, 300_000)), delay=delay_ms)
+
+
+def sagemaker_gpu_seconds(described: dict) -> float | None:
+    """A finished SageMaker training's GPU-seconds from ``DescribeTrainingJob``: ``TrainingTimeInSeconds`` times
+    the instance count (every instance held its GPUs that long), else ``BillableTimeInSeconds`` (already summed
+    over instances, less managed-spot savings); None when SageMaker reports neither."""
+    count = (described.get("ResourceConfig") or {}).get("InstanceCount") or 1
+    trained = described.get("TrainingTimeInSeconds")
+    if isinstance(trained, int | float) and trained >= 0:
+        return float(trained) * (count if isinstance(count, int) and count > 0 else 1)
+    billable = described.get("BillableTimeInSeconds")
+    return float(billable) if isinstance(billable, int | float) and billable >= 0 else None
 
 
 @recoverer("trainings")

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from apps.accounts import webhooks
 from apps.accounts.models import User, held_role_names
+from apps.endpoints.usage import check_quota
 from apps.models_registry.choices import CheckpointStatus, CheckpointType
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
 from apps.models_registry.services import set_status as set_checkpoint_status
@@ -62,6 +63,7 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
     """Contract §9.8 POST, steps 1-8."""
     if lora_train_type != "kohya":
         raise BadRequest(f"Invalid lora train type: {lora_train_type}, the valid value is kohya.")
+    check_quota(user)  # the role quota (apps.endpoints.usage), before anything is written
     training_params = dict(params["training_params"])
     given_config = params.get("config_params") or {}
     job_id = uuid.uuid4()
@@ -130,6 +132,7 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
     )
     try:
         with transaction.atomic():
+            check_quota(user)  # again, with the user locked: two requests cannot both take the last free slot
             checkpoint = Checkpoint.objects.create(
                 id=job_id,
                 checkpoint_type=CheckpointType.LORA,
@@ -141,6 +144,9 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
             CheckpointFile.objects.create(checkpoint=checkpoint, position=0, name=output_name)
             save_owners(CheckpointOwner, checkpoint, held_role_names(user))
             job.save()
+    except BadRequest:
+        store.delete_folder(input_prefix)
+        raise
     except IntegrityError:
         store.delete_folder(input_prefix)
         raise BadRequest(
@@ -407,8 +413,10 @@ def update_status(
     progress: dict | None = None,
     notes: list[str] | None = None,
     saved: list[dict] | None = None,
+    gpu_seconds: float | None = None,
 ) -> TrainingJob | None:
-    """The one place a training's status changes; terminal jobs stay as they are."""
+    """The one place a training's status changes; terminal jobs stay as they are. ``gpu_seconds`` (with a terminal
+    status) is what the ending run trained: recorded for the job's current attempt, the job's total their sum."""
     removed: list[str] = []
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
@@ -428,6 +436,9 @@ def update_status(
         if status in TERMINAL_TRAINING:
             job.finished = timezone.now()
             webhooks.job_ended("training", str(job.id), job.owner)
+            if gpu_seconds is not None:
+                job.gpu_seconds_by_attempt = {**job.gpu_seconds_by_attempt, str(job.attempt): float(gpu_seconds)}
+                job.gpu_seconds = round(sum(job.gpu_seconds_by_attempt.values()), 3)
         job.save()
     if removed:
         store = blob_store()
@@ -437,10 +448,16 @@ def update_status(
 
 
 def finish(
-    job_id: str, status: str, reason: str = "", notes: list[str] | None = None, saved: list[dict] | None = None
+    job_id: str,
+    status: str,
+    reason: str = "",
+    notes: list[str] | None = None,
+    saved: list[dict] | None = None,
+    gpu_seconds: float | None = None,
 ) -> TrainingJob | None:
     """The end of a run: ``Completed`` needs output files; the checkpoint follows the job (contract §10.5).
-    ``saved`` is everything the run uploaded (the final event carries it all)."""
+    ``saved`` is everything the run uploaded (the final event carries it all); ``gpu_seconds`` how long it trained
+    (a redelivered end finds the job terminal and changes nothing, so a run is counted once)."""
     job = TrainingJob.objects.filter(pk=job_id).first()
     if job is None or job.status in TERMINAL_TRAINING:
         return job
@@ -472,7 +489,7 @@ def finish(
         checkpoint = Checkpoint.objects.filter(pk=job_id).first()
         if checkpoint is not None:
             set_checkpoint_status(checkpoint, CheckpointStatus.DISABLED, error=reason or status)
-    return update_status(job_id, status, reason, notes=notes)
+    return update_status(job_id, status, reason, notes=notes, gpu_seconds=gpu_seconds)
 
 
 # --- resume ----------------------------------------------------------------------------------------------------------

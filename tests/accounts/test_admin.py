@@ -42,9 +42,19 @@ def test_user_list_shows_roles(client, operator, designer):
     assert "Designer" in content and "IT Operator" in content
 
 
+# The role page's quota inline (its formset's management form, as the browser sends it; empty: no quota).
+NO_QUOTA = {
+    "quota-TOTAL_FORMS": "0",
+    "quota-INITIAL_FORMS": "0",
+    "quota-MIN_NUM_FORMS": "0",
+    "quota-MAX_NUM_FORMS": "1",
+}
+
+
 def test_role_add_with_esd_permissions(client, operator):
     response = client.post(
-        "/admin/accounts/role/add/", {"name": "Painter", "esd_permissions": ["train:all", "inference:create"]}
+        "/admin/accounts/role/add/",
+        {"name": "Painter", "esd_permissions": ["train:all", "inference:create"], **NO_QUOTA},
     )
     assert response.status_code == 302
     role = Role.objects.get(name="Painter")
@@ -52,9 +62,17 @@ def test_role_add_with_esd_permissions(client, operator):
     assert sorted(p.codename for p in role.permissions.all()) == ["inference:create", "train:all"]
 
 
+def test_role_add_with_a_quota(client, operator):
+    quota = {**NO_QUOTA, "quota-TOTAL_FORMS": "1", "quota-0-gpu_seconds_per_day": "", "quota-0-concurrent_jobs": "4"}
+    response = client.post("/admin/accounts/role/add/", {"name": "Team", "esd_permissions": ["train:all"], **quota})
+    assert response.status_code == 302
+    role = Role.objects.get(name="Team")
+    assert (role.quota.gpu_seconds_per_day, role.quota.concurrent_jobs) == (None, 4)
+
+
 def test_role_permissions_edit(client, operator):
     role = Role.objects.get(name="byoc")
-    response = client.post(f"/admin/accounts/role/{role.pk}/change/", {"esd_permissions": ["train:list"]})
+    response = client.post(f"/admin/accounts/role/{role.pk}/change/", {"esd_permissions": ["train:list"], **NO_QUOTA})
     assert response.status_code == 302
     assert [p.codename for p in role.permissions.all()] == ["train:list"]
 

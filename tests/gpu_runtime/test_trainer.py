@@ -443,6 +443,7 @@ def test_run_spec_downloads_trains_uploads_and_reports(root, served, tmp_path):
     done = events[-1]
     assert done["files"] == ["out-000001.safetensors", "out.safetensors"] and done["reason"] == ""
     assert isinstance(done["warnings"], list) and done["steps"] == 8
+    assert done["seconds"] > 0  # how long the run trained: the server's GPU-seconds for the training
     body = served.puts["put/job1/out.safetensors"]
     assert body[:8] and b"ss_network_module" in body[: 8 + int.from_bytes(body[:8], "little")]
     assert "put/job1/out-000001.safetensors" in served.puts
@@ -455,9 +456,11 @@ def test_run_spec_failures_are_reported_not_raised(root, served, tmp_path):
     events = run_job(root, spec, "job2")
     assert [e["status"] for e in events] == ["Downloading", "Failed"]
     assert "model download failed" in events[-1]["reason"] and "404" in events[-1]["reason"]
+    assert events[-1]["seconds"] == 0.0  # every end event says how long it trained: here not at all
 
     events = run_job(root, {"fm_type": "sd_1_5"}, "job3")
     assert [e["status"] for e in events] == ["Failed"] and "invalid training spec" in events[0]["reason"]
+    assert events[0]["seconds"] == 0.0
 
     spec = make_spec(served, "job4", config_with(tmp_path, save_model_as="ckpt"))
     events = run_job(root, spec, "job4")
@@ -472,7 +475,7 @@ def test_run_spec_failures_are_reported_not_raised(root, served, tmp_path):
 def test_run_spec_stops_when_cancelled(root, served, tmp_path):
     spec = make_spec(served, "job6", config_with(tmp_path), cancel="cancelled")  # the cancel URL answers 200
     events = run_job(root, spec, "job6")
-    assert [e["status"] for e in events] == ["Stopped"]
+    assert [e["status"] for e in events] == ["Stopped"] and events[0]["seconds"] == 0.0
 
     flagged = []
 
@@ -485,6 +488,7 @@ def test_run_spec_stops_when_cancelled(root, served, tmp_path):
     )
     assert events[-1]["status"] == "Stopped" and "cancelled" in events[-1]["reason"]
     assert max(e.get("step", 0) for e in events) == 2
+    assert events[-1]["seconds"] > 0  # a stopped run still used the GPU until it stopped
     assert not any(k.startswith("put/job7/") for k in served.puts)
 
 

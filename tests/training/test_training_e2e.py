@@ -73,6 +73,8 @@ def test_train_a_lora_and_use_it(api: Api, admin_key, endpoints, trainer):
     )
     assert job.status == "Completed", (job.reason, job.log)
     assert job.losses and job.progress.get("epoch") == 2
+    # GPU-seconds accounting: the trainer's end event said how long it trained
+    assert job.gpu_seconds > 0 and job.gpu_seconds_by_attempt == {"1": job.gpu_seconds}
     detail = api.get(f"trainings/{job_id}", key=admin_key).body["data"]
     assert detail["job_status"] == "Completed"
     checkpoint = Checkpoint.objects.get(pk=job_id)

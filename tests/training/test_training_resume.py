@@ -156,6 +156,10 @@ def test_a_stopped_job_resumed_from_its_state_continues_the_loss_curve(
     job = ended(job_id)
     assert job.status == "Completed", (job.reason, job.log)
     assert any(f"resumed by admin from {state['name']}" in line for line in job.log)
+    # both runs trained, and the job's GPU-seconds are their sum (the stopped run's too)
+    runs = job.gpu_seconds_by_attempt
+    assert set(runs) == {"1", "2"} and all(s > 0 for s in runs.values())
+    assert job.gpu_seconds == pytest.approx(sum(runs.values()))
     # the curve goes on from the state's step and matches the uninterrupted run step for step
     curve, expected = dict(job.losses), dict(reference.losses)
     assert max(curve) == 90 and min(s for s in curve if s > state["step"]) == state["step"] + 1
