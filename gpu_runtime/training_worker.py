@@ -62,7 +62,9 @@ def _upload(url: str, path: Path, what: str) -> None:
 
 class _Uploads:
     """Uploads a running training's files as the trainer writes them (``train(on_output=...)``), one at a time on a
-    background thread, and reports each as a ``saved`` entry of a ``Training`` event.
+    background thread; :meth:`flush` hands what was saved (or removed) since the last call to the training thread,
+    which reports it as ``saved`` entries. Events are sent from one thread only, so they leave in order, and the
+    upload thread never opens a broker connection of its own (RabbitMQ's are per thread).
 
     Why during the run and not at the end: a state or epoch file saved before a failure or a stop is what a resume
     continues from, and sample images are worth seeing while the run goes on. Model files and states go to their
@@ -71,8 +73,9 @@ class _Uploads:
     list whatever order it handles events in.
     """
 
-    def __init__(self, outputs: dict[str, str], slots: list[str], output_dir: Path, send: Callable[[list], None]):
-        self.outputs, self.slots, self.output_dir, self.send = outputs, slots, output_dir, send
+    def __init__(self, outputs: dict[str, str], slots: list[str], output_dir: Path):
+        self.outputs, self.slots, self.output_dir = outputs, slots, output_dir
+        self.ready: list[dict] = []  # saved or removed since the last flush
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-upload")
         self.pending: list[Any] = []
         self.saved: dict[tuple[str, str], dict] = {}
@@ -120,17 +123,27 @@ class _Uploads:
             _upload(url, path, entry["name"])
         except Exception as exc:
             log.warning("upload of %s failed", entry["name"], exc_info=True)
-            self.errors.append(f"{entry['name']}: {exc}")
+            if entry["kind"] == "sample":  # a missing sample image costs a picture, not the training
+                self.warnings.append(f"sample image {entry['name']} could not be uploaded: {exc}")
+            else:
+                self.errors.append(f"{entry['name']}: {exc}")
             return
         with self.lock:
             self.saved[(entry["kind"], entry["name"])] = entry
-        self.send([entry])
+            self.ready.append(entry)
 
     def _report_removed(self, entry: dict) -> None:
+        """Reported whether or not this run uploaded it: a resumed run removes files of the run before, which the
+        server knows and deletes."""
         with self.lock:
-            had = self.saved.pop((entry["kind"], entry["name"]), None)
-        if had is not None:
-            self.send([entry])
+            self.saved.pop((entry["kind"], entry["name"]), None)
+            self.ready.append(entry)
+
+    def flush(self) -> list[dict]:
+        """What was saved or removed since the last flush (for the training thread to report)."""
+        with self.lock:
+            ready, self.ready = self.ready, []
+        return ready
 
     def wait(self) -> None:
         """Every queued upload done (their failures are in ``errors``)."""
@@ -205,9 +218,10 @@ def run_spec(
         """The final event, after the uploads in flight: it carries everything saved (a resume needs the states)
         and ``seconds``, how long this run trained (0 when it never got to training), which the server adds up
         over a resumed job's runs for its GPU-seconds accounting."""
-        if uploads is not None:
+        if uploads is not None:  # with the removals not reported yet
             uploads.close()
-            extra.setdefault("saved", uploads.entries())
+            removals = [entry for entry in uploads.flush() if entry.get("removed")]
+            extra.setdefault("saved", uploads.entries() + removals)
         since = trained["since"]
         extra.setdefault("seconds", round(time.monotonic() - since, 1) if since is not None else 0.0)
         report(status, reason, **extra)
@@ -279,16 +293,8 @@ def run_spec(
         except Exception:  # an unreadable model fails with a clear reason inside train()
             log.debug("family check skipped", exc_info=True)
 
-        # The upload thread reports what it saved under the stage of the moment: one lock orders its events and the
-        # stage changes, so a file saved late in the run never sends a job that is Uploading back to Training.
-        stage, stage_lock = ["Training"], threading.Lock()
-
-        def report_saved(saved: list) -> None:
-            with stage_lock:
-                report(stage[0], saved=saved)
-
         report("Training")
-        uploads = _Uploads(urls["outputs"], list(urls.get("samples") or []), output_dir, report_saved)
+        uploads = _Uploads(urls["outputs"], list(urls.get("samples") or []), output_dir)
         last = {"at": 0.0, "epoch": 0}
 
         def progress(info: dict) -> None:
@@ -296,6 +302,9 @@ def run_spec(
             if now - last["at"] >= progress_seconds or info["step"] == info["steps"] or info["epoch"] != last["epoch"]:
                 last.update(at=now, epoch=info["epoch"])
                 report("Training", **{k: info[k] for k in ("epoch", "epochs", "step", "steps")}, loss=info["loss"])
+            saved = uploads.flush()
+            if saved:
+                report("Training", saved=saved)
 
         trained["since"] = time.monotonic()
         result = train(
@@ -309,9 +318,7 @@ def run_spec(
             work_dir=work_root,
             on_output=uploads,
         )
-        with stage_lock:
-            stage[0] = "Uploading"
-            report("Uploading")
+        report("Uploading")
         uploads.wait()
         warnings = extra_warnings + result.warnings + uploads.warnings
         if uploads.errors:

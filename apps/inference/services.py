@@ -462,22 +462,28 @@ def cancel_job(job: InferenceJob, username: str) -> InferenceJob:
     if job.status in TERMINAL:
         raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
     reason = f"cancelled by {username}"
-    if not _fail(str(job.id), {"error": reason}):
-        job.refresh_from_db()
-        raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
-    if job.status == InferenceStatus.IN_PROGRESS and job.backend == "self-hosted":
-        _stop_on_worker(job, reason)
+    if job.backend != "sagemaker":
+        # before the job ends, whatever its status: a job being started right now is skipped by the worker that
+        # takes it, which looks at the marker first
+        try:
+            blob_store().put_bytes(cancel_marker(job), reason.encode())
+        except Exception:
+            log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
+    with transaction.atomic():
+        before = InferenceJob.objects.select_for_update().filter(pk=job.pk).values_list("status", flat=True).first()
+        if before in TERMINAL or before is None or not _fail(str(job.id), {"error": reason}):
+            job.refresh_from_db()
+            raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
     job.refresh_from_db()
+    if before == InferenceStatus.IN_PROGRESS and job.backend == "self-hosted":
+        _stop_on_worker(job)
     return job
 
 
-def _stop_on_worker(job: InferenceJob, reason: str) -> None:
-    """The marker, then the message. The job has already ended here, so trouble with either is logged, not raised:
-    at worst the worker runs the job to its end and the result is dropped, as for any late result."""
-    try:
-        blob_store().put_bytes(cancel_marker(job), reason.encode())
-    except Exception:
-        log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
+def _stop_on_worker(job: InferenceJob) -> None:
+    """The message, for the worker running the job now (the marker is written before the job ends). The job has
+    already ended here, so trouble is logged, not raised: the marker still stops it, and at worst the worker runs
+    the job to its end and the result is dropped, as for any late result."""
     try:
         endpoint = Endpoint.objects.filter(pk=job.endpoint_id).first() if job.endpoint_id else None
         if endpoint is not None:

@@ -23,4 +23,6 @@ class TrainingStatus(models.TextChoices):
 
 
 TERMINAL_TRAINING = ("Completed", "Failed", "Stopped", "MaxRuntimeExceeded")
+# A run's stages in order: events are handled concurrently, so a late one never moves a run back a stage.
+RUN_STAGES = ("Starting", "Downloading", "Training", "Uploading")
 FM_TYPES = {"sd_1_5": "kohya_config_cloud.toml", "sd_xl": "kohya_config_cloud_xl.toml"}

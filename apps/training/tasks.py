@@ -26,10 +26,7 @@ def worker_training_event(event: dict) -> None:
     job_id, status = event.get("id"), event.get("status")
     if not isinstance(job_id, str) or not isinstance(status, str):
         return
-    attempt = event.get("attempt", 1)
-    if not TrainingJob.objects.filter(pk=job_id, attempt=attempt if isinstance(attempt, int) else 1).exists():
-        log.info("ignoring a training event of another run of %s: %r", job_id, event)
-        return
+    attempt = event.get("attempt", 1) if isinstance(event.get("attempt", 1), int) else 1
     reason = str(event.get("reason") or "")
     notes = [str(w) for w in event.get("warnings") or []] if isinstance(event.get("warnings"), list) else []
     saved = []
@@ -41,10 +38,12 @@ def worker_training_event(event: dict) -> None:
     if status in ENDINGS:
         seconds = event.get("seconds")
         gpu_seconds = float(seconds) if isinstance(seconds, int | float) and seconds >= 0 else None
-        training.finish(job_id, ENDINGS[status], reason, notes=notes, saved=saved, gpu_seconds=gpu_seconds)
+        training.finish(
+            job_id, ENDINGS[status], reason, notes=notes, saved=saved, gpu_seconds=gpu_seconds, attempt=attempt
+        )
         return
     progress = {k: event[k] for k in PROGRESS_KEYS if isinstance(event.get(k), int | float)}
-    training.update_status(job_id, status, reason, progress=progress, notes=notes, saved=saved)
+    training.update_status(job_id, status, reason, progress=progress, notes=notes, saved=saved, attempt=attempt)
 
 
 @dramatiq.actor(max_retries=5, min_backoff=10_000, max_backoff=120_000, time_limit=120_000)

@@ -24,7 +24,7 @@ from apps.models_registry.choices import CheckpointStatus, CheckpointType
 from apps.models_registry.models import Checkpoint, CheckpointFile, CheckpointOwner
 from apps.models_registry.services import set_status as set_checkpoint_status
 from apps.training import kohya_config
-from apps.training.choices import FM_TYPES, TERMINAL_TRAINING, TrainingStatus
+from apps.training.choices import FM_TYPES, RUN_STAGES, TERMINAL_TRAINING, TrainingStatus
 from apps.training.models import Dataset, TrainingJob
 from esd import keys
 from esd.api.errors import BadRequest
@@ -182,6 +182,9 @@ def bind_inputs(config: dict[str, dict], user: User, permissions: frozenset[str]
     flat = kohya_config.flatten(config)
     files: dict[str, str] = {}
     inputs: dict[str, Any] = {"files": files}
+    for key in ("save_state", "save_state_on_train_end"):  # the uploads presigned for a run depend on them
+        if key in flat and not isinstance(flat[key], bool):
+            raise BadRequest(f"{key} must be true or false, got {flat[key]!r}")
     if flat.get("resume"):
         raise BadRequest("resume cannot be set in config_params: resume a stopped or failed job instead")
     prompts = flat.get("sample_prompts")
@@ -391,8 +394,9 @@ def record_saved(job: TrainingJob, entries: list[dict]) -> list[str]:
         else:
             key = f"{output_prefix}/{name}"
         if entry.get("removed"):
-            if saved.pop((kind, name), None) is not None:
-                removed.append(key)
+            popped = saved.pop((kind, name), None)
+            if popped is not None:  # its own key: a resumed run removes files of the run before
+                removed.append(popped.get("key") or key)
             continue
         saved[(kind, name)] = {
             "name": name,
@@ -414,16 +418,25 @@ def update_status(
     notes: list[str] | None = None,
     saved: list[dict] | None = None,
     gpu_seconds: float | None = None,
+    attempt: int | None = None,
 ) -> TrainingJob | None:
-    """The one place a training's status changes; terminal jobs stay as they are. ``gpu_seconds`` (with a terminal
-    status) is what the ending run trained: recorded for the job's current attempt, the job's total their sum."""
+    """The one place a training's status changes; terminal jobs stay as they are, a run never goes back a stage
+    (``RUN_STAGES``), and a report of another run than the job's current one (``attempt``: a late event of the run
+    a resume replaced) changes nothing - checked under the row lock, which a resume takes too. ``gpu_seconds``
+    (with a terminal status) is what the ending run trained: recorded for the job's current attempt, the job's
+    total their sum."""
     removed: list[str] = []
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
         if job is None or job.status in TERMINAL_TRAINING:
             return job
+        if attempt is not None and job.attempt != attempt:
+            log.info("ignoring a report of run %s of training %s, which is at run %s", attempt, job_id, job.attempt)
+            return job
         if saved:
             removed = record_saved(job, saved)
+        if status in RUN_STAGES and job.status in RUN_STAGES:
+            status = max(status, job.status, key=RUN_STAGES.index)
         job.status = status
         if reason:
             job.reason = reason
@@ -454,13 +467,28 @@ def finish(
     notes: list[str] | None = None,
     saved: list[dict] | None = None,
     gpu_seconds: float | None = None,
+    attempt: int | None = None,
 ) -> TrainingJob | None:
     """The end of a run: ``Completed`` needs output files; the checkpoint follows the job (contract §10.5).
     ``saved`` is everything the run uploaded (the final event carries it all); ``gpu_seconds`` how long it trained
-    (a redelivered end finds the job terminal and changes nothing, so a run is counted once)."""
-    job = TrainingJob.objects.filter(pk=job_id).first()
-    if job is None or job.status in TERMINAL_TRAINING:
-        return job
+    (a redelivered end finds the job terminal and changes nothing, so a run is counted once). The job's row is
+    locked throughout, so an end and a resume never interleave."""
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.status in TERMINAL_TRAINING or (attempt is not None and job.attempt != attempt):
+            return job
+        return _finish_locked(job, status, reason, notes, saved, gpu_seconds)
+
+
+def _finish_locked(
+    job: TrainingJob,
+    status: str,
+    reason: str,
+    notes: list[str] | None,
+    saved: list[dict] | None,
+    gpu_seconds: float | None,
+) -> TrainingJob | None:
+    job_id = str(job.id)
     if saved:
         update_status(job_id, job.status, saved=saved)
     if status == TrainingStatus.COMPLETED:
@@ -537,8 +565,6 @@ def resume_training(job_id: Any, by: str) -> TrainingJob:
         config = tomllib.loads(store.read_bytes(toml_key).decode())
         path = f"{INPUT_FOLDER}/resume/{state['name']}"
         kohya_config.set_key(config, "resume", path)
-        store.put_bytes(toml_key, kohya_config.dumps(config).encode())
-        store.delete(keys.training_cancel_marker(str(job.id)))
         files = {
             p: k for p, k in (job.inputs.get("files") or {}).items() if not p.startswith(f"{INPUT_FOLDER}/resume/")
         }
@@ -556,6 +582,9 @@ def resume_training(job_id: Any, by: str) -> TrainingJob:
         if checkpoint is not None:
             set_checkpoint_status(checkpoint, CheckpointStatus.INITIAL)
         spec = training_spec(job, config, store.key_of(params["s3_model_path"]), dataset)
+        # storage last, once nothing here can fail any more: a refused resume leaves the job's files as they were
+        store.put_bytes(toml_key, kohya_config.dumps(config).encode())
+        store.delete(keys.training_cancel_marker(str(job.id)))
         transaction.on_commit(lambda: send_training(str(job.id), spec))
     return job
 

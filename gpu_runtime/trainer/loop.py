@@ -305,6 +305,15 @@ def _train(
         step, first_epoch = int(resumed["step"]), int(resumed["epoch"]) + 1
         step_losses = [float(x) for x in resumed["losses"]]
         loss_value = float(resumed["loss"])
+        # the run before saved these (they are not here): save_last_n_epochs(_state) rotates them out by name, as
+        # kohya removes ``epoch - n * save_every_n_epochs``, so a resumed run keeps the same files an unbroken one does
+        if config.save_every_n_epochs:
+            earlier = [e for e in range(1, first_epoch) if e % config.save_every_n_epochs == 0]
+            kept, kept_states = config.save_last_n_epochs, config.save_last_n_epochs_state or config.save_last_n_epochs
+            epoch_files = [output_dir / config.epoch_file(e) for e in (earlier[-kept:] if kept else earlier)]
+            if config.save_state:
+                states = earlier[-kept_states:] if kept_states else earlier
+                state_files = [output_dir / config.epoch_state_file(e) for e in states]
     for epoch in range(first_epoch, epochs + 1):
         if buckets is not None:
             batches = buckets.batches(epoch)
@@ -409,7 +418,8 @@ def _train(
                 while len(epoch_files) > config.save_last_n_epochs:
                     old = epoch_files.pop(0)
                     old.unlink(missing_ok=True)
-                    written.remove(old)
+                    if old in written:
+                        written.remove(old)
                     output("model", [old], epoch, step, removed=True)
             if config.save_state:  # kohya's save_and_remove_state_on_epoch_end
                 path = output_dir / config.epoch_state_file(epoch)
@@ -421,7 +431,8 @@ def _train(
                 while keep is not None and len(state_files) > keep:
                     old = state_files.pop(0)
                     old.unlink(missing_ok=True)
-                    written.remove(old)
+                    if old in written:
+                        written.remove(old)
                     output("state", [old], epoch, step, removed=True)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")

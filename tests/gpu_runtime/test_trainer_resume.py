@@ -111,3 +111,36 @@ def test_resume_refuses_a_changed_config_and_a_missing_state(root, tmp_path):  #
         run(root, tmp_path, missing)
     with pytest.raises(TrainingError, match="is a folder"):
         run(root, tmp_path, config_with(tmp_path, **ONE_STEP_EPOCHS, max_train_epochs=2, resume=str(tmp_path)))
+
+
+def test_a_resumed_run_rotates_out_the_files_of_the_run_before(root, tmp_path):  # noqa: F811
+    """kohya removes ``epoch - n * save_every_n_epochs`` by name, so after a resume the files an unbroken run would
+    have removed are removed too (reported to ``on_output``: they were saved by the run before, elsewhere)."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir(), second_dir.mkdir()
+    options = {**ONE_STEP_EPOCHS, "max_train_epochs": 4, "save_state": True, "save_last_n_epochs": 1}
+    stop = {"now": False}
+    with pytest.raises(TrainingCancelled):
+        run(
+            root,
+            first_dir,
+            config_with(first_dir, **options),
+            on_progress=lambda info: stop.update(now=info["step"] >= 2),
+            should_stop=lambda: stop["now"],
+        )
+    state = first_dir / "out" / "out-000002-state.pt"
+    outputs: list[tuple[str, str, bool]] = []
+    run(
+        root,
+        second_dir,
+        config_with(second_dir, **options, resume=str(state)),
+        on_output=lambda info: outputs.append((info["kind"], info["path"].name, info["removed"])),
+    )
+    # epoch 3 is saved, then epoch 2's file and state (the first run's) are rotated out, as without the break
+    assert outputs[:4] == [
+        ("model", "out-000003.safetensors", False),
+        ("model", "out-000002.safetensors", True),
+        ("state", "out-000003-state.pt", False),
+        ("state", "out-000002-state.pt", True),
+    ]
+    assert outputs[4:] == [("model", "out.safetensors", False), ("state", "out-state.pt", False)]

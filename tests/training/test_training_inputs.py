@@ -204,3 +204,41 @@ def test_saved_entries_are_merged_and_removals_delete_the_file(extras):
     assert [e["key"] for e in TrainingJob.objects.get(pk=job.pk).saved] == [key]
     worker_training_event({**event, "saved": [{**entry, "removed": True}]})
     assert TrainingJob.objects.get(pk=job.pk).saved == [] and not blob_store().exists(key)
+
+
+def test_a_run_never_goes_back_a_stage_and_reports_of_another_run_change_nothing(extras):
+    job = job_with("Uploading", [])
+    TrainingJob.objects.filter(pk=job.pk).update(attempt=2)
+    training.update_status(str(job.id), "Training", progress={"step": 9}, attempt=2)  # handled late
+    job.refresh_from_db()
+    assert (job.status, job.progress["step"]) == ("Uploading", 9)
+    training.update_status(str(job.id), "Training", progress={"step": 3, "loss": 0.9}, attempt=1)
+    training.finish(str(job.id), "Failed", "late failure of run 1", attempt=1)
+    job.refresh_from_db()
+    assert (job.status, job.reason, job.progress["step"], job.losses) == ("Uploading", "", 9, [])
+
+
+def test_a_removal_deletes_the_file_the_entry_names(extras):
+    """A resumed run (attempt 2) removes an epoch file saved by run 1: the stored key of run 1's entry is deleted."""
+    job = job_with("Training", [])
+    key = f"kohya/train/{job.id}/output/x-000001.safetensors"
+    sample_key = f"kohya/train/{job.id}/output/sample/1-0000.png"
+    for stored in (key, sample_key):
+        blob_store().put_bytes(stored, b"run 1")
+    saved = [
+        {"name": "x-000001.safetensors", "kind": "model", "epoch": 1, "step": 6, "attempt": 1, "key": key},
+        {"name": "sample/x_e000001_00.png", "kind": "sample", "epoch": 1, "step": 6, "attempt": 1, "key": sample_key},
+    ]
+    TrainingJob.objects.filter(pk=job.pk).update(attempt=2, saved=saved)
+    event = {"kind": "training", "id": str(job.id), "status": "Training", "attempt": 2}
+    removed = {"name": "x-000001.safetensors", "kind": "model", "epoch": 2, "step": 12, "removed": True}
+    worker_training_event({**event, "saved": [removed]})
+    assert not blob_store().exists(key) and blob_store().exists(sample_key)
+    assert [e["name"] for e in TrainingJob.objects.get(pk=job.pk).saved] == ["sample/x_e000001_00.png"]
+
+
+def test_saving_flags_must_be_booleans(api: Api, admin_key, extras):
+    config = {**config_with(), "saving_arguments": {"output_name": "x", "save_every_n_epochs": 1, "save_state": "yes"}}
+    answer = api.post("trainings", native(config_params=config), key=admin_key)
+    assert answer.status == 400 and answer.body["message"] == "save_state must be true or false, got 'yes'"
+    assert not TrainingJob.objects.exists()
