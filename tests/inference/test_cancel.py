@@ -257,7 +257,7 @@ def test_cancel_permissions_visibility_and_created_jobs(api: Api, admin_key, des
 def test_esd_fields_unchanged_and_only_additions(api: Api, admin_key, endpoints):
     job_id = start(api, admin_key, endpoints["Async"], SHORT)
     data = finished(api, admin_key, job_id)
-    assert set(data) == ESD_DETAIL_FIELDS | {"progress", "queue_position"}
+    assert set(data) == ESD_DETAIL_FIELDS | {"progress", "queue_position", "gpu_seconds"}
     listed = api.get("inferences", key=admin_key).body["data"]["inferences"]
     assert set(next(j for j in listed if j["InferenceJobId"] == job_id)) == ESD_DETAIL_FIELDS - {
         "img_presigned_urls",

@@ -57,6 +57,9 @@ class InferenceJobDetailSerializer(InferenceJobSerializer):
     img_presigned_urls = StringListField()
     output_presigned_urls = StringListField()
     progress = InferenceProgressSerializer()
+    gpu_seconds = serializers.FloatField(
+        allow_null=True, help_text="Not in ESD: the job's GPU time (its share of a batched call); null until it ends"
+    )
     queue_position = serializers.IntegerField(
         allow_null=True,
         min_value=0,

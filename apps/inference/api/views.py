@@ -80,6 +80,7 @@ def render_detail(job: InferenceJob) -> dict[str, Any]:
         "output_presigned_urls": [store.presign_get(keys.result_params(job_id), expires)],
         "progress": services.progress_of(job),
         "queue_position": services.queue_position(job),
+        "gpu_seconds": job.gpu_seconds,
     }
 
 

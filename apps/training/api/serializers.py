@@ -231,6 +231,9 @@ class TrainingDetailSerializer(EsdSerializer):
     samples = serializers.SerializerMethodField(help_text="Not in ESD: the sample images made so far")
     states = serializers.SerializerMethodField(help_text="Not in ESD: the saved states a resume can continue from")
     attempt = serializers.IntegerField(help_text="Not in ESD: 1, and one more for each resume")
+    gpu_seconds = serializers.FloatField(
+        allow_null=True, help_text="Not in ESD: the GPU time of the runs that ended (a resumed job's runs add up)"
+    )
 
     @extend_schema_field(TrainingSampleSerializer(many=True))
     def get_samples(self, job: TrainingJob) -> list[dict[str, Any]]:
