@@ -12,18 +12,29 @@ not fail the scrape: ``esd_scrape_collector_success{collector}`` says which.
 
 Protection: with ``ESD_METRICS_TOKEN`` set, ``/metrics`` wants ``Authorization: Bearer <token>``; without it, only
 loopback and private addresses are served, and never a request a proxy forwarded (it carries the proxy's address).
+The same rule decides who reads ``/readyz``'s reasons: everyone else learns only which parts fail, never the
+exception text (a driver's message names hosts, addresses and database users).
+
+Why ``/readyz`` is cached and single-flight: it is reachable without credentials, and each round connects to the
+database, the broker and the store. One round runs at a time and its answer serves every caller for
+``ESD_READY_CACHE_SECONDS``; each check runs on at most one thread, so a check that hangs (a broker that accepts
+the connection and never answers) is reported as hanging by later rounds instead of being started again, and
+threads cannot pile up during an outage.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -96,6 +107,38 @@ def render_metrics(accept: str = "") -> tuple[bytes, str]:
 
 # --- protection ----------------------------------------------------------------------------------------------------
 
+# Headers a reverse proxy or load balancer adds. Without a token, a request carrying any of them is refused: the
+# address it comes from is the proxy's (often loopback or private), not the client's. Not every proxy sets
+# X-Forwarded-For (X-Real-IP only, Via only), and an L4 balancer with SNAT sets none at all: hence the startup
+# warning below, and the advice to set ESD_METRICS_TOKEN in production.
+PROXY_HEADERS = (
+    "X-Forwarded-For",
+    "Forwarded",
+    "X-Real-IP",
+    "Via",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Port",
+    "X-Forwarded-Server",
+    "X-Original-Forwarded-For",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+)
+_warned_without_token = False
+
+
+def warn_without_token() -> None:
+    """Once per process, outside DEBUG: say that ``/metrics`` relies on addresses alone (see ``PROXY_HEADERS``)."""
+    global _warned_without_token
+    if _warned_without_token or settings.DEBUG or settings.ESD_METRICS_TOKEN:
+        return
+    _warned_without_token = True
+    log.warning(
+        "ESD_METRICS_TOKEN is not set: /metrics and the reasons of /readyz are served to any loopback or private "
+        "address; behind a proxy or load balancer that adds no forwarding header, that is every client. "
+        "Set ESD_METRICS_TOKEN in production."
+    )
+
 
 def metrics_refusal(request: HttpRequest) -> tuple[int, str] | None:
     """Why this request may not read ``/metrics`` (status, message), or None when it may."""
@@ -108,8 +151,9 @@ def metrics_refusal(request: HttpRequest) -> tuple[int, str] | None:
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
             return 403, "the metrics token is not valid"
         return None
-    if "x-forwarded-for" in request.headers or "forwarded" in request.headers:
-        return 403, "metrics are not served through a proxy without ESD_METRICS_TOKEN"
+    forwarded = next((name for name in PROXY_HEADERS if name in request.headers), None)
+    if forwarded is not None:
+        return 403, f"metrics are not served through a proxy without ESD_METRICS_TOKEN (the request has {forwarded})"
     address = request.META.get("REMOTE_ADDR", "")
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -124,30 +168,51 @@ def metrics_refusal(request: HttpRequest) -> tuple[int, str] | None:
 
 # --- readiness -----------------------------------------------------------------------------------------------------
 
+_POSTGRES_ENGINES = ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis")
+
+
+@contextmanager
+def _probe_connection() -> Iterator:
+    """A connection of its own to the default database, bounded by ``ESD_READY_TIMEOUT`` (libpq waits forever for
+    a connect by default, SQLite 20 s for a lock), closed afterwards: the request's own connection and its
+    settings are left alone."""
+    from django.db import connections
+    from django.db.utils import load_backend
+
+    timeout = settings.ESD_READY_TIMEOUT
+    settings_dict = copy.deepcopy(connections["default"].settings_dict)
+    options = settings_dict.setdefault("OPTIONS", {})
+    postgres = settings_dict["ENGINE"] in _POSTGRES_ENGINES
+    if postgres:
+        options["connect_timeout"] = max(1, math.ceil(timeout))
+    elif settings_dict["ENGINE"] == "django.db.backends.sqlite3":
+        options["timeout"] = timeout
+    wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, "default")
+    try:
+        if postgres:
+            with wrapper.cursor() as cursor:
+                cursor.execute("SET statement_timeout = %s", [max(1, int(timeout * 1000))])
+        yield wrapper
+    finally:
+        wrapper.close()
+
 
 def check_database() -> None:
-    """A query answers (on this thread's own connection, closed afterwards)."""
-    from django.db import connection
-
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
-    finally:
-        connection.close()
+    """A query answers, on a connection of its own with a connect and a statement timeout."""
+    with _probe_connection() as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
 
 
 def check_migrations() -> None:
     """Every migration the code has is applied (a rolling deploy must not send traffic to a newer schema's code
-    before ``migrate`` ran)."""
-    from django.db import connection
+    before ``migrate`` ran). Loading every migration file is the dear part: ``readiness`` skips this check for
+    ``ESD_READY_MIGRATIONS_SECONDS`` after it passed."""
     from django.db.migrations.executor import MigrationExecutor
 
-    try:
+    with _probe_connection() as connection:
         executor = MigrationExecutor(connection)
         plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    finally:
-        connection.close()
     if plan:
         names = ", ".join(f"{m.app_label}.{m.name}" for m, _ in plan[:5])
         raise RuntimeError(f"{len(plan)} unapplied migration(s): {names}{' ...' if len(plan) > 5 else ''}")
@@ -179,10 +244,41 @@ def check_broker() -> None:
     pika.BlockingConnection(parameters).close()
 
 
-def check_storage() -> None:
+@functools.lru_cache(maxsize=4)
+def _s3_probe_client(bucket: str, endpoint: str | None, region: str, timeout: float):
+    """An S3 client for the check only: botocore's defaults (60 s connect and read, several attempts) would hold
+    a probe thread for minutes; this one gives up after one attempt of ``timeout`` seconds. Credentials come
+    from the store's own session, so the check proves what the server uses."""
+    from botocore.config import Config
+
     from esd.storage import blob_store
 
-    blob_store().check()
+    storage = blob_store().storage
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
+    session = storage._create_session()  # django-storages' one place for keys, token and profile
+    return session.client(
+        "s3", region_name=region, endpoint_url=endpoint, use_ssl=storage.use_ssl, verify=storage.verify, config=config
+    )
+
+
+def check_storage() -> None:
+    """The blob store answers: S3 ``HeadBucket`` with short timeouts and no retry, the local folder writable."""
+    from esd.storage import S3BlobStore, blob_store
+
+    store = blob_store()
+    if isinstance(store, S3BlobStore):
+        client = _s3_probe_client(
+            store.bucket, settings.AWS_ENDPOINT_URL or None, settings.AWS_REGION, float(settings.ESD_READY_TIMEOUT)
+        )
+        client.head_bucket(Bucket=store.bucket)
+        return
+    store.check()
 
 
 READINESS_CHECKS: dict[str, Callable[[], None]] = {
@@ -193,26 +289,115 @@ READINESS_CHECKS: dict[str, Callable[[], None]] = {
 }
 
 
-def readiness() -> dict[str, str | None]:
-    """Every check at once, each within ``ESD_READY_TIMEOUT`` seconds: part -> None when fine, else why not.
+class _Attempt:
+    """One run of one check on its own daemon thread (daemon: a hung check never holds the process at exit)."""
 
-    A check that hangs is abandoned (its thread finishes on its own), so the probe answers in bounded time."""
-    timeout = settings.ESD_READY_TIMEOUT
-    pool = ThreadPoolExecutor(max_workers=len(READINESS_CHECKS), thread_name_prefix="readyz")
-    futures = {name: pool.submit(check) for name, check in READINESS_CHECKS.items()}
-    results: dict[str, str | None] = {}
-    for name, future in futures.items():
+    def __init__(self, name: str, check: Callable[[], None]):
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(check,), name=f"readyz-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self, check: Callable[[], None]) -> None:
         try:
-            future.result(timeout=timeout)
-            results[name] = None
-        except FutureTimeout:
-            results[name] = f"no answer within {timeout} s"
+            check()
         except Exception as exc:
-            results[name] = f"{type(exc).__name__}: {exc}"[:500]
-    pool.shutdown(wait=False)
-    if results["database"] and results["migrations"]:
-        results["migrations"] = "not checked: the database is unreachable"
-    return results
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            self.done.set()
+
+
+class _Readiness:
+    """The last round's answer, the round under way, the checks still running and the migrations' last pass
+    (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: tuple[float, dict[str, str | None]] | None = None
+        self.in_flight: threading.Event | None = None
+        self.running: dict[str, _Attempt] = {}
+        self.migrations_passed_at: float | None = None
+
+    def round(self) -> dict[str, str | None]:
+        """Every check at once, within ``ESD_READY_TIMEOUT`` seconds in all. Only one round runs at a time."""
+        timeout = settings.ESD_READY_TIMEOUT
+        recheck = settings.ESD_READY_MIGRATIONS_SECONDS
+        deadline = time.monotonic() + timeout
+        results: dict[str, str | None] = {}
+        attempts: dict[str, _Attempt] = {}
+        for name, check in READINESS_CHECKS.items():
+            passed = self.migrations_passed_at if name == "migrations" else None
+            if passed is not None and time.monotonic() - passed < recheck:
+                results[name] = None
+                continue
+            previous = self.running.get(name)
+            if previous is not None and not previous.done.is_set():
+                age = time.monotonic() - previous.started
+                results[name] = f"no answer within {timeout} s (still running after {age:.0f} s)"
+                continue
+            attempts[name] = self.running[name] = _Attempt(name, check)
+        for name, attempt in attempts.items():
+            if attempt.done.wait(max(0.0, deadline - time.monotonic())):
+                results[name] = attempt.error
+                del self.running[name]
+            else:
+                results[name] = f"no answer within {timeout} s"
+        if "migrations" in attempts and results["migrations"] is None:
+            self.migrations_passed_at = time.monotonic()
+        if results["database"] and results["migrations"]:
+            results["migrations"] = "not checked: the database is unreachable"
+        results = {name: results[name] for name in READINESS_CHECKS}
+        failing = {name: problem for name, problem in results.items() if problem}
+        if failing:
+            log.warning("not ready: %s", failing)
+        return results
+
+    def get(self) -> dict[str, str | None]:
+        """The answer of a round at most ``ESD_READY_CACHE_SECONDS`` old; while a round runs, the previous
+        answer (or, before any, the one under way)."""
+        with self.lock:
+            now = time.monotonic()
+            if self.last is not None and now - self.last[0] < settings.ESD_READY_CACHE_SECONDS:
+                return self.last[1]
+            waiting = self.in_flight
+            if waiting is not None and self.last is not None:
+                return self.last[1]
+            if waiting is None:
+                mine = self.in_flight = threading.Event()
+        if waiting is not None:
+            waiting.wait(settings.ESD_READY_TIMEOUT + 1)
+            with self.lock:
+                if self.last is not None:
+                    return self.last[1]
+            return {name: "not checked: another check is under way" for name in READINESS_CHECKS}
+        results = None
+        try:
+            results = self.round()
+            return results
+        finally:
+            with self.lock:
+                if results is not None:
+                    self.last = (time.monotonic(), results)
+                self.in_flight = None
+            mine.set()
+
+
+_READINESS = _Readiness()
+
+
+def readiness() -> dict[str, str | None]:
+    """Part -> None when fine, else why not: the database, the migrations, the broker and the storage, cached
+    for ``ESD_READY_CACHE_SECONDS`` (see the module docstring)."""
+    return _READINESS.get()
+
+
+def forget_readiness() -> None:
+    """Drop the cached answer and the migrations' pass (tests; a check still running is left to finish)."""
+    with _READINESS.lock:
+        _READINESS.last = None
+        _READINESS.migrations_passed_at = None
+    _s3_probe_client.cache_clear()
 
 
 # --- the middleware ------------------------------------------------------------------------------------------------
@@ -229,6 +414,7 @@ class ProbeMiddleware:
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]):
         self.get_response = get_response
+        warn_without_token()
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         path = request.path_info.rstrip("/") or "/"
@@ -242,13 +428,15 @@ class ProbeMiddleware:
             results = readiness()
             failing = [name for name, problem in results.items() if problem]
             status = 503 if failing else 200
+            detailed = metrics_refusal(request) is None  # the reasons name hosts and users: /metrics' readers only
             body = {
                 "statusCode": status,
                 "message": f"not ready: {', '.join(failing)}" if failing else "ready",
-                "checks": {name: problem or "ok" for name, problem in results.items()},
+                "checks": {
+                    name: "ok" if not problem else problem if detailed else "failing"
+                    for name, problem in results.items()
+                },
             }
-            if failing:
-                log.warning("not ready: %s", body["checks"])
             return _json(body, status)
         refusal = metrics_refusal(request)
         if refusal is not None:

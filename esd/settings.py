@@ -385,9 +385,17 @@ ESD_EMBEDDED_GPU_DEVICE = env.str("ESD_EMBEDDED_GPU_DEVICE", default="auto")
 
 # --- Monitoring (esd.monitoring: /metrics, /healthz, /readyz) -----------------------------------------------
 # Set: /metrics wants "Authorization: Bearer <token>". Unset: served to loopback and private addresses only.
+# Production should set it: an address says nothing behind a proxy that adds no forwarding header (an L4 balancer
+# with SNAT). Without it, a non-DEBUG process logs a warning at startup.
 ESD_METRICS_TOKEN = env.str("ESD_METRICS_TOKEN", default="")
 # Seconds each /readyz check (database, migrations, broker, storage) may take before it counts as failing.
 ESD_READY_TIMEOUT = env.float("ESD_READY_TIMEOUT", default=3.0)
+# Seconds one /readyz answer serves every caller (one round of checks at a time, whoever asks).
+ESD_READY_CACHE_SECONDS = env.float("ESD_READY_CACHE_SECONDS", default=5.0)
+# Seconds /readyz trusts a passed migrations check (loading every migration is dear; a new deploy may add some).
+ESD_READY_MIGRATIONS_SECONDS = env.float("ESD_READY_MIGRATIONS_SECONDS", default=60.0)
+# Add a user label to esd_inference_gpu_seconds_total (one series per user and endpoint; it exposes user names).
+ESD_METRICS_USER_LABELS = env.bool("ESD_METRICS_USER_LABELS", default=False)
 # --- Deploying GPU workers on Kubernetes with KEDA (`manage.py k8s_manifests`, README "Deploy") -------------------
 ESD_GPU_WORKER_IMAGE = env.str("ESD_GPU_WORKER_IMAGE", default="esd-gpu-runtime:latest")
 ESD_K8S_NAMESPACE = env.str("ESD_K8S_NAMESPACE", default="esd")

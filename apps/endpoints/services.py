@@ -282,16 +282,23 @@ def record_cold_start(endpoint_name: str, worker: str) -> ColdStart | None:
 
 def cold_start_stats() -> dict[str, dict[str, float]]:
     """Per endpoint: ``count`` and ``sum_seconds`` of its cold starts and ``last_seconds`` (the metrics export
-    these as ``esd_endpoint_cold_start_seconds``), for endpoints that still exist."""
-    from django.db.models import Count, Sum
+    these as ``esd_endpoint_cold_start_seconds``), for endpoints that still exist. One query: the latest cold
+    start of each group is a correlated subquery, so a scrape costs the same however many endpoints there are."""
+    from django.db.models import Count, OuterRef, Subquery, Sum
 
     live = Endpoint.objects.live().values("name")
-    rows = ColdStart.objects.filter(endpoint_name__in=live).values("endpoint_name")
-    stats = {
-        row["endpoint_name"]: {"count": row["n"], "sum_seconds": row["total"] or 0.0}
-        for row in rows.annotate(n=Count("id"), total=Sum("seconds"))
+    latest = ColdStart.objects.filter(endpoint_name=OuterRef("endpoint_name")).order_by("-started_at", "-pk")
+    rows = (
+        ColdStart.objects.filter(endpoint_name__in=live)
+        .values("endpoint_name")
+        .annotate(n=Count("id"), total=Sum("seconds"), last=Subquery(latest.values("seconds")[:1]))
+        .order_by()
+    )
+    return {
+        row["endpoint_name"]: {
+            "count": row["n"],
+            "sum_seconds": row["total"] or 0.0,
+            "last_seconds": row["last"] or 0.0,
+        }
+        for row in rows
     }
-    for name, stat in stats.items():
-        last = ColdStart.objects.filter(endpoint_name=name).order_by("-started_at").values_list("seconds", flat=True)
-        stat["last_seconds"] = last.first() or 0.0
-    return stats

@@ -1,14 +1,16 @@
 """Inference metrics for ``/metrics`` (esd.monitoring), computed from the jobs' rows at scrape time.
 
 Three aggregate queries whatever the number of jobs: jobs by endpoint and status; the latency histograms (queue
-wait, run, ingest) of finished jobs, every bucket a filtered COUNT in one GROUP BY; GPU-seconds by endpoint and
-user. Counts are of the rows that exist: deleting jobs lowers them, which Prometheus reads as a counter reset.
+wait, run, ingest) of finished jobs, every bucket a filtered COUNT in one GROUP BY; GPU-seconds by endpoint (and
+user with ``ESD_METRICS_USER_LABELS``). Counts are of the rows that exist: deleting jobs lowers them, which
+Prometheus reads as a counter reset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from django.conf import settings
 from django.db.models import Count, Q, Sum
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -68,12 +70,17 @@ def inference_metrics() -> Iterable[Metric]:
                 [row["endpoint_name"]], [*points, ("+Inf", count)], sum_value=row[f"{field}__sum"] or 0.0
             )
 
+    # The user label is opt-in (ESD_METRICS_USER_LABELS): a series per user grows without bound and shows every
+    # user name to whoever scrapes; per-user accounting belongs to usage_report and the console's Usage page.
+    by_user = settings.ESD_METRICS_USER_LABELS
+    labels = ["endpoint", "user"] if by_user else ["endpoint"]
     gpu = CounterMetricFamily(
         "esd_inference_gpu_seconds",
-        "Worker seconds jobs used (a batched call shared by its images), by endpoint and user",
-        labels=["endpoint", "user"],
+        f"Worker seconds jobs used (a batched call shared by its images), by {' and '.join(labels)}",
+        labels=labels,
     )
-    used = InferenceJob.objects.exclude(gpu_seconds=None).values("endpoint_name", "owner")
-    for row in used.annotate(seconds=Sum("gpu_seconds")).order_by("endpoint_name", "owner"):
-        gpu.add_metric([row["endpoint_name"], row["owner"]], row["seconds"] or 0.0)
+    fields = ("endpoint_name", "owner") if by_user else ("endpoint_name",)
+    used = InferenceJob.objects.exclude(gpu_seconds=None).values(*fields)
+    for row in used.annotate(seconds=Sum("gpu_seconds")).order_by(*fields):
+        gpu.add_metric([row[field] for field in fields], row["seconds"] or 0.0)
     return [jobs, *families.values(), gpu]

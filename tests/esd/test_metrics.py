@@ -3,16 +3,19 @@ self-hosted endpoint, run by a real gpu_runtime worker on the tiny model, and fi
 (Redis in CI, the in-process broker locally)."""
 
 import json
+import logging
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 import requests
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.endpoints.models import Endpoint
+from apps.endpoints.models import ColdStart, Endpoint, Worker
 from apps.inference.models import InferenceJob
 from apps.training.models import TrainingJob
 from esd import monitoring
@@ -51,8 +54,33 @@ def test_without_a_token_only_internal_addresses_are_served(client, settings):
         "statusCode": 403,
         "message": "metrics are served to internal addresses only without ESD_METRICS_TOKEN, not 8.8.8.8",
     }
-    # a reverse proxy on the same host would make every client look local: forwarded requests are refused
-    assert client.get("/metrics", HTTP_X_FORWARDED_FOR="8.8.8.8").status_code == 403
+    # a reverse proxy on the same host would make every client look local: forwarded requests are refused,
+    # whichever header the proxy sets (some set X-Real-IP only, or only Via and X-Forwarded-Proto)
+    for header in ("X_FORWARDED_FOR", "X_REAL_IP", "VIA", "X_FORWARDED_HOST", "X_FORWARDED_PROTO", "X_FORWARDED_PORT"):
+        refused = client.get("/metrics", REMOTE_ADDR="127.0.0.1", **{f"HTTP_{header}": "8.8.8.8"})
+        assert refused.status_code == 403, header
+        assert refused.json()["message"].startswith("metrics are not served through a proxy without ESD_METRICS_TOKEN")
+
+
+@pytest.mark.django_db
+def test_a_process_without_a_token_says_so_once_at_startup(settings, monkeypatch, caplog):
+    monkeypatch.setattr(monitoring, "_warned_without_token", False)
+    settings.DEBUG = False
+    settings.ESD_METRICS_TOKEN = ""
+    with caplog.at_level(logging.WARNING, logger="esd.monitoring"):
+        monitoring.ProbeMiddleware(lambda request: None)
+        monitoring.ProbeMiddleware(lambda request: None)  # Django builds the middleware once per handler
+    warnings = [record.getMessage() for record in caplog.records if record.name == "esd.monitoring"]
+    assert len(warnings) == 1 and "Set ESD_METRICS_TOKEN in production" in warnings[0]
+
+    caplog.clear()
+    monkeypatch.setattr(monitoring, "_warned_without_token", False)
+    settings.ESD_METRICS_TOKEN = "s3cret-token"
+    monitoring.ProbeMiddleware(lambda request: None)
+    settings.ESD_METRICS_TOKEN = ""
+    settings.DEBUG = True  # a developer's machine: no noise
+    monitoring.ProbeMiddleware(lambda request: None)
+    assert not [record for record in caplog.records if record.name == "esd.monitoring"]
 
 
 @pytest.mark.django_db
@@ -89,7 +117,7 @@ def test_histograms_and_gpu_seconds_come_from_the_rows_in_a_fixed_number_of_quer
     assert value(samples, "esd_inference_job_run_seconds_sum", endpoint="ep-a") == 3.0
     assert value(samples, "esd_inference_job_queue_seconds_bucket", endpoint="ep-a", le="0.25") == 1
     assert value(samples, "esd_inference_job_ingest_seconds_bucket", endpoint="ep-a", le="0.025") == 1
-    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a", user="alice") == 1.5
+    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a") == 1.5
 
     for index in range(30):
         job("ep-a", "failed", run_seconds=10.0 + index, gpu_seconds=1.0, owner="bob")
@@ -102,7 +130,63 @@ def test_histograms_and_gpu_seconds_come_from_the_rows_in_a_fixed_number_of_quer
     assert value(samples, "esd_inference_jobs", endpoint="ep-a", status="failed") == 30
     assert value(samples, "esd_inference_jobs", endpoint="ep-b", status="inprogress") == 30
     assert value(samples, "esd_inference_job_run_seconds_count", endpoint="ep-b") is None  # none finished
-    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a", user="bob") == 30.0
+    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a") == 31.5
+
+
+@pytest.mark.django_db
+def test_the_user_label_of_gpu_seconds_is_opt_in(client, settings):
+    job("ep-a", "succeed", gpu_seconds=1.5, owner="alice")
+    job("ep-a", "succeed", gpu_seconds=2.0, owner="bob")
+    samples = scrape(client)
+    gpu = {labels: seconds for (name, labels), seconds in samples.items() if name == "esd_inference_gpu_seconds_total"}
+    assert gpu == {frozenset({("endpoint", "ep-a")}): 3.5}  # no user names, one series per endpoint
+
+    settings.ESD_METRICS_USER_LABELS = True
+    samples = scrape(client)
+    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a") is None
+    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a", user="alice") == 1.5
+    assert value(samples, "esd_inference_gpu_seconds_total", endpoint="ep-a", user="bob") == 2.0
+
+
+def endpoints_with_workers_and_cold_starts(count: int, first: int = 0) -> None:
+    """``count`` self-hosted endpoints, each with a live and a stale worker and two cold starts (the later one
+    lasting index + 1 seconds)."""
+    now = timezone.now()
+    for index in range(first, first + count):
+        name = f"esd-async-{index:04d}"
+        Endpoint.objects.create(
+            name=name, endpoint_type="Async", backend="self-hosted", status="InService", instance_type="cpu",
+            creator="admin", current_instance_count=1,
+        )  # fmt: skip
+        Worker.objects.create(endpoint_name=name, worker=f"w{index}", last_seen=now)
+        Worker.objects.create(endpoint_name=name, worker=f"old{index}", last_seen=now - timedelta(hours=1))
+        for minutes, seconds in ((30, 100.0), (5, index + 1.0)):
+            at = now - timedelta(minutes=minutes)
+            ColdStart.objects.create(
+                endpoint_name=name, worker=f"w{index}", queued_at=at - timedelta(seconds=seconds), started_at=at,
+                seconds=seconds,
+            )  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_a_scrape_costs_the_same_queries_with_one_endpoint_or_ten(client):
+    endpoints_with_workers_and_cold_starts(1)
+    with CaptureQueriesContext(connection) as one:
+        samples = scrape(client)
+    assert value(samples, "esd_endpoint_workers_live", endpoint="esd-async-0000", backend="self-hosted") == 1
+    assert value(samples, "esd_endpoint_cold_start_last_seconds", endpoint="esd-async-0000") == 1.0
+
+    endpoints_with_workers_and_cold_starts(9, first=1)
+    with CaptureQueriesContext(connection) as ten:
+        samples = scrape(client)
+    assert len(ten) == len(one), [query["sql"] for query in ten]
+    for index in range(10):
+        name = f"esd-async-{index:04d}"
+        assert value(samples, "esd_endpoint_workers_live", endpoint=name, backend="self-hosted") == 1, name
+        assert value(samples, "esd_endpoint_backlog", endpoint=name) == 0, name
+        assert value(samples, "esd_endpoint_cold_start_seconds_count", endpoint=name) == 2, name
+        assert value(samples, "esd_endpoint_cold_start_seconds_sum", endpoint=name) == 100.0 + index + 1, name
+        assert value(samples, "esd_endpoint_cold_start_last_seconds", endpoint=name) == index + 1.0, name
 
 
 @pytest.mark.django_db
@@ -178,7 +262,7 @@ def test_metrics_follow_a_job_from_queued_to_run_to_finished(api, admin_key, set
     queue_wait = value(done, "esd_inference_job_queue_seconds_sum", endpoint=name)
     run = value(done, "esd_inference_job_run_seconds_sum", endpoint=name)
     assert queue_wait >= 0.5 and run > 0
-    gpu_seconds = value(done, "esd_inference_gpu_seconds_total", endpoint=name, user="admin")
+    gpu_seconds = value(done, "esd_inference_gpu_seconds_total", endpoint=name)
     assert 0 < gpu_seconds <= run
     row = InferenceJob.objects.get(pk=inference["id"])
     assert (row.queue_seconds, row.run_seconds, row.gpu_seconds) == (queue_wait, run, gpu_seconds)
