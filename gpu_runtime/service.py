@@ -205,12 +205,15 @@ class QueueService:
             log.info("signal %s: finishing the work in hand, then stopping", signum)
             self.stopping.set()
 
-        signal.signal(signal.SIGTERM, graceful)
-        signal.signal(signal.SIGINT, graceful)
-        self.start()
-        while not self.stopping.is_set():
-            self.stopping.wait(1)
-        self.stop()
+        previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self.stopping.is_set():
+                self.stopping.wait(1)
+            self.stop()
+        finally:  # a worker that stops on its own (trainer --once) leaves the process's signals as they were
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # --- events ----------------------------------------------------------------------------------------------------
     def send(self, event: dict) -> None:

@@ -6,7 +6,10 @@ produce, and a cancel URL that answers 200 once the job was deleted. :func:`run_
 downloads, a :func:`gpu_runtime.trainer.train` run and uploads, and reports each stage as a ``training`` event
 (``Downloading`` -> ``Training`` with progress -> ``Uploading`` -> ``Completed``, or ``Failed``/``Stopped``); it never
 raises, so a bad job can never take the worker down. :class:`TrainingWorker` feeds it from the queue one job at a
-time (trainings fill a GPU), and :func:`main_train` runs one job by hand.
+time (trainings fill a GPU), and :func:`main_train` runs one job by hand. ``trainer --once`` takes a single
+training and exits, which is how Kubernetes runs trainings (a KEDA ``ScaledJob``, one Job per queued training,
+``apps.endpoints.k8s``): a Job is never scaled in, so an hours-long run is never killed half-way by an autoscaler
+that sees an empty queue while it trains.
 """
 
 from __future__ import annotations
@@ -383,6 +386,11 @@ class TrainingWorker(QueueService):
     only after its job has finished; on stop the job in hand is finished first. The training runs on the work
     thread while the consumer thread keeps the broker connection serviced (a training can run for hours), and the
     worker heartbeats every 15 s with its queue name as the endpoint while its consumer is healthy.
+
+    ``once``: handle one ``run_training`` message (run it, or answer it ``Stopped`` when it was cancelled), ack it,
+    then stop; messages received meanwhile and not started go back to the queue, cancels are handled as always.
+    ``idle_exit_seconds`` (with ``once``): stop when no training arrived in that time after the start, so a Job
+    started for a message another Job took (or for a cancel message) gives its GPU back.
     """
 
     thread_prefix = "training-worker"
@@ -402,6 +410,8 @@ class TrainingWorker(QueueService):
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         worker_id: str | None = None,
         instance_type: str = "",
+        once: bool = False,
+        idle_exit_seconds: float = 0.0,
     ) -> None:
         super().__init__(
             broker,
@@ -422,6 +432,34 @@ class TrainingWorker(QueueService):
         self.lock = threading.Lock()
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self.current: str | None = None
+        self.once = once
+        self.idle_exit_seconds = idle_exit_seconds
+        self.took_one = threading.Event()  # a run_training message was received (``once``: the only one)
+        self.trainings_handled = 0
+
+    # --- once ------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The worker's threads, and with ``once`` and ``idle_exit_seconds`` the idle watch."""
+        super().start()
+        if self.once and self.idle_exit_seconds > 0:
+            thread = threading.Thread(target=self._idle_watch, name=f"{self.thread_prefix}-idle", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _idle_watch(self) -> None:
+        """``once``: stop when no training has arrived in ``idle_exit_seconds``. A message accepted at the same
+        moment is safe: a started one is finished first, one not started is given back to the queue."""
+        if self.took_one.wait(self.idle_exit_seconds) or self.stopping.is_set():
+            return
+        log.info("no training within %g s: stopping (--once)", self.idle_exit_seconds)
+        self.stopping.set()
+        self._wake.set()
+
+    def _accept(self, consumer: Any, message: Any) -> None:
+        """Note the arrival of a training (the idle watch), then accept it as usual."""
+        if message.actor_name == protocol.RUN_TRAINING:
+            self.took_one.set()
+        super()._accept(consumer, message)
 
     # --- jobs ------------------------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
@@ -500,6 +538,13 @@ class TrainingWorker(QueueService):
             finally:
                 self.current = None
         self.remember_done(run)
+        self.trainings_handled += 1
+        if self.once:
+            # Set before the work thread hands the batch back: once the consumer thread acks this message, it sees
+            # the stop before it could read another training.
+            log.info("training %s handled: stopping (--once)", run)
+            self.stopping.set()
+            self._wake.set()
 
 
 def _run_id(job_id: Any, spec: Any) -> str | None:
@@ -622,7 +667,9 @@ def _train_spec(data: dict, args: argparse.Namespace, stop: threading.Event) -> 
 
 
 def main_trainer(argv: list[str]) -> int:
-    """``python -m gpu_runtime trainer --broker URL``: serve the training queue until SIGTERM/SIGINT."""
+    """``python -m gpu_runtime trainer --broker URL``: serve the training queue until SIGTERM/SIGINT, or with
+    ``--once`` run one training and exit 0 (whatever the training's outcome, which goes out as its events: a
+    non-zero exit would only make Kubernetes retry a Job whose message is already acked)."""
     from gpu_runtime.worker import make_broker
 
     parser = argparse.ArgumentParser(prog="python -m gpu_runtime trainer", description=main_trainer.__doc__)
@@ -639,9 +686,20 @@ def main_trainer(argv: list[str]) -> int:
         default=int(os.environ.get("ESD_METRICS_PORT", "0")),
         help="serve /metrics, /healthz and /readyz on this port (default $ESD_METRICS_PORT; 0: off)",
     )
+    parser.add_argument(
+        "--once", action="store_true", help="run one training, then exit (a Kubernetes Job per queued training)"
+    )
+    parser.add_argument(
+        "--idle-exit-seconds",
+        type=float,
+        default=0.0,
+        help="with --once: exit when no training arrived in this time (default 0: wait for one)",
+    )
     args = parser.parse_args(argv)
     if not args.broker:
         parser.error("--broker (or DRAMATIQ_BROKER_URL) is required")
+    if args.idle_exit_seconds and not args.once:
+        parser.error("--idle-exit-seconds needs --once")
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -653,9 +711,17 @@ def main_trainer(argv: list[str]) -> int:
         device=args.device,
         cache_bytes=int(args.cache_gb * 1024**3),
         instance_type=args.instance_type,
+        once=args.once,
+        idle_exit_seconds=args.idle_exit_seconds,
     )
     if args.metrics_port:
         worker.serve_metrics(args.metrics_port)
-    log.info("training worker on %s (events to %s, work dir %s)", args.queue, args.events_queue, args.work_dir)
+    log.info(
+        "training worker on %s (events to %s, work dir %s%s)",
+        args.queue,
+        args.events_queue,
+        args.work_dir,
+        ", one training" if args.once else "",
+    )
     worker.run_forever()
     return 0

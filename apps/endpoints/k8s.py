@@ -1,10 +1,23 @@
-"""Kubernetes objects for self-hosted endpoints: per endpoint a GPU worker ``Deployment`` and a KEDA ``ScaledObject``
-that scales it on the endpoint's queue, down to zero when the endpoint allows it.
+"""Kubernetes objects for GPU workers: per self-hosted endpoint a GPU worker ``Deployment`` and a KEDA
+``ScaledObject`` that scales it on the endpoint's queue, down to zero when the endpoint allows it; for trainings a
+KEDA ``ScaledJob`` that starts one Job per queued training.
 
 Everything is derived from the endpoint row and the broker URL, and the scaling target and bounds come from
 ``apps.endpoints.scaling`` (the console's hint), so what the console says an endpoint should run is what the
 cluster runs. ``manage.py k8s_manifests`` prints these objects; the static parts of a deployment (web, control
 worker, migrations) are the kustomize base under ``deploy/k8s/``.
+
+Why trainings are Jobs and inference workers a Deployment: KEDA's triggers count the messages *waiting* in a queue
+(the Redis list ``dramatiq:<queue>``, RabbitMQ's ready messages); a message a worker has taken is no longer there,
+so a busy worker looks like an idle one. For inference that is harmless: jobs are short, a scaled-in worker is sent
+SIGTERM and finishes the job in hand within ``terminationGracePeriodSeconds`` (``--grace-seconds``, by default
+``ESD_ASYNC_TIMEOUT``, after which the server fails the job anyway), and a scale-down stabilization window (the
+HPA's ``behavior.scaleDown``) keeps a queue that drains for a moment from scaling busy workers in at once. A
+training runs for hours: a Deployment would be scaled to zero while it trains, its grace would run out, the
+un-acked message would be requeued, the queue would scale it up again and the training would start over, forever.
+A ``ScaledJob`` never scales anything in: each Job runs ``python -m gpu_runtime trainer --once``, takes one
+training, acks it and exits, and KEDA only starts Jobs (``accurate`` strategy: the queue length excludes the
+trainings Jobs are running, which is exactly what the trigger reports) up to ``--max-trainers`` at a time.
 
 Secrets never appear in the output: workers read ``DRAMATIQ_BROKER_URL`` (and ``REDIS_PASSWORD`` when the broker
 has one) from the Secret the kustomize base expects, and KEDA reads them from the worker's environment
@@ -55,7 +68,15 @@ class Options:
     cache_gb: float = 100.0
     polling_seconds: int = 15
     cooldown_seconds: int = 300
-    grace_seconds: int = 600
+    # SIGTERM finishes the job in hand: at least the longest a job may run (ESD_ASYNC_TIMEOUT, the command's default)
+    grace_seconds: int = 3600
+    # the HPA scales in only to the highest replica count it computed over this window (not for scale-to-zero,
+    # which is KEDA's cooldown_seconds)
+    scale_down_window_seconds: int = 300
+    # trainer Jobs: a Job that got no training in this time exits (its message was taken by another, or was a cancel)
+    trainer_idle_seconds: int = 120
+    successful_jobs_history: int = 3
+    failed_jobs_history: int = 5
     node_selector: tuple[tuple[str, str], ...] = ()
 
 
@@ -158,12 +179,10 @@ def _metadata(name: str, labels: dict[str, str], options: Options, annotations: 
     return metadata
 
 
-def _deployment(
-    name: str, labels: dict[str, str], args: list[str], options: Options, annotations: dict[str, str]
-) -> dict[str, Any]:
-    """A GPU worker Deployment with no ``replicas``: KEDA's HPA owns the count (a rendered number would fight it)."""
+def _pod_spec(args: list[str], options: Options) -> dict[str, Any]:
+    """The GPU worker's pod: one container running ``python -m gpu_runtime`` with ``args``."""
     pod_spec: dict[str, Any] = {
-        # SIGTERM finishes the job in hand (gpu_runtime.service): give a scaled-in worker time to do so.
+        # SIGTERM finishes the job in hand (gpu_runtime.service): give a stopped worker time to do so.
         "terminationGracePeriodSeconds": options.grace_seconds,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
         "containers": [
@@ -185,6 +204,13 @@ def _deployment(
     }
     if options.node_selector:
         pod_spec["nodeSelector"] = dict(options.node_selector)
+    return pod_spec
+
+
+def _deployment(
+    name: str, labels: dict[str, str], args: list[str], options: Options, annotations: dict[str, str]
+) -> dict[str, Any]:
+    """A GPU worker Deployment with no ``replicas``: KEDA's HPA owns the count (a rendered number would fight it)."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -193,7 +219,7 @@ def _deployment(
             "selector": {"matchLabels": _selector(labels)},
             "template": {
                 "metadata": {"labels": labels, "annotations": {**annotations, **SCRAPE}},
-                "spec": pod_spec,
+                "spec": _pod_spec(args, options),
             },
         },
     }
@@ -223,7 +249,56 @@ def _scaled_object(
             "cooldownPeriod": options.cooldown_seconds,
             "minReplicaCount": fewest,
             "maxReplicaCount": most,
+            # The trigger sees waiting jobs only, never the ones in hand: a queue that drains for a moment must not
+            # scale busy workers in at once (they would finish their job under SIGTERM, but churn).
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": options.scale_down_window_seconds}}
+                }
+            },
             "triggers": [_trigger(queue_name, target, options)],
+        },
+    }
+
+
+def _scaled_job(
+    name: str,
+    labels: dict[str, str],
+    queue_name: str,
+    args: list[str],
+    most: int,
+    options: Options,
+    annotations: dict[str, str],
+) -> dict[str, Any]:
+    """One Kubernetes Job per queued message, ``most`` at a time, none ever stopped by scaling (see the module
+    docstring). Each Job's pod runs once (``restartPolicy: Never``, ``backoffLimit: 0``): its message is acked
+    when the run ends, whatever the outcome (reported as events), and a pod that dies leaves its message un-acked
+    for the broker to give back, so a retry here would only start a second consumer of nothing."""
+    pod_spec = {**_pod_spec(args, options), "restartPolicy": "Never"}
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": _metadata(name, labels, options, annotations),
+        "spec": {
+            "jobTargetRef": {
+                "parallelism": 1,
+                "completions": 1,
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"labels": labels, "annotations": {**annotations, **SCRAPE}},
+                    "spec": pod_spec,
+                },
+            },
+            "pollingInterval": options.polling_seconds,
+            "successfulJobsHistoryLimit": options.successful_jobs_history,
+            "failedJobsHistoryLimit": options.failed_jobs_history,
+            "minReplicaCount": 0,
+            "maxReplicaCount": most,
+            # Re-applying the manifests (after every endpoint change) must not delete Jobs that are training.
+            "rollout": {"strategy": "gradual"},
+            # The queue length excludes messages Jobs hold, so: new Jobs = min(waiting, max - running).
+            "scalingStrategy": {"strategy": "accurate"},
+            "triggers": [_trigger(queue_name, 1, options)],
         },
     }
 
@@ -266,8 +341,8 @@ def endpoint_objects(endpoint: Endpoint, options: Options) -> list[dict[str, Any
 
 
 def trainer_objects(options: Options, max_trainers: int) -> list[dict[str, Any]]:
-    """The training worker (``python -m gpu_runtime trainer``) on the training queue, from zero to ``max_trainers``,
-    one training per worker."""
+    """The trainings: a ScaledJob on the training queue, a Job per queued training (``python -m gpu_runtime trainer
+    --once``), at most ``max_trainers`` at a time."""
     name = "esd-trainer"
     labels = _labels("esd-trainer", options.training_queue)
     annotations = {"esd-server/queue-name": options.training_queue}
@@ -283,11 +358,13 @@ def trainer_objects(options: Options, max_trainers: int) -> list[dict[str, Any]]
         f"{options.cache_gb:g}",
         "--metrics-port",
         str(METRICS_PORT),
+        "--once",
+        "--idle-exit-seconds",
+        str(options.trainer_idle_seconds),
     ]
-    return [
-        _deployment(name, labels, args, options, annotations),
-        _scaled_object(name, labels, options.training_queue, (0, max_trainers), 1, options, annotations),
-    ]
+    if max_trainers < 1:
+        raise ManifestError(f"--max-trainers must be at least 1 to run trainings, got {max_trainers}")
+    return [_scaled_job(name, labels, options.training_queue, args, max_trainers, options, annotations)]
 
 
 class _PlainDumper(yaml.SafeDumper):

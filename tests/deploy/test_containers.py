@@ -5,6 +5,7 @@ installed (it is on CI)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -153,6 +154,56 @@ def test_compose_runs_the_scaled_out_stack():
     assert "DATABASE_URL" not in gpu["environment"]  # a GPU worker needs no database
 
 
+REQUIRED = re.compile(r"^\$\{(\w+):\?[^}]+\}$")  # ${NAME:?message}: compose refuses to start without it
+
+
+def required(value: str) -> str | None:
+    """The variable a compose value requires (``${NAME:?...}``), None when it has a default or is literal."""
+    match = REQUIRED.match(value)
+    return match.group(1) if match else None
+
+
+def test_compose_has_no_default_secrets_and_the_app_uses_a_scoped_minio_user():
+    services = compose()["services"]
+    minio, setup = services["minio"], services["minio-setup"]
+    # every secret must be given: no well-known default password anywhere
+    assert required(minio["environment"]["MINIO_ROOT_PASSWORD"]) == "MINIO_ROOT_PASSWORD"
+    assert required(services["db"]["environment"]["POSTGRES_PASSWORD"]) == "POSTGRES_PASSWORD"
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "esd-minio-secret" not in text and ":-esd}" not in text
+    for name in ("web", "control-worker", "migrate", "setup_storage"):
+        env = services[name]["environment"]
+        assert required(env["SECRET_KEY"]) == "SECRET_KEY"
+        assert required(env["AWS_SECRET_ACCESS_KEY"]) == "ESD_S3_SECRET_KEY"  # the app's own key, not root's
+        assert "MINIO_ROOT" not in env["AWS_ACCESS_KEY_ID"] and "MINIO_ROOT" not in env["AWS_SECRET_ACCESS_KEY"]
+        assert "${POSTGRES_PASSWORD:?" in env["DATABASE_URL"]
+        assert not any("MINIO_ROOT" in str(value) for value in env.values())
+    # the console answers on this machine only; S3 stays published (presigned URLs send browsers to it)
+    assert sorted(minio["ports"]) == ["127.0.0.1:9001:9001", "9000:9000"]
+    # the one-shot creates the app's user with the bucket-scoped policy before setup_storage uses that user
+    assert setup["restart"] == "no" and setup["depends_on"]["minio"] == {"condition": "service_healthy"}
+    assert services["setup_storage"]["depends_on"] == {"minio-setup": {"condition": "service_completed_successfully"}}
+    assert setup["environment"]["ESD_S3_ACCESS_KEY"] == services["web"]["environment"]["AWS_ACCESS_KEY_ID"]
+    assert setup["environment"]["ESD_S3_SECRET_KEY"] == services["web"]["environment"]["AWS_SECRET_ACCESS_KEY"]
+    (mount,) = setup["volumes"]
+    source, target, _ = mount.split(":")
+    script = setup["command"][0]
+    bucket = services["web"]["environment"]["ESD_BUCKET"]
+    assert f"mc mb --ignore-existing local/{bucket}" in script
+    assert f"mc admin policy create local esd-app {target}" in script
+    assert 'mc admin user add local "$$ESD_S3_ACCESS_KEY" "$$ESD_S3_SECRET_KEY"' in script  # $$: for the shell
+    assert 'mc admin policy attach local esd-app --user "$$ESD_S3_ACCESS_KEY"' in script
+    policy = json.loads((ROOT / source).read_text())
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::*", f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and not any(
+            a.startswith("admin:") or a == "s3:*" for a in statement["Action"]
+        )
+        if statement["Resource"] == ["arn:aws:s3:::*"]:  # across buckets only the listing setup_storage does
+            assert statement["Action"] == ["s3:ListAllMyBuckets"]
+
+
 def test_docker_compose_config_accepts_the_file():
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
@@ -161,7 +212,13 @@ def test_docker_compose_config_accepts_the_file():
         [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,
-        env={**os.environ, "SECRET_KEY": "compose-config-check"},
+        env={
+            **os.environ,
+            "SECRET_KEY": "compose-config-check",
+            "POSTGRES_PASSWORD": "compose-config-check",
+            "MINIO_ROOT_PASSWORD": "compose-config-check",
+            "ESD_S3_SECRET_KEY": "compose-config-check",
+        },
     )
     assert answer.returncode == 0, answer.stderr
 

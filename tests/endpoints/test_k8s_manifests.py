@@ -1,5 +1,6 @@
 """`manage.py k8s_manifests`: the rendered Deployment and KEDA ScaledObject of every self-hosted endpoint match the
-endpoint row, and the scaling KEDA's HPA derives from them is the console's hint for every backlog."""
+endpoint row, the scaling KEDA's HPA derives from them is the console's hint for every backlog, and trainings are a
+KEDA ScaledJob whose every field follows the command's options (one `trainer --once` Job per queued training)."""
 
 import math
 import os
@@ -91,7 +92,7 @@ def keda_desired(scaled: dict, backlog: int) -> int:
 
 
 @pytest.mark.django_db
-def test_redis_manifests_match_every_endpoint(rows):
+def test_redis_manifests_match_every_endpoint(rows, settings):
     docs = render("--broker-url", REDIS, "--image", "registry.example/esd-gpu:1.2", "--namespace", "gpu")
     objects = by_endpoint(docs)
     assert set(objects) == set(rows)  # every self-hosted endpoint, and the SageMaker one not at all
@@ -148,12 +149,126 @@ def test_redis_manifests_match_every_endpoint(rows):
         # the console's hint and the cluster agree for every backlog
         for backlog in range(0, 40):
             assert keda_desired(scaled, backlog) == services.scaling_hint(endpoint, backlog), (name, backlog)
-    # the training worker, from zero, one training per worker
+        # busy workers look idle to the trigger: scale-in waits out a window, and SIGTERM has the longest job's time
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior == {"scaleDown": {"stabilizationWindowSeconds": 300}}
+        assert pod["spec"]["terminationGracePeriodSeconds"] == settings.ESD_ASYNC_TIMEOUT
+    # trainings: a ScaledJob, no Deployment an autoscaler could scale in while it trains
     trainer = [d for d in docs if d["metadata"]["name"] == "esd-trainer"]
-    assert [d["kind"] for d in trainer] == ["Deployment", "ScaledObject"]
-    assert trainer[1]["spec"]["triggers"][0]["metadata"]["listName"] == "dramatiq:esd-training"
-    assert (trainer[1]["spec"]["minReplicaCount"], trainer[1]["spec"]["maxReplicaCount"]) == (0, 1)
-    assert trainer[0]["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["trainer", "--queue", "esd-training"]
+    assert [d["kind"] for d in trainer] == ["ScaledJob"]
+    check_scaled_job(trainer[0], namespace="gpu", image="registry.example/esd-gpu:1.2", most=1, redis=True)
+
+
+def check_scaled_job(
+    job: dict,
+    *,
+    namespace: str,
+    image: str,
+    most: int,
+    redis: bool,
+    polling: int = 15,
+    idle: int = 120,
+    kept: int = 3,
+    failed_kept: int = 5,
+    grace: int = 3600,
+    node_selector: dict | None = None,
+) -> None:
+    """Every field of the trainer's ScaledJob against the options it was rendered with."""
+    assert job["apiVersion"] == "keda.sh/v1alpha1" and job["kind"] == "ScaledJob"
+    assert job["metadata"]["name"] == "esd-trainer" and job["metadata"]["namespace"] == namespace
+    assert job["metadata"]["labels"]["esd-server/queue"] == "esd-training"
+    spec = job["spec"]
+    assert set(spec) == {
+        "jobTargetRef",
+        "pollingInterval",
+        "successfulJobsHistoryLimit",
+        "failedJobsHistoryLimit",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "rollout",
+        "scalingStrategy",
+        "triggers",
+    }
+    assert spec["pollingInterval"] == polling
+    assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (kept, failed_kept)
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, most)
+    assert spec["rollout"] == {"strategy": "gradual"}  # re-applying never deletes a Job that is training
+    assert spec["scalingStrategy"] == {"strategy": "accurate"}  # the queue length excludes the trainings in hand
+    target = spec["jobTargetRef"]
+    assert (target["parallelism"], target["completions"], target["backoffLimit"]) == (1, 1, 0)
+    assert "activeDeadlineSeconds" not in target  # a training may run for hours
+    pod = target["template"]
+    pod_spec = pod["spec"]
+    assert pod_spec["restartPolicy"] == "Never" and pod_spec["terminationGracePeriodSeconds"] == grace
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec.get("nodeSelector") == node_selector
+    assert pod["metadata"]["labels"] == job["metadata"]["labels"]
+    (container,) = pod_spec["containers"]
+    assert container["image"] == image and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    args = container["args"]
+    assert args[:3] == ["trainer", "--queue", "esd-training"]
+    assert "--once" in args and args[args.index("--idle-exit-seconds") + 1] == str(idle)
+    assert args[args.index("--metrics-port") + 1] == pod["metadata"]["annotations"]["prometheus.io/port"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DRAMATIQ_BROKER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "DRAMATIQ_BROKER_URL"
+    (trigger,) = spec["triggers"]
+    if redis:
+        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "dramatiq:esd-training"
+        assert trigger["metadata"]["listLength"] == "1" and trigger["metadata"]["activationListLength"] == "0"
+        assert trigger["metadata"]["passwordFromEnv"] == "REDIS_PASSWORD" and "REDIS_PASSWORD" in env
+    else:
+        assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == "esd-training"
+        assert trigger["metadata"]["value"] == "1" and trigger["metadata"]["hostFromEnv"] == "DRAMATIQ_BROKER_URL"
+
+
+@pytest.mark.django_db
+def test_the_trainer_scaled_job_follows_every_option(rows):
+    docs = render(
+        "--broker-url",
+        RABBIT,
+        "--namespace",
+        "train",
+        "--image",
+        "img:2",
+        "--max-trainers",
+        "4",
+        "--polling-seconds",
+        "7",
+        "--trainer-idle-seconds",
+        "45",
+        "--jobs-history",
+        "1",
+        "--failed-jobs-history",
+        "9",
+        "--grace-seconds",
+        "900",
+        "--scale-down-window-seconds",
+        "60",
+        "--node-selector",
+        "gpu=a100",
+    )
+    (job,) = [d for d in docs if d["kind"] == "ScaledJob"]
+    check_scaled_job(
+        job,
+        namespace="train",
+        image="img:2",
+        most=4,
+        redis=False,
+        polling=7,
+        idle=45,
+        kept=1,
+        failed_kept=9,
+        grace=900,
+        node_selector={"gpu": "a100"},
+    )
+    for scaled in (d for d in docs if d["kind"] == "ScaledObject"):  # the inference workers took the same options
+        assert scaled["spec"]["pollingInterval"] == 7
+        assert scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
+            "stabilizationWindowSeconds": 60
+        }
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+    assert not [d for d in render("--broker-url", REDIS, "--max-trainers", "0") if d["kind"] == "ScaledJob"]
 
 
 @pytest.mark.django_db
@@ -202,6 +317,10 @@ def test_refusals_name_what_is_wrong(rows):
         render("--broker-url", REDIS, "--endpoint", "esd-async-nope", "--endpoint", "esd-async-cloud")
     with pytest.raises(CommandError, match="KEY=VALUE"):
         render("--broker-url", REDIS, "--node-selector", "novalue")
+    with pytest.raises(CommandError, match="--polling-seconds must be at least 1, got 0"):
+        render("--broker-url", REDIS, "--polling-seconds", "0")
+    with pytest.raises(CommandError, match="--grace-seconds must be at least 0, got -1"):
+        render("--broker-url", REDIS, "--grace-seconds", "-1")
     Endpoint.objects.filter(name="esd-async-zero").update(max_instance_number=0)
     with pytest.raises(CommandError, match="esd-async-zero may run at most 0 workers"):
         render("--broker-url", REDIS)

@@ -29,7 +29,7 @@ from gpu_runtime.trainer import (
     output_file_names,
     train,
 )
-from gpu_runtime.training_worker import TrainingWorker, main_train, run_spec
+from gpu_runtime.training_worker import TrainingWorker, main_train, main_trainer, run_spec
 from tests.gpu_runtime.conftest import Files
 
 BASE_CONFIG = {
@@ -546,6 +546,118 @@ def test_training_worker_runs_and_skips_cancelled_jobs(root, served, broker, tmp
     assert by_job["w-run"][0] == "Downloading" and by_job["w-run"][-1] == "Completed"
     assert "Training" in by_job["w-run"] and "Uploading" in by_job["w-run"]
     assert "put/w-run/out.safetensors" in served.puts and not any("w-cancelled" in k for k in served.puts)
+
+
+def drain_training_events(broker, events_queue: str) -> list[dict]:
+    """Every training event waiting on the events queue (heartbeats left out), in order."""
+    consumer = broker.consume(events_queue, prefetch=1000, timeout=200)
+    events: list[dict] = []
+    try:
+        while (message := next(consumer)) is not None:
+            event = protocol.validate_event(message.args[0])
+            if event["kind"] == "training":
+                events.append(event)
+            consumer.ack(message)
+    finally:
+        consumer.close()
+    return events
+
+
+def wait_stopped(worker: TrainingWorker, seconds: float) -> bool:
+    """Whether the worker stopped on its own (``once``) within ``seconds``; its threads are joined either way."""
+    stopped = worker.stopping.wait(seconds)
+    worker.stop(timeout=60)
+    return stopped and not any(thread.is_alive() for thread in worker.threads)
+
+
+def test_once_worker_runs_exactly_one_training_and_stops(root, served, broker, tmp_path):
+    """``trainer --once`` (a Kubernetes Job per queued training): with two trainings queued, a worker runs one,
+    acks it and stops; the other stays queued for the next Job, which runs it."""
+    tag = uuid.uuid4().hex[:8]
+    queue, events_queue = f"esd-training-o{tag}", f"events-{tag}"
+    config = config_with(tmp_path, max_train_epochs=1)
+    broker.declare_queue(queue)
+    for job in ("once-a", "once-b"):
+        spec = make_spec(served, job, config)
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=queue, actor_name=protocol.RUN_TRAINING, args=(job, spec), kwargs={}, options={}
+            )
+        )
+
+    def once_worker() -> TrainingWorker:
+        return TrainingWorker(
+            broker,
+            root / "work",
+            queue=queue,
+            events_queue=events_queue,
+            device="cpu",
+            poll_ms=50,
+            progress_seconds=0.0,
+            heartbeat_seconds=0.2,
+            once=True,
+        )
+
+    first = once_worker()
+    first.start()
+    assert wait_stopped(first, 120), "the --once worker did not stop after its training"
+    assert first.trainings_handled == 1
+    events = drain_training_events(broker, events_queue)
+    jobs = {e["id"] for e in events}
+    assert len(jobs) == 1, jobs  # exactly one of the two trainings ran
+    (ran,) = jobs
+    assert events[0]["status"] == "Downloading" and events[-1]["status"] == "Completed"
+    assert f"put/{ran}/out.safetensors" in served.puts
+    other = ({"once-a", "once-b"} - jobs).pop()
+    assert not any(k.startswith(f"put/{other}/") for k in served.puts)
+
+    second = once_worker()  # the next Job: the training the first one left is still queued, and acked once run
+    second.start()
+    assert wait_stopped(second, 120)
+    events = drain_training_events(broker, events_queue)
+    assert {e["id"] for e in events} == {other} and events[-1]["status"] == "Completed"
+    assert ran not in {e["id"] for e in events}  # the first training was acked: it is not run again
+
+    idle = TrainingWorker(
+        broker, root / "work", queue=queue, events_queue=events_queue, poll_ms=50, once=True, idle_exit_seconds=0.5
+    )
+    started = time.monotonic()
+    idle.start()
+    assert wait_stopped(idle, 30) and time.monotonic() - started < 30  # nothing left: it gives its GPU back
+    assert idle.trainings_handled == 0
+
+
+def test_main_trainer_once_handles_a_cancelled_training_and_exits_0(tmp_path):
+    """The command a ScaledJob's pod runs: a cancel seen before its training is honoured (``Stopped``, nothing
+    trained), that training counts as the one, and the process exits 0; an empty queue ends it after the idle
+    time."""
+    url = os.environ.get("DRAMATIQ_BROKER_URL", "")
+    if not url.startswith(("redis://", "amqp://")):
+        pytest.skip("needs DRAMATIQ_BROKER_URL (redis:// or amqp://): the command builds its own broker")
+    from gpu_runtime.worker import make_broker
+
+    broker = make_broker(url)
+    tag = uuid.uuid4().hex[:8]
+    queue, events_queue = f"esd-training-c{tag}", f"events-{tag}"
+    broker.declare_queue(queue)
+    broker.declare_queue(events_queue)
+    spec = {"fm_type": "sd_1_5", "urls": {}}  # never looked at: the run is cancelled before it starts
+    for actor, args in ((protocol.CANCEL_TRAINING, ("cli-once",)), (protocol.RUN_TRAINING, ("cli-once", spec))):
+        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={}, options={}))
+    base = ["--broker", url, "--queue", queue, "--events-queue", events_queue, "--work-dir", str(tmp_path), "--once"]
+    try:
+        assert main_trainer(base) == 0
+        events = drain_training_events(broker, events_queue)
+        assert [(e["id"], e["status"]) for e in events] == [("cli-once", "Stopped")]
+        started = time.monotonic()
+        assert main_trainer([*base, "--idle-exit-seconds", "1"]) == 0
+        assert time.monotonic() - started < 20
+        with pytest.raises(SystemExit):
+            main_trainer(["--broker", url, "--idle-exit-seconds", "5"])  # only meaningful with --once
+    finally:
+        broker.flush(queue)
+        broker.flush(events_queue)
+        broker.close()
 
 
 # --- the command line ----------------------------------------------------------------------------------------------

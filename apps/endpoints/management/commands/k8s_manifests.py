@@ -9,8 +9,8 @@ from apps.endpoints.models import Endpoint
 class Command(BaseCommand):
     help = (
         "Print, as YAML for `kubectl apply -f -`, a GPU worker Deployment and a KEDA ScaledObject for each live "
-        "self-hosted endpoint (and the training worker's), scaled on the endpoint's queue with the bounds and "
-        "backlog target of the console's scaling hint."
+        "self-hosted endpoint, scaled on the endpoint's queue with the bounds and backlog target of the console's "
+        "scaling hint, and a KEDA ScaledJob that runs each queued training as its own Job (trainer --once)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -29,7 +29,23 @@ class Command(BaseCommand):
         parser.add_argument("--cache-gb", type=float, default=100.0, help="the workers' model cache budget")
         parser.add_argument("--cooldown-seconds", type=int, default=300, help="idle time before scaling to zero")
         parser.add_argument("--polling-seconds", type=int, default=15, help="how often KEDA reads the queues")
-        parser.add_argument("--grace-seconds", type=int, default=600, help="time a scaled-in worker has to finish")
+        parser.add_argument(
+            "--grace-seconds",
+            type=int,
+            default=settings.ESD_ASYNC_TIMEOUT,
+            help="time a scaled-in worker has to finish its job (default ESD_ASYNC_TIMEOUT, the longest a job runs)",
+        )
+        parser.add_argument(
+            "--scale-down-window-seconds",
+            type=int,
+            default=300,
+            help="the HPA scales workers in only to the most it wanted over this window",
+        )
+        parser.add_argument(
+            "--trainer-idle-seconds", type=int, default=120, help="a training Job that got no training exits after"
+        )
+        parser.add_argument("--jobs-history", type=int, default=3, help="finished training Jobs kept")
+        parser.add_argument("--failed-jobs-history", type=int, default=5, help="failed training Jobs kept")
         parser.add_argument(
             "--node-selector", action="append", default=[], metavar="KEY=VALUE", help="pin workers to nodes"
         )
@@ -54,8 +70,23 @@ class Command(BaseCommand):
             polling_seconds=options["polling_seconds"],
             cooldown_seconds=options["cooldown_seconds"],
             grace_seconds=options["grace_seconds"],
+            scale_down_window_seconds=options["scale_down_window_seconds"],
+            trainer_idle_seconds=options["trainer_idle_seconds"],
+            successful_jobs_history=options["jobs_history"],
+            failed_jobs_history=options["failed_jobs_history"],
             node_selector=tuple(selector),
         )
+        for flag, value, least in (
+            ("--polling-seconds", opts.polling_seconds, 1),
+            ("--trainer-idle-seconds", opts.trainer_idle_seconds, 1),
+            ("--grace-seconds", opts.grace_seconds, 0),
+            ("--cooldown-seconds", opts.cooldown_seconds, 0),
+            ("--scale-down-window-seconds", opts.scale_down_window_seconds, 0),
+            ("--jobs-history", opts.successful_jobs_history, 0),
+            ("--failed-jobs-history", opts.failed_jobs_history, 0),
+        ):
+            if value < least:
+                raise CommandError(f"{flag} must be at least {least}, got {value}")
         endpoints = Endpoint.objects.live().filter(backend=Backend.SELF_HOSTED).order_by("name")
         names = options["endpoint"]
         if names:
