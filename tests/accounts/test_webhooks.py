@@ -494,12 +494,10 @@ class Trickler:
     def _trickle(self, conn: socket.socket) -> None:
         started = time.monotonic()
         with conn:
-            conn.recv(65536)
-            head = (
-                b"HTTP/1.1 200 OK\r\nX-Slow: "
-                if self.mode == "headers"
-                else b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
-            )
+            _read_request(conn)
+            head = b"HTTP/1.1 200 OK\r\nX-Slow: "
+            if self.mode == "body":
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
             try:
                 conn.sendall(head)
                 for _ in range(60):
@@ -513,6 +511,23 @@ class Trickler:
     def close(self) -> None:
         self.stopped.set()
         self.server.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read the whole request (head and Content-Length body), so that what comes later is only the hang-up."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
 
 
 def _closed(conn: socket.socket, timeout: float) -> bool:
