@@ -765,3 +765,24 @@ def test_webhook_allowances_do_not_inherit_the_checkpoint_ones():
         [sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["True", "['10.2.0.0/16']", "False", "[]"]
+
+
+def test_a_delivery_a_dead_worker_left_in_flight_is_sent_once_its_lease_runs_out(
+    designer, worker, receiver, allow_loopback, monkeypatch
+):
+    """The embedded server restarts while an attempt is out: the recoverer's message finds the lease fresh, sends
+    nothing, and looks again when the lease has run out; then the delivery goes out, once."""
+    from apps.accounts.tasks import recover_deliveries
+
+    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.5)  # leases of a second instead of 40 s
+    allow_loopback.ESD_WEBHOOK_TIMEOUT = 0.5
+    hook = webhooks.create_webhook(url=f"{receiver.url}/orphan", user=designer)
+    orphan = pending(hook, attempts=1, leased_until=timezone.now() + timedelta(seconds=1))
+
+    assert recover_deliveries() == 1
+    time.sleep(0.5)
+    assert receiver.requests == [] and WebhookDelivery.objects.get(pk=orphan.pk).status == "pending"
+    [done] = delivered(hook)
+    assert done.status == "delivered" and done.attempts == 2 and done.leased_until is None
+    time.sleep(0.3)
+    assert len(receiver.at("/orphan")) == 1
