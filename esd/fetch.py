@@ -25,13 +25,16 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -283,11 +286,82 @@ def _check(url: str, guard: Guard, original_url: str) -> _Target:
     )
 
 
-def _pool(target: _Target, address: str, guard: Guard) -> urllib3.HTTPConnectionPool:
-    """A one-connection pool pinned to ``address``; the name is only used for SNI and certificate checks."""
-    timeout = urllib3.Timeout(connect=guard.timeout, read=guard.timeout)
+class _Deadline:
+    """The end of a whole exchange (connect, send, read the answer), enforced whatever the exchange is waiting for.
+
+    Socket timeouts bound each wait, not their sum: a server that trickles one byte per second never lets a
+    ``recv`` time out, and would hold the caller for as long as it likes. At the deadline a timer shuts down every
+    socket the exchange opened, which ends a blocked ``recv`` or ``send`` at once (TLS included: the shutdown
+    goes to the descriptor under the TLS layer); :attr:`expired` then says why the request broke off.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends_at = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left, never below a millisecond (a zero timeout would mean non-blocking to a socket)."""
+        return max(0.001, self.ends_at - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.ends_at
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline (at once when it has already passed)."""
+        with self._lock:
+            self._sockets.append(sock)
+            late = self.expired
+        if late:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut the descriptor down under any TLS wrapper (``SSLSocket.shutdown`` would also drop its TLS state while
+    the other thread is still reading through it)."""
+    with suppress(OSError):  # already closed or never connected: nothing to end
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _watched(base: type[HTTPConnection], deadline: _Deadline) -> type[HTTPConnection]:
+    """``base`` whose freshly connected TCP socket (before any TLS handshake) is put under ``deadline``."""
+
+    class Watched(base):  # type: ignore[misc, valid-type]
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            deadline.watch(sock)
+            return sock
+
+    return Watched
+
+
+def _pool(target: _Target, address: str, guard: Guard, deadline: _Deadline | None = None) -> urllib3.HTTPConnectionPool:
+    """A one-connection pool pinned to ``address``; the name is only used for SNI and certificate checks.
+
+    With a ``deadline`` no single wait may outlast what is left of it (``total``) and its timer watches the socket.
+    """
+    if deadline is None:
+        timeout = urllib3.Timeout(connect=guard.timeout, read=guard.timeout)
+    else:
+        left = deadline.remaining()
+        timeout = urllib3.Timeout(connect=left, read=left, total=left)
     if target.scheme == "https":
-        return urllib3.HTTPSConnectionPool(
+        pool = urllib3.HTTPSConnectionPool(
             host=address,
             port=target.port,
             timeout=timeout,
@@ -297,7 +371,13 @@ def _pool(target: _Target, address: str, guard: Guard) -> urllib3.HTTPConnection
             server_hostname=target.host,
             assert_hostname=target.host,
         )
-    return urllib3.HTTPConnectionPool(host=address, port=target.port, timeout=timeout, retries=False, maxsize=1)
+        connection: type[HTTPConnection] = HTTPSConnection
+    else:
+        pool = urllib3.HTTPConnectionPool(host=address, port=target.port, timeout=timeout, retries=False, maxsize=1)
+        connection = HTTPConnection
+    if deadline is not None:
+        pool.ConnectionCls = _watched(connection, deadline)
+    return pool
 
 
 @dataclass
@@ -323,6 +403,7 @@ def _send(
     *,
     body: bytes | None = None,
     extra_headers: dict[str, str] | None = None,
+    deadline: _Deadline | None = None,
 ) -> _Exchange:
     """One request, no redirects followed, connected only to addresses that passed the guard.
 
@@ -339,7 +420,9 @@ def _send(
     }
     last_error: Exception | None = None
     for address in target.addresses:
-        pool = _pool(target, address, guard)
+        if deadline is not None and deadline.passed():
+            break
+        pool = _pool(target, address, guard, deadline)
         try:
             response = pool.urlopen(
                 method,
@@ -533,7 +616,7 @@ def open_download(url: str, guard: Guard) -> Iterator[Download]:
 
 @dataclass(frozen=True)
 class Reply:
-    """A POST's answer: its status and the first bytes of its body (enough to show an error, no more)."""
+    """A POST's answer: its status and at most the first ``max_reply_bytes`` of its body."""
 
     status: int
     body: bytes
@@ -548,17 +631,54 @@ def check_url(url: str, guard: Guard) -> None:
 
 
 def post(
-    url: str, body: bytes, guard: Guard, headers: dict[str, str] | None = None, *, max_reply_bytes: int = 2048
+    url: str, body: bytes, guard: Guard, headers: dict[str, str] | None = None, *, max_reply_bytes: int = 1024
 ) -> Reply:
-    """POST ``body`` to ``url`` once, guarded and pinned exactly as downloads are.
+    """POST ``body`` to ``url`` once, guarded and pinned exactly as downloads are, all within ``guard.timeout``.
+
+    ``guard.timeout`` bounds the whole exchange, not each wait: connecting, sending, the status line and headers,
+    and reading at most ``max_reply_bytes`` of the body (0: none; the status is the answer). A receiver that
+    trickles its answer is cut off at the deadline with :class:`UrlNotReachable`, so a caller's worker is never
+    held longer. (Resolving the name comes before and is bounded by the system resolver's own timeout.)
 
     Redirects are not followed: a 3xx comes back as the reply. Following it would send the body to a place the
     caller never checked with its owner, and a webhook receiver is expected to answer for itself.
     """
-    exchange = _send("POST", url, guard, url, body=body, extra_headers=headers)
+    deadline = _Deadline(guard.timeout)
     try:
-        return Reply(status=exchange.response.status, body=exchange.response.read(max_reply_bytes))
-    except (Urllib3Error, OSError) as exc:
-        raise UrlNotReachable(url, f"the answer from {url} broke off") from exc
+        try:
+            exchange = _send("POST", url, guard, url, body=body, extra_headers=headers, deadline=deadline)
+        except UrlNotReachable as exc:
+            if deadline.passed():
+                raise UrlNotReachable(url, _too_slow(url, guard)) from exc
+            raise
+        try:
+            if deadline.expired:
+                # The timer cut the head short, which http.client takes for its end: nothing here can be trusted.
+                raise TimeoutError("deadline passed while reading the answer's head")
+            return Reply(status=exchange.response.status, body=_read_some(exchange.response, max_reply_bytes, deadline))
+        except (Urllib3Error, OSError) as exc:
+            reason = _too_slow(url, guard) if deadline.passed() else f"the answer from {url} broke off"
+            raise UrlNotReachable(url, reason) from exc
+        finally:
+            exchange.close()
     finally:
-        exchange.close()
+        deadline.cancel()
+
+
+def _too_slow(url: str, guard: Guard) -> str:
+    return f"no complete answer from {url} within {guard.timeout:g} s"
+
+
+def _read_some(response: urllib3.BaseHTTPResponse, limit: int, deadline: _Deadline) -> bytes:
+    """Up to ``limit`` bytes of the body, read as they come (``read1``), stopping at the deadline."""
+    data = b""
+    while len(data) < limit:
+        if deadline.passed():
+            raise TimeoutError("deadline passed while reading the answer")
+        chunk = response.read1(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if deadline.expired:  # the timer's shutdown looks like the end of the body
+        raise TimeoutError("deadline passed while reading the answer")
+    return data

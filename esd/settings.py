@@ -224,15 +224,20 @@ ESD_CHECKPOINT_URL_ALLOWED_NETWORKS = env.list("ESD_CHECKPOINT_URL_ALLOWED_NETWO
 ESD_CHECKPOINT_URL_MAX_BYTES = env.int("ESD_CHECKPOINT_URL_MAX_BYTES", default=20 * 1024**3)
 
 # --- Webhooks (apps.accounts.webhooks) --------------------------------------------------------------------------
-# Webhook URLs pass the same SSRF guard as checkpoint downloads; by default they allow what downloads allow.
-ESD_WEBHOOK_ALLOW_PRIVATE = env.bool("ESD_WEBHOOK_ALLOW_PRIVATE", default=ESD_CHECKPOINT_URL_ALLOW_PRIVATE)
-ESD_WEBHOOK_ALLOWED_NETWORKS = env.list("ESD_WEBHOOK_ALLOWED_NETWORKS", default=ESD_CHECKPOINT_URL_ALLOWED_NETWORKS)
-# Seconds to connect, and to wait for the answer, per attempt.
+# Webhook URLs pass the same SSRF guard as checkpoint downloads, with their own allowances: any console user can
+# add a webhook, so a network opened to downloads (a model mirror) is not opened to webhooks unless named here too.
+ESD_WEBHOOK_ALLOW_PRIVATE = env.bool("ESD_WEBHOOK_ALLOW_PRIVATE", default=False)
+ESD_WEBHOOK_ALLOWED_NETWORKS = env.list("ESD_WEBHOOK_ALLOWED_NETWORKS", default=[])
+# Seconds one attempt may take in all: connecting, sending and reading the answer's status line and headers.
 ESD_WEBHOOK_TIMEOUT = env.float("ESD_WEBHOOK_TIMEOUT", default=10.0)
 # Attempts per delivery (the first and its retries); retries back off exponentially from MIN to MAX (ms).
 ESD_WEBHOOK_MAX_ATTEMPTS = env.int("ESD_WEBHOOK_MAX_ATTEMPTS", default=9)
 ESD_WEBHOOK_MIN_BACKOFF_MS = env.int("ESD_WEBHOOK_MIN_BACKOFF_MS", default=10_000)
 ESD_WEBHOOK_MAX_BACKOFF_MS = env.int("ESD_WEBHOOK_MAX_BACKOFF_MS", default=3_600_000)
+# The queue deliveries wait in (control-plane workers consume it): a slow receiver never delays runtime events.
+ESD_WEBHOOK_QUEUE = env.str("ESD_WEBHOOK_QUEUE", default="esd-webhooks")
+# Seconds between two test pings of one webhook (console Test button, `manage.py webhooks test`, admin action).
+ESD_WEBHOOK_PING_INTERVAL = env.int("ESD_WEBHOOK_PING_INTERVAL", default=10)
 
 # --- Endpoints, inference and training (contract §14) --------------------------------------------------------
 ESD_ONE_ENDPOINT_PER_ROLE = env.bool("ESD_ONE_ENDPOINT_PER_ROLE", default=True)

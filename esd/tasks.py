@@ -78,8 +78,9 @@ def control_queues() -> set[str]:
     """Queues the control plane's own workers consume (``runesd``; ``rundramatiq --queues ...``).
 
     Endpoint queues and the training queue belong to GPU workers: a Django worker must never take their messages.
+    Webhook deliveries have a queue of their own, so slow receivers never hold up runtime events or other work.
     """
-    return {"default", settings.ESD_EVENTS_QUEUE}
+    return {"default", settings.ESD_EVENTS_QUEUE, settings.ESD_WEBHOOK_QUEUE}
 
 
 def queue_backlog(queue_name: str) -> int | None:

@@ -491,9 +491,15 @@ class WebhookAdmin(EsdPermissionsAdmin):
 
     @admin.action(description="Send a ping to the selected webhooks")
     def ping(self, request: HttpRequest, queryset: QuerySet) -> None:
+        queued = 0
         for hook in queryset.select_related("user", "role"):
-            webhooks.ping(hook)
-        self.message_user(request, f"Queued {queryset.count()} ping(s).", messages.SUCCESS)
+            try:
+                webhooks.ping(hook)
+            except EsdError as exc:  # tested too recently, or inactive
+                self.message_user(request, exc.message, messages.WARNING)
+            else:
+                queued += 1
+        self.message_user(request, f"Queued {queued} ping(s).", messages.SUCCESS)
 
 
 @admin.register(WebhookDelivery)
@@ -519,6 +525,7 @@ class WebhookDeliveryAdmin(EsdPermissionsAdmin):
         "last_error",
         "created_at",
         "last_attempt_at",
+        "leased_until",
         "delivered_at",
         "body",
     )

@@ -415,7 +415,9 @@ class Webhook(models.Model):
 
 class WebhookDelivery(models.Model):
     """One event sent to one webhook: the exact body (every retry sends the same bytes, signed anew) and how its
-    attempts went. The row is the delivery's state machine: ``pending`` -> ``delivered`` | ``failed``."""
+    attempts went. The row is the delivery's state machine: ``pending`` -> ``delivered`` | ``failed``; a pending
+    row with a fresh ``leased_until`` is in flight. ``last_error`` holds the status code or our own words for what
+    went wrong, never the receiver's reply body (a URL pointing inside would otherwise read it back)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
@@ -430,6 +432,10 @@ class WebhookDelivery(models.Model):
     last_error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     last_attempt_at = models.DateTimeField(null=True, blank=True)
+    # Set while an attempt is out (``webhooks.attempt`` claims the row, posts outside any transaction, records the
+    # answer): another copy of the message skips the row until then. A lease left behind by a crashed worker runs
+    # out and the row may be claimed again.
+    leased_until = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -638,8 +638,13 @@ def webhook_delete(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 @console_view()
 def webhook_test(request: HttpRequest, pk: int) -> HttpResponse:
-    """Send a ``ping`` event now; its delivery appears in the list below."""
+    """Send a ``ping`` event now; its delivery appears in the list below. One per webhook every
+    ``ESD_WEBHOOK_PING_INTERVAL`` seconds: a ping too soon is refused with the reason shown as an error."""
     hook = _manageable(request, pk)
-    webhooks.ping(hook)
-    messages.success(request, f"Ping queued for {hook.url}.")
+    try:
+        webhooks.ping(hook)
+    except EsdError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Ping queued for {hook.url}.")
     return redirect("console:webhooks")

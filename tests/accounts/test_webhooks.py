@@ -12,17 +12,24 @@ import hashlib
 import hmac
 import io
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from apps.accounts import webhooks
 from apps.accounts.models import Role, Webhook, WebhookDelivery
@@ -32,7 +39,9 @@ from apps.training import training
 from apps.training.models import TrainingJob
 from esd import keys
 from esd.api.errors import BadRequest
+from esd.fetch import Guard, UrlNotReachable, post
 from esd.storage import blob_store
+from esd.tasks import control_queues, queue_backlog
 from tests.conftest import Api, make_key, make_user, wait_until
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n not really an image").decode()
@@ -51,6 +60,8 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.plan: list[int] = []
+        self.error_body = b"nope"  # what a non-2xx answer carries
+        self.hold: threading.Event | None = None  # when set: answer only once it is set
         self.lock = threading.Lock()
         self.url = ""
 
@@ -69,10 +80,13 @@ def receiver():
             with received.lock:
                 received.requests.append(Received(self.path, self.headers, body))
                 status = received.plan.pop(0) if received.plan else 200
+            if received.hold is not None:
+                received.hold.wait(30)
+            reply = received.error_body if status >= 300 else b"fine"
             self.send_response(status)
-            self.send_header("Content-Length", "4")
+            self.send_header("Content-Length", str(len(reply)))
             self.end_headers()
-            self.wfile.write(b"nope" if status >= 300 else b"fine")
+            self.wfile.write(reply)
 
         def log_message(self, *args) -> None:
             pass
@@ -223,7 +237,7 @@ def test_client_errors_fail_at_once_and_server_errors_give_up_after_the_attempts
     inference.fail_job(str(running_inference("designer").id), {"error": "x"})
     [delivery] = delivered(gone)
     assert delivery.status == "failed" and delivery.attempts == 1 and delivery.last_status_code == 404
-    assert delivery.last_error == "HTTP 404: nope"
+    assert delivery.last_error == "HTTP 404"
 
     gone.delete()
     down = webhooks.create_webhook(url=f"{receiver.url}/down", user=designer)
@@ -231,7 +245,7 @@ def test_client_errors_fail_at_once_and_server_errors_give_up_after_the_attempts
     inference.fail_job(str(running_inference("designer").id), {"error": "x"})
     [delivery] = delivered(down)
     assert delivery.status == "failed" and delivery.attempts == 3
-    assert delivery.last_error == "HTTP 502: nope; gave up after 3 attempts"
+    assert delivery.last_error == "HTTP 502; gave up after 3 attempts"
     assert len(receiver.at("/down")) == 3
 
 
@@ -449,3 +463,326 @@ def test_readme_snippet_verifies_a_real_delivery(designer, worker, receiver, all
     [got] = receiver.at("/readme")
     assert namespace["verify"](hook.secret, got.headers["X-ESD-Signature"], got.body)
     assert not namespace["verify"](hook.secret, got.headers["X-ESD-Signature"], got.body + b" ")
+
+
+# --- review fixes: bounded attempts, leases, queue, rate limit, no read-back ----------------------------------------
+
+
+class Trickler:
+    """A receiver that answers one byte per second and never finishes: the status line, then an endless header
+    (``mode="headers"``), or a complete head and then an endless body (``mode="body"``). ``connections`` counts
+    the requests it got, ``held`` how long each lasted until the client hung up."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.connections = 0
+        self.held: list[float] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/slow"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        started = time.monotonic()
+        with conn:
+            _read_request(conn)
+            head = b"HTTP/1.1 200 OK\r\nX-Slow: "
+            if self.mode == "body":
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+            try:
+                conn.sendall(head)
+                for _ in range(60):
+                    conn.sendall(b"x")
+                    if _closed(conn, timeout=1.0):
+                        break
+            except OSError:
+                pass
+        self.held.append(time.monotonic() - started)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.server.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read the whole request (head and Content-Length body), so that what comes later is only the hang-up."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+def _closed(conn: socket.socket, timeout: float) -> bool:
+    """Whether the peer hung up within ``timeout`` (waiting doubles as the trickle's pause)."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def trickler():
+    made: list[Trickler] = []
+
+    def make(mode: str = "headers") -> Trickler:
+        made.append(Trickler(mode))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def pending(hook: Webhook, **fields) -> WebhookDelivery:
+    """A delivery row as queue_delivery writes it, without sending it (the test drives ``attempt`` itself)."""
+    return WebhookDelivery.objects.create(
+        webhook=hook, event="ping", body=json.dumps({"event": "ping", "data": {}}), **fields
+    )
+
+
+@pytest.mark.django_db
+def test_a_trickling_receiver_is_cut_at_the_total_deadline_and_the_attempt_counts(designer, allow_loopback, trickler):
+    allow_loopback.ESD_WEBHOOK_TIMEOUT = 1.5
+    allow_loopback.ESD_WEBHOOK_MAX_ATTEMPTS = 2
+    slow = trickler("headers")
+    hook = webhooks.create_webhook(url=slow.url, user=designer)
+    delivery = pending(hook)
+
+    started = time.monotonic()
+    assert webhooks.attempt(str(delivery.id)) == webhooks.RETRY
+    assert time.monotonic() - started < 1.5 + 1.0  # a byte a second would have kept it going for a minute
+    delivery.refresh_from_db()
+    assert delivery.status == "pending" and delivery.attempts == 1 and delivery.leased_until is None
+    assert delivery.last_error == f"no complete answer from {slow.url} within 1.5 s"
+    assert delivery.last_status_code is None
+
+    started = time.monotonic()
+    assert webhooks.attempt(str(delivery.id)) == webhooks.FAILED
+    assert time.monotonic() - started < 1.5 + 1.0
+    delivery.refresh_from_db()
+    assert delivery.status == "failed" and delivery.attempts == 2
+    assert delivery.last_error == f"no complete answer from {slow.url} within 1.5 s; gave up after 2 attempts"
+    assert slow.connections == 2
+    wait_until(lambda: len(slow.held) == 2)
+    assert max(slow.held) < 1.5 + 1.5  # we hung up at the deadline (the server notices within its 1 s pause)
+
+
+def test_the_worker_retries_a_trickled_delivery_and_gives_up_at_the_attempts(
+    designer, worker, allow_loopback, trickler
+):
+    allow_loopback.ESD_WEBHOOK_TIMEOUT = 1
+    allow_loopback.ESD_WEBHOOK_MAX_ATTEMPTS = 2
+    slow = trickler("headers")
+    hook = webhooks.create_webhook(url=slow.url, user=designer)
+    webhooks.ping(hook)
+
+    [delivery] = delivered(hook)
+    assert delivery.status == "failed" and delivery.attempts == 2 and delivery.leased_until is None
+    assert delivery.last_error.endswith("within 1 s; gave up after 2 attempts")
+    assert slow.connections == 2
+    assert webhooks.pending_ids() == []  # nothing left for the recoverer to re-send on the next start
+
+
+def test_post_reads_a_bounded_reply_and_stops_a_trickled_body_at_the_deadline(trickler):
+    """``esd.fetch.post`` itself: the deadline covers reading the body too, and the body read is capped."""
+    guard = Guard(allowed_networks=("127.0.0.0/8",), timeout=1.5)
+    slow = trickler("body")
+    started = time.monotonic()
+    with pytest.raises(UrlNotReachable) as cut:
+        post(slow.url, b"{}", guard, max_reply_bytes=50)
+    assert cut.value.reason == f"no complete answer from {slow.url} within 1.5 s"
+    assert time.monotonic() - started < 1.5 + 1.0
+    # Not reading the body at all, the status alone is the answer at once.
+    started = time.monotonic()
+    assert post(trickler("body").url, b"{}", guard, max_reply_bytes=0).status == 200
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_duplicate_message_while_an_attempt_is_out_sends_nothing(designer, worker, receiver, allow_loopback):
+    from apps.accounts.tasks import deliver_webhook
+
+    receiver.hold = threading.Event()
+    hook = webhooks.create_webhook(url=f"{receiver.url}/held", user=designer)
+    ping = webhooks.ping(hook)
+    wait_until(lambda: receiver.at("/held"))  # the first attempt is out, its answer held back
+
+    row = WebhookDelivery.objects.get(pk=ping.pk)
+    assert row.status == "pending" and row.attempts == 1 and row.leased_until > timezone.now()
+    assert webhooks.attempt(str(ping.pk)) == webhooks.BUSY  # a copy of the message, in this thread
+    deliver_webhook.send(str(ping.pk))  # and one through the worker's second thread
+    time.sleep(0.5)
+    assert len(receiver.at("/held")) == 1
+    # The row is not locked meanwhile: the console, the admin and other workers read and write it freely.
+    assert WebhookDelivery.objects.filter(pk=ping.pk).update(job_id="") == 1
+
+    receiver.hold.set()
+    [done] = delivered(hook)
+    assert done.status == "delivered" and done.attempts == 1 and done.leased_until is None
+    time.sleep(0.3)
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.django_db
+def test_a_lease_left_by_a_dead_worker_is_taken_over_once_it_runs_out(designer, receiver, allow_loopback):
+    allow_loopback.ESD_WEBHOOK_MAX_ATTEMPTS = 3
+    hook = webhooks.create_webhook(url=f"{receiver.url}/late", user=designer)
+    now = timezone.now()
+    fresh = pending(hook, attempts=1, leased_until=now + timedelta(seconds=30))
+    assert webhooks.attempt(str(fresh.id)) == webhooks.BUSY and receiver.requests == []
+
+    stale = pending(hook, attempts=1, leased_until=now - timedelta(seconds=1))
+    lease = WebhookDelivery.objects.get(pk=stale.pk).leased_until.isoformat()
+    # The follow-up of a copy that found the row busy: it takes over only the very lease it saw.
+    assert webhooks.attempt(str(stale.id), stale_lease="2000-01-01T00:00:00+00:00") == webhooks.SKIPPED
+    assert receiver.requests == []
+    assert webhooks.attempt(str(stale.id), stale_lease=lease) == webhooks.DELIVERED
+    stale.refresh_from_db()
+    assert stale.status == "delivered" and stale.attempts == 2 and len(receiver.at("/late")) == 1
+
+    # A dead worker's last allowed attempt: the row fails instead of being sent once more.
+    spent = pending(hook, attempts=3, leased_until=now - timedelta(seconds=1))
+    assert webhooks.attempt(str(spent.id)) == webhooks.FAILED
+    spent.refresh_from_db()
+    assert spent.status == "failed" and spent.last_error == "the last attempt did not finish; gave up after 3 attempts"
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.django_db
+def test_a_pending_delivery_of_a_deactivated_webhook_is_not_sent(designer, receiver, allow_loopback):
+    hook = webhooks.create_webhook(url=f"{receiver.url}/off", user=designer)
+    delivery = pending(hook, attempts=1, last_error="HTTP 503")  # waiting for its retry
+    Webhook.objects.filter(pk=hook.pk).update(active=False)
+
+    assert webhooks.attempt(str(delivery.id)) == webhooks.FAILED
+    delivery.refresh_from_db()
+    assert delivery.status == "failed" and delivery.attempts == 1
+    assert delivery.last_error == f"not sent: webhook {hook.pk} is inactive"
+    assert receiver.requests == []
+    hook.refresh_from_db()
+    with pytest.raises(BadRequest, match=f"webhook {hook.pk} is inactive"):
+        webhooks.ping(hook)
+    assert hook.deliveries.count() == 1
+
+
+@pytest.mark.django_db
+def test_test_pings_are_rate_limited_per_webhook(client, designer, settings):
+    settings.ESD_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    settings.ESD_WEBHOOK_PING_INTERVAL = 1
+    hook = webhooks.create_webhook(url="http://127.0.0.1:9/a", user=designer)
+    other = webhooks.create_webhook(url="http://127.0.0.1:9/b", user=designer)
+    client.force_login(designer)
+
+    first = client.post(f"/webhooks/{hook.pk}/test/", follow=True)
+    assert "Ping queued for http://127.0.0.1:9/a." in page(first)
+    again = client.post(f"/webhooks/{hook.pk}/test/", follow=True)
+    assert again.status_code == 200
+    assert f"webhook {hook.pk} was tested less than 1 s ago; wait a few seconds before testing it again" in page(again)
+    with pytest.raises(CommandError, match=f"webhook {hook.pk} was tested less than 1 s ago"):
+        run("test", str(hook.pk))
+    assert hook.deliveries.count() == 1
+    run("test", str(other.pk))  # another webhook has its own allowance
+    assert other.deliveries.count() == 1
+
+    time.sleep(1.1)
+    run("test", str(hook.pk))
+    assert hook.deliveries.count() == 2
+
+
+def test_the_body_of_an_error_reply_is_never_recorded_nor_shown(client, designer, worker, receiver, allow_loopback):
+    allow_loopback.ESD_WEBHOOK_MAX_ATTEMPTS = 1
+    receiver.error_body = b"internal-page: db_password=hunter2"
+    receiver.plan = [500]
+    hook = webhooks.create_webhook(url=f"{receiver.url}/inside", user=designer)
+    webhooks.ping(hook)
+
+    [delivery] = delivered(hook)
+    assert delivery.status == "failed" and delivery.last_status_code == 500
+    assert delivery.last_error == "HTTP 500; gave up after 1 attempts"
+    client.force_login(designer)
+    shown = page(client.get("/webhooks/"))
+    assert "HTTP 500" in shown and "hunter2" not in shown and "internal-page" not in shown
+    operator = make_user("root", is_staff=True, is_superuser=True)
+    client.force_login(operator)
+    assert "hunter2" not in page(client.get(f"/admin/accounts/webhookdelivery/{delivery.pk}/change/"))
+
+
+def test_deliveries_have_their_own_queue_which_the_control_plane_consumes(transactional_db, settings, designer):
+    import dramatiq
+
+    from apps.accounts.tasks import deliver_webhook
+    from esd.tasks import load_actor_modules
+
+    load_actor_modules()
+    assert settings.ESD_WEBHOOK_QUEUE == "esd-webhooks"
+    assert deliver_webhook.queue_name == settings.ESD_WEBHOOK_QUEUE
+    assert settings.ESD_WEBHOOK_QUEUE in control_queues() and "default" in control_queues()
+    broker = dramatiq.get_broker()
+    broker.flush_all()
+    settings.ESD_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    hook = webhooks.create_webhook(url="http://127.0.0.1:9/q", user=designer)
+    webhooks.ping(hook)  # no worker runs: the message waits where workers of that queue will find it
+    assert queue_backlog(settings.ESD_WEBHOOK_QUEUE) == 1 and queue_backlog("default") == 0
+    broker.flush_all()
+
+
+def test_webhook_allowances_do_not_inherit_the_checkpoint_ones():
+    """Opening a model mirror's network to downloads leaves webhooks' guard as it was."""
+    root = Path(__file__).resolve().parents[2]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ESD_WEBHOOK_")}
+    environment |= {
+        "ESD_CHECKPOINT_URL_ALLOW_PRIVATE": "true",
+        "ESD_CHECKPOINT_URL_ALLOWED_NETWORKS": "10.2.0.0/16",
+        "DJANGO_SETTINGS_MODULE": "esd.settings",
+        "PYTHONPATH": str(root),
+    }
+    code = (
+        "from django.conf import settings as s; "
+        "print(s.ESD_CHECKPOINT_URL_ALLOW_PRIVATE, s.ESD_CHECKPOINT_URL_ALLOWED_NETWORKS, "
+        "s.ESD_WEBHOOK_ALLOW_PRIVATE, s.ESD_WEBHOOK_ALLOWED_NETWORKS)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["True", "['10.2.0.0/16']", "False", "[]"]
+
+
+def test_a_delivery_a_dead_worker_left_in_flight_is_sent_once_its_lease_runs_out(
+    designer, worker, receiver, allow_loopback, monkeypatch
+):
+    """The embedded server restarts while an attempt is out: the recoverer's message finds the lease fresh, sends
+    nothing, and looks again when the lease has run out; then the delivery goes out, once."""
+    from apps.accounts.tasks import recover_deliveries
+
+    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.5)  # leases of a second instead of 40 s
+    allow_loopback.ESD_WEBHOOK_TIMEOUT = 0.5
+    hook = webhooks.create_webhook(url=f"{receiver.url}/orphan", user=designer)
+    orphan = pending(hook, attempts=1, leased_until=timezone.now() + timedelta(seconds=1))
+
+    assert recover_deliveries() == 1
+    time.sleep(0.5)
+    assert receiver.requests == [] and WebhookDelivery.objects.get(pk=orphan.pk).status == "pending"
+    [done] = delivered(hook)
+    assert done.status == "delivered" and done.attempts == 2 and done.leased_until is None
+    time.sleep(0.3)
+    assert len(receiver.at("/orphan")) == 1

@@ -43,7 +43,10 @@ class Command(BaseCommand):
             hook.delete()
             self.stderr.write(f"removed webhook {options['id']} ({hook.url})")
         else:
-            delivery = webhooks.ping(hook)
+            try:
+                delivery = webhooks.ping(hook)
+            except EsdError as exc:
+                raise CommandError(exc.message) from exc
             self.stdout.write(f"ping {delivery.id} queued for {hook.url} (the admin and the console list how it went)")
 
     def _add(self, options: dict) -> None:
