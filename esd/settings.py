@@ -252,6 +252,8 @@ ESD_WORKER_HEARTBEAT_TTL = env.int("ESD_WORKER_HEARTBEAT_TTL", default=45)
 ESD_TRAINING_QUEUE = env.str("ESD_TRAINING_QUEUE", default="esd-training")
 # Upload slots for a training's sample images (kohya's sample_prompts); images past them are noted, not uploaded.
 ESD_TRAINING_SAMPLE_SLOTS = env.int("ESD_TRAINING_SAMPLE_SLOTS", default=200)
+# A running self-hosted training whose worker has not heartbeated for this long is failed (resumable from a state).
+ESD_TRAINING_WORKER_LOST_SECONDS = env.int("ESD_TRAINING_WORKER_LOST_SECONDS", default=300)
 ESD_EVENTS_QUEUE = env.str("ESD_EVENTS_QUEUE", default="esd-events")
 # Unfinished multipart uploads older than this are aborted by the hourly sweep (``manage.py sweep_uploads``).
 ESD_MULTIPART_MAX_AGE_HOURS = env.float("ESD_MULTIPART_MAX_AGE_HOURS", default=24.0)

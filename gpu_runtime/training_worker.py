@@ -471,6 +471,11 @@ class TrainingWorker(QueueService):
         if job_id == self.current:
             log.info("training %s: cancel requested, stopping at the next step", job_id)
 
+    def send_as_worker(self, event: dict) -> None:
+        """A training event naming this worker: the server fails a running training whose worker stops
+        heartbeating (a killed pod or host), instead of showing it as training for ever."""
+        self.send_quietly({**event, "worker": self.worker_id})
+
     def is_cancelled(self, job_id: str) -> bool:
         """Whether a cancel for this job has been seen (thread-safe: the running job asks from its own thread)."""
         with self.lock:
@@ -529,7 +534,7 @@ class TrainingWorker(QueueService):
                     spec,
                     self.work_root,
                     device=self.device,
-                    send=self.send_quietly,
+                    send=self.send_as_worker,
                     is_cancelled=lambda: self.is_cancelled(run),
                     cache_bytes=self.cache_bytes,
                     cancel_poll_seconds=self.cancel_poll_seconds,

@@ -9,7 +9,7 @@ import dramatiq
 from apps.training import training
 from apps.training.choices import TERMINAL_TRAINING, TrainingStatus
 from apps.training.models import TrainingJob
-from esd.tasks import handles, recoverer
+from esd.tasks import handles, periodic, recoverer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,23 @@ def worker_training_event(event: dict) -> None:
         )
         return
     progress = {k: event[k] for k in PROGRESS_KEYS if isinstance(event.get(k), int | float)}
+    if isinstance(event.get("worker"), str) and event["worker"]:
+        progress["worker"] = event["worker"][:200]
     training.update_status(job_id, status, reason, progress=progress, notes=notes, saved=saved, attempt=attempt)
+
+
+def lost_workers_interval() -> int:
+    from django.conf import settings
+
+    return settings.ESD_ENDPOINT_SWEEP_SECONDS
+
+
+@periodic(lost_workers_interval)
+def fail_trainings_of_lost_workers() -> None:
+    """Every few minutes: ``training.fail_lost``."""
+    failed = training.fail_lost()
+    if failed:
+        log.warning("failed %d training(s) whose worker stopped heartbeating", failed)
 
 
 @dramatiq.actor(max_retries=5, min_backoff=10_000, max_backoff=120_000, time_limit=120_000)

@@ -520,6 +520,33 @@ def _finish_locked(
     return update_status(job_id, status, reason, notes=notes, gpu_seconds=gpu_seconds)
 
 
+def fail_lost() -> int:
+    """Fail the running self-hosted trainings whose worker stopped heartbeating for
+    ``ESD_TRAINING_WORKER_LOST_SECONDS``: a killed pod or host sends no end, and its message may never come back
+    (a KEDA Job starts only for queued messages), so without this the job would show ``Training`` for ever. The
+    reason says when the worker was last heard of; a job with a state can be resumed."""
+    from datetime import timedelta
+
+    from apps.endpoints.models import Worker
+
+    running = TrainingJob.objects.filter(backend="self-hosted", status__in=RUN_STAGES[1:])
+    lost_before = timezone.now() - timedelta(seconds=settings.ESD_TRAINING_WORKER_LOST_SECONDS)
+    workers = {
+        w.worker: w.last_seen
+        for w in Worker.objects.filter(endpoint_name=settings.ESD_TRAINING_QUEUE, last_seen__lt=lost_before)
+    }
+    count = 0
+    for job in running.only("id", "progress", "attempt", "saved", "backend", "status"):
+        last_seen = workers.get(job.progress.get("worker"))
+        if last_seen is None:  # alive, or never heard of: not ours to judge
+            continue
+        hint = ": resume it from its latest state" if latest_state(job) else ""
+        reason = f"the training worker {job.progress['worker']} stopped (last heard of {last_seen:%Y-%m-%d %H:%M:%S})"
+        if finish(str(job.id), TrainingStatus.FAILED, reason + hint, attempt=job.attempt):
+            count += 1
+    return count
+
+
 # --- resume ----------------------------------------------------------------------------------------------------------
 
 

@@ -242,3 +242,31 @@ def test_saving_flags_must_be_booleans(api: Api, admin_key, extras):
     answer = api.post("trainings", native(config_params=config), key=admin_key)
     assert answer.status == 400 and answer.body["message"] == "save_state must be true or false, got 'yes'"
     assert not TrainingJob.objects.exists()
+
+
+def test_a_training_whose_worker_stopped_heartbeating_is_failed(extras, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.endpoints.models import Worker
+
+    now = timezone.now()
+    lost, alive, unknown, queued = (
+        job_with(status, [STATE]) for status in ("Training", "Training", "Uploading", "Starting")
+    )
+    for job, worker in ((lost, "host-a/1"), (alive, "host-b/1"), (unknown, "host-c/1"), (queued, "host-a/1")):
+        training.update_status(str(job.id), job.status, progress={"step": 3, "worker": worker})
+    Worker.objects.create(
+        endpoint_name=settings.ESD_TRAINING_QUEUE, worker="host-a/1", last_seen=now - timedelta(seconds=400)
+    )
+    Worker.objects.create(endpoint_name=settings.ESD_TRAINING_QUEUE, worker="host-b/1", last_seen=now)
+    settings.ESD_TRAINING_WORKER_LOST_SECONDS = 300
+    assert training.fail_lost() == 1
+    statuses = {job.pk: job for job in TrainingJob.objects.all()}
+    failed = statuses[lost.pk]
+    assert failed.status == "Failed" and failed.reason.startswith(
+        "the training worker host-a/1 stopped (last heard of "
+    )
+    assert failed.reason.endswith(": resume it from its latest state") and training.resume_problem(failed) is None
+    assert [statuses[j.pk].status for j in (alive, unknown, queued)] == ["Training", "Uploading", "Starting"]

@@ -96,6 +96,7 @@ def test_samples_and_states_are_uploaded_as_the_run_goes(
     )
     job = ended(job_id)
     assert job.status == "Completed", (job.reason, job.log)
+    assert job.progress["worker"] == trainer.worker_id  # events name their worker (lost workers are failed)
 
     detail = api.get(f"trainings/{job_id}", key=admin_key).body["data"]
     samples = detail["samples"]
