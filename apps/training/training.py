@@ -544,6 +544,8 @@ def fail_lost() -> int:
         reason = f"the training worker {job.progress['worker']} stopped (last heard of {last_seen:%Y-%m-%d %H:%M:%S})"
         if finish(str(job.id), TrainingStatus.FAILED, reason + hint, attempt=job.attempt):
             count += 1
+            # its un-acked message may come back to a worker: the cancel marker makes it answer Stopped at once
+            blob_store().put_bytes(keys.training_cancel_marker(str(job.id)), b"worker lost")
     return count
 
 

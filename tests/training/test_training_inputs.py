@@ -269,4 +269,5 @@ def test_a_training_whose_worker_stopped_heartbeating_is_failed(extras, settings
         "the training worker host-a/1 stopped (last heard of "
     )
     assert failed.reason.endswith(": resume it from its latest state") and training.resume_problem(failed) is None
+    assert blob_store().exists(f"kohya/train/{lost.id}/cancel")  # a redelivery of its message will not run
     assert [statuses[j.pk].status for j in (alive, unknown, queued)] == ["Training", "Uploading", "Starting"]
