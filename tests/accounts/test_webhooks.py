@@ -571,7 +571,7 @@ def test_a_trickling_receiver_is_cut_at_the_total_deadline_and_the_attempt_count
 
     started = time.monotonic()
     assert webhooks.attempt(str(delivery.id)) == webhooks.RETRY
-    assert time.monotonic() - started < 1.5 + 1.0  # a byte a second would have kept it going for a minute
+    assert time.monotonic() - started < 1.5 + 5  # a bound (busy CI machines): a byte a second would take a minute
     delivery.refresh_from_db()
     assert delivery.status == "pending" and delivery.attempts == 1 and delivery.leased_until is None
     assert delivery.last_error == f"no complete answer from {slow.url} within 1.5 s"
@@ -579,7 +579,7 @@ def test_a_trickling_receiver_is_cut_at_the_total_deadline_and_the_attempt_count
 
     started = time.monotonic()
     assert webhooks.attempt(str(delivery.id)) == webhooks.FAILED
-    assert time.monotonic() - started < 1.5 + 1.0
+    assert time.monotonic() - started < 1.5 + 5
     delivery.refresh_from_db()
     assert delivery.status == "failed" and delivery.attempts == 2
     assert delivery.last_error == f"no complete answer from {slow.url} within 1.5 s; gave up after 2 attempts"
@@ -612,11 +612,11 @@ def test_post_reads_a_bounded_reply_and_stops_a_trickled_body_at_the_deadline(tr
     with pytest.raises(UrlNotReachable) as cut:
         post(slow.url, b"{}", guard, max_reply_bytes=50)
     assert cut.value.reason == f"no complete answer from {slow.url} within 1.5 s"
-    assert time.monotonic() - started < 1.5 + 1.0
+    assert time.monotonic() - started < 1.5 + 5
     # Not reading the body at all, the status alone is the answer at once.
     started = time.monotonic()
     assert post(trickler("body").url, b"{}", guard, max_reply_bytes=0).status == 200
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # the trickled body alone takes longer
 
 
 def test_a_duplicate_message_while_an_attempt_is_out_sends_nothing(designer, worker, receiver, allow_loopback):

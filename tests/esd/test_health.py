@@ -184,7 +184,7 @@ def test_the_database_check_gives_up_on_a_server_that_never_answers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     kind, seconds = done.stdout.split()
     assert kind == "OperationalError"
-    assert float(seconds) < 10  # libpq's floor is 2 s; without a timeout this never returns
+    assert float(seconds) < 30  # a bound, not a speed: libpq's floor is 2 s; without a timeout this never returns
 
 
 def test_the_storage_check_gives_up_on_an_s3_that_never_answers(settings):
@@ -196,7 +196,9 @@ def test_the_storage_check_gives_up_on_an_s3_that_never_answers(settings):
         started = time.monotonic()
         with pytest.raises(Exception, match=r"[Tt]imeout|timed out"):
             monitoring.check_storage()
-        assert time.monotonic() - started < 5
+        # a bound, not a speed: one attempt of 1 s each way (botocore's defaults would take minutes); the slack is
+        # for a busy machine creating its first boto3 client
+        assert time.monotonic() - started < 30
 
 
 @pytest.mark.django_db
@@ -258,7 +260,7 @@ def test_a_hung_check_is_not_started_again_and_threads_do_not_pile_up(client, se
         assert {answer.json()["message"] for answer in answers} == {"not ready: broker"}
         assert answers[0].json()["checks"]["broker"] == "no answer within 0.3 s"
         assert "still running" in answers[-1].json()["checks"]["broker"]
-        assert elapsed < 6 * 0.3 + 2  # every probe answers within its timeout
+        assert elapsed < 6 * 0.3 + 10  # a bound: every probe answers (blocked on the hung check, none would)
     finally:
         release.set()
     hung[0].join(5)

@@ -50,7 +50,7 @@ def test_a_marker_is_seen_within_one_poll_period(marker, every):
         while not watch() and time.monotonic() - since < every * 3:
             time.sleep(0.02)
         assert watch(), "the marker was not seen"
-        assert time.monotonic() - since <= every + 0.5
+        assert time.monotonic() - since <= every + 1.5  # within a period (2 s for trainings, not 10), with slack
     finally:
         watch.stop()
 
