@@ -438,6 +438,7 @@ def gpu(settings, tmp_path):
         return worker
 
     start.started = started  # the workers started so far (a test may look at one's engine)
+    start.engine = engine  # the one engine they share
     yield start
     for worker in started:
         worker.stop(timeout=60)

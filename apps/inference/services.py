@@ -356,6 +356,8 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
     arrival = arrival or Arrival(received=timezone.now())
     job = InferenceJob.objects.filter(pk=job_id).first()
     if job is None or job.status in TERMINAL:
+        if job is not None and was_cancelled(job):
+            _discard_late_output(job)
         return job  # deleted meanwhile, or already recorded
     try:
         output = json.loads(raw) if raw else None
@@ -408,9 +410,34 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
         )
         if updated:
             ended(job_id, job.owner)
+    job = InferenceJob.objects.filter(pk=job_id).first()
     if not updated:
         log.info("result for job %s arrived after it ended; dropped", job_id)
-    return InferenceJob.objects.filter(pk=job_id).first()
+        if job is not None and was_cancelled(job):
+            _discard_late_output(job)
+    return job
+
+
+def was_cancelled(job: InferenceJob) -> bool:
+    """Whether the job ended by ``cancel_job`` (its recorded reason is the one place that says so)."""
+    raw = job.sagemaker_raw
+    return (
+        job.status == InferenceStatus.FAILED
+        and isinstance(raw, dict)
+        and isinstance(raw.get("error"), str)
+        and raw["error"].startswith("cancelled by ")
+    )
+
+
+def _discard_late_output(job: InferenceJob) -> None:
+    """A cancelled job has no result: what its runtime still delivered (a worker that finished before it saw the
+    cancel, a SageMaker job that ran on) is removed, as are images an ingestion racing the cancel had stored."""
+    job_id = str(job.id)
+    store = blob_store()
+    store.delete(keys.raw_output(job_id))
+    if job.output_location and (key := store.key_of(job.output_location)):
+        store.delete(key)
+    store.delete_folder(keys.result_prefix(job_id))
 
 
 def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> InferenceJob | None:

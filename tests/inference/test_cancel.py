@@ -1,8 +1,10 @@
 """Cancelling inference jobs and their progress in the API (additions beyond ESD): the API, the broker, a real
 gpu_runtime worker on the tiny model, the local store over HTTP and result ingestion - nothing stubbed.
 
-The tiny model makes a 64x64 step in tens of milliseconds on a CPU, so a 50-step job runs for a few seconds: long
-enough to be cancelled at about step 10, short enough to finish when it is not.
+The tiny model makes a 64x64 step in a few to tens of milliseconds on a CPU, depending on the machine: every step
+here is paced to take at least ``STEP_SECONDS`` (the ``paced`` fixture), so a 50-step job runs for a few seconds on
+any machine - long enough to be cancelled at about step 10 and to report several throttled progress events, short
+enough to finish when it is not. Only the pace is changed: the real engine runs every step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import pytest
 
 from apps.inference.models import InferenceJob
+from apps.inference.tasks import worker_result
 from esd import keys
 from esd.storage import blob_store
 from tests.conftest import Api, make_key, make_role, make_user, wait_until
@@ -47,6 +50,29 @@ ESD_DETAIL_FIELDS = {
     "img_presigned_urls",
     "output_presigned_urls",
 }
+
+
+STEP_SECONDS = 0.04
+
+
+@pytest.fixture(autouse=True)
+def paced(gpu):
+    """The shared engine's steps take at least ``STEP_SECONDS`` each (a pause in its progress callback), so what
+    these tests see of a running job does not depend on how fast the machine is."""
+    engine = gpu.engine
+    original = engine.run
+
+    def run(jobs, progress=None, stop=None):
+        def slowed(step: int, steps: int) -> None:
+            time.sleep(STEP_SECONDS)
+            if progress is not None:
+                progress(step, steps)
+
+        return original(jobs, slowed, stop)
+
+    engine.run = run
+    yield
+    engine.run = original
 
 
 def start(api: Api, key: str, endpoint: str, params: dict) -> str:
@@ -116,6 +142,12 @@ def test_a_running_job_stops_between_steps_and_the_worker_goes_on(api: Api, admi
     assert 8 <= stopped["progress"]["step"] < 50, stopped["progress"]
     assert not output_uploaded(job_id)
     assert stopped["image_names"] == [] and stopped["img_presigned_urls"] == []
+
+    # a worker that finished the job before it saw the cancel: its late output is removed, the job stays cancelled
+    blob_store().put_bytes(keys.raw_output(job_id), json.dumps(OUTPUT).encode())
+    worker_result({"inferenceId": job_id, "invocationStatus": "Completed"})
+    assert not output_uploaded(job_id) and list(blob_store().list(f"out/{job_id}/")) == []
+    assert get(api, admin_key, job_id)["sagemakerRaw"] == {"error": "cancelled by admin"}
 
     # cancelling it again, or a job that succeeded: 400, nothing changes
     for ended, status in ((job_id, "failed"), (nxt, "succeed")):
