@@ -160,13 +160,19 @@ class GpuWorker(QueueService):
             url, lambda: self.is_cancelled(job_id), self.cancel_poll_seconds, name=f"inference-cancel-{job_id[:8]}"
         )
 
-    def _report_cancelled(self, job_id: str, step: int, steps: int) -> None:
-        """A cancelled job: nothing is uploaded; its last step and a ``Failed`` event with the reason are sent."""
+    def _report_cancelled(
+        self, job_id: str, step: int, steps: int, picked: float | None = None, busy: float | None = None
+    ) -> None:
+        """A cancelled job: nothing is uploaded; its last step and a ``Failed`` event with the reason are sent, with
+        the worker time it used until it stopped (``busy``: the GPU was held for it, so it is accounted)."""
         if steps:
             self.send_quietly(protocol.progress(job_id, min(step, steps), steps))
         reason = f"cancelled at step {step} of {steps}" if steps else "cancelled before it ran"
         log.info("inference %s %s", job_id, reason)
-        self.send_quietly(protocol.inference_result(job_id, ok=False, reason=reason))
+        run_seconds = time.monotonic() - picked if picked is not None else None
+        self.send_quietly(
+            protocol.inference_result(job_id, ok=False, reason=reason, run_seconds=run_seconds, gpu_seconds=busy)
+        )
         self.remember_done(job_id)
 
     def handle(self, messages: list[Any]) -> None:
@@ -260,12 +266,13 @@ class GpuWorker(QueueService):
             metrics.ITERATIONS.labels(self.queue).inc(iterations[0])
             metrics.ITERATIONS_PER_SECOND.labels(self.queue).set(iterations[0] / elapsed)
         for (prepared, request, prepare_seconds), output, weight in zip(group, outputs, weights, strict=True):
+            share = prepare_seconds + elapsed * weight / sum(weights)
             if watches[prepared.job_id]():
-                self._report_cancelled(prepared.job_id, *stopped_at.get(prepared.job_id, (at[0], at[1])))
+                step, steps = stopped_at.get(prepared.job_id, (at[0], at[1]))
+                self._report_cancelled(prepared.job_id, step, steps, picked, share)
                 continue
             if "error" in output and not raised:  # the engine failed this job alone
                 metrics.ERRORS.labels(self.queue, "job").inc()
-            share = prepare_seconds + elapsed * weight / sum(weights)
             self._finish(prepared.job_id, request, output, ok="error" not in output, picked=picked, busy=share)
 
     def _unpack(self, message: Any) -> tuple[str | None, Any]:

@@ -358,6 +358,7 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
     if job is None or job.status in TERMINAL:
         if job is not None and was_cancelled(job):
             _discard_late_output(job)
+            _account_cancelled(job_id, arrival)
         return job  # deleted meanwhile, or already recorded
     try:
         output = json.loads(raw) if raw else None
@@ -443,8 +444,20 @@ def _discard_late_output(job: InferenceJob) -> None:
 def fail_job(job_id: str, report: Any, arrival: Arrival | None = None) -> InferenceJob | None:
     """``failed`` with the runtime's report in ``sagemakerRaw`` (only from ``inprogress``; created jobs fail
     too when their dispatch is refused). ``arrival``: a runtime reported the failure (its time is recorded)."""
-    _fail(job_id, report, arrival)
+    if not _fail(job_id, report, arrival) and arrival is not None:
+        _account_cancelled(job_id, arrival)
     return InferenceJob.objects.filter(pk=job_id).first()
+
+
+def _account_cancelled(job_id: str, arrival: Arrival) -> None:
+    """A cancelled job ended before its worker stopped it: the worker time it used until then (the worker's last
+    event) is still recorded, once, for accounting and quotas. Other fields of the ended job stay as they were."""
+    job = InferenceJob.objects.filter(pk=job_id).first()
+    if arrival.gpu_seconds is None or job is None or job.gpu_seconds is not None or not was_cancelled(job):
+        return
+    InferenceJob.objects.filter(pk=job_id, gpu_seconds=None).update(
+        gpu_seconds=arrival.gpu_seconds, run_seconds=arrival.run_seconds
+    )
 
 
 def ended(job_id: str, owner: str) -> None:

@@ -142,6 +142,9 @@ def test_a_running_job_stops_between_steps_and_the_worker_goes_on(api: Api, admi
     assert 8 <= stopped["progress"]["step"] < 50, stopped["progress"]
     assert not output_uploaded(job_id)
     assert stopped["image_names"] == [] and stopped["img_presigned_urls"] == []
+    # the worker time it used until it stopped is accounted (from the worker's final event), once
+    used = wait_until(lambda: get(api, admin_key, job_id)["gpu_seconds"])
+    assert used >= 8 * STEP_SECONDS, used  # at least the paced steps it ran
 
     # a worker that finished the job before it saw the cancel: its late output is removed, the job stays cancelled
     blob_store().put_bytes(keys.raw_output(job_id), json.dumps(OUTPUT).encode())
