@@ -585,7 +585,9 @@ def test_a_trickling_receiver_is_cut_at_the_total_deadline_and_the_attempt_count
     assert delivery.last_error == f"no complete answer from {slow.url} within 1.5 s; gave up after 2 attempts"
     assert slow.connections == 2
     wait_until(lambda: len(slow.held) == 2)
-    assert max(slow.held) < 1.5 + 1.5  # we hung up at the deadline (the server notices within its 1 s pause)
+    # we hung up at the deadline (the server notices within its 1 s pause); a bound a busy machine keeps, where a
+    # trickle never cut would last a minute
+    assert max(slow.held) < 1.5 + 1.0 + 5
 
 
 def test_the_worker_retries_a_trickled_delivery_and_gives_up_at_the_attempts(
@@ -616,7 +618,7 @@ def test_post_reads_a_bounded_reply_and_stops_a_trickled_body_at_the_deadline(tr
     # Not reading the body at all, the status alone is the answer at once.
     started = time.monotonic()
     assert post(trickler("body").url, b"{}", guard, max_reply_bytes=0).status == 200
-    assert time.monotonic() - started < 3.0  # the trickled body alone takes longer
+    assert time.monotonic() - started < 10  # the trickled body alone takes 100 s
 
 
 def test_a_duplicate_message_while_an_attempt_is_out_sends_nothing(designer, worker, receiver, allow_loopback):
@@ -688,7 +690,7 @@ def test_a_pending_delivery_of_a_deactivated_webhook_is_not_sent(designer, recei
 @pytest.mark.django_db
 def test_test_pings_are_rate_limited_per_webhook(client, designer, settings):
     settings.ESD_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
-    settings.ESD_WEBHOOK_PING_INTERVAL = 1
+    settings.ESD_WEBHOOK_PING_INTERVAL = 3  # the checks below fit in it on a busy machine
     hook = webhooks.create_webhook(url="http://127.0.0.1:9/a", user=designer)
     other = webhooks.create_webhook(url="http://127.0.0.1:9/b", user=designer)
     client.force_login(designer)
@@ -697,14 +699,14 @@ def test_test_pings_are_rate_limited_per_webhook(client, designer, settings):
     assert "Ping queued for http://127.0.0.1:9/a." in page(first)
     again = client.post(f"/webhooks/{hook.pk}/test/", follow=True)
     assert again.status_code == 200
-    assert f"webhook {hook.pk} was tested less than 1 s ago; wait a few seconds before testing it again" in page(again)
-    with pytest.raises(CommandError, match=f"webhook {hook.pk} was tested less than 1 s ago"):
+    assert f"webhook {hook.pk} was tested less than 3 s ago; wait a few seconds before testing it again" in page(again)
+    with pytest.raises(CommandError, match=f"webhook {hook.pk} was tested less than 3 s ago"):
         run("test", str(hook.pk))
     assert hook.deliveries.count() == 1
     run("test", str(other.pk))  # another webhook has its own allowance
     assert other.deliveries.count() == 1
 
-    time.sleep(1.1)
+    time.sleep(3.1)
     run("test", str(hook.pk))
     assert hook.deliveries.count() == 2
 

@@ -422,6 +422,7 @@ def test_serve_mode_runs_one_invocation_at_a_time_and_pings_meanwhile(engine, fi
     state = {"active": 0, "most": 0, "runs": 0}
     lock = threading.Lock()
     running = threading.Event()
+    release = threading.Event()  # the first invocation is held in its run until the ping has been answered
 
     def counting_run(jobs, progress=None):
         with lock:
@@ -430,7 +431,7 @@ def test_serve_mode_runs_one_invocation_at_a_time_and_pings_meanwhile(engine, fi
             state["most"] = max(state["most"], state["active"])
         running.set()
         try:
-            time.sleep(0.5)  # long enough for the second invocation to try to overlap
+            assert release.wait(60)
             return original(jobs, progress)
         finally:
             with lock:
@@ -456,10 +457,14 @@ def test_serve_mode_runs_one_invocation_at_a_time_and_pings_meanwhile(engine, fi
         started = time.monotonic()
         with urllib.request.urlopen(f"{base}/ping", timeout=5) as ping:
             assert ping.status == 200
-        assert time.monotonic() - started < 2, "/ping waited for an invocation"
+        assert time.monotonic() - started < 5, "/ping waited for an invocation"
+        time.sleep(0.5)  # the second invocation meanwhile tries to overlap the held one
+        assert state["active"] == 1
+        release.set()
         for caller in callers:
             caller.join(60)
     finally:
+        release.set()
         server.shutdown()
     assert state["runs"] == 2 and state["most"] == 1
     assert all(png_size(answers[name]["images"][0]) == (64, 64) for name in ("sm0", "sm1"))

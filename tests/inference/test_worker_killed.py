@@ -22,6 +22,23 @@ pytestmark = [
     ),
 ]
 ROOT = Path(__file__).resolve().parents[2]
+# ``python -m gpu_runtime`` with every denoising step taking at least 0.04 s (a pause in the engine's progress
+# callback): the 150-step job runs for 6 s or more on any machine, so the test kills the worker mid-job
+PACED_WORKER = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+from gpu_runtime.engine import Engine
+original = Engine.run
+def run(self, jobs, progress=None, stop=None):
+    def slowed(step, steps):
+        time.sleep(0.04)
+        if progress is not None:
+            progress(step, steps)
+    return original(self, jobs, slowed, stop)
+Engine.run = run
+sys.argv = ["gpu_runtime", *sys.argv[1:]]
+runpy.run_module("gpu_runtime", run_name="__main__", alter_sys=True)
+"""
 
 
 def test_killed_worker_job_is_redelivered_and_succeeds_once(
@@ -33,11 +50,12 @@ def test_killed_worker_job_is_redelivered_and_succeeds_once(
     from gpu_runtime.worker import GpuWorker
 
     name = api.post("endpoints", endpoint_body("Async", "k1"), key=admin_key).body["data"]["endpoint_name"]
+    launcher = tmp_path / "paced_worker.py"
+    launcher.write_text(PACED_WORKER.format(root=str(ROOT)))
     first = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "gpu_runtime",
+            str(launcher),
             "worker",
             "--endpoint",
             name,

@@ -34,7 +34,7 @@ from esd.fetch import (
 OPEN = Guard(allow_private=True)
 BIG = random.Random(1234).randbytes(3 * 1024 * 1024)
 SMALL = b"safetensors-ish bytes\n" * 100
-SLEEP = 1.5  # how long the slow routes keep the client waiting; the tests use a 0.5 s timeout
+SLEEP = 4  # how long the slow routes keep the client waiting; the tests use a 0.5 s timeout
 
 
 @dataclass

@@ -3,6 +3,7 @@ queue: files are uploaded as the run writes them, sample images show in the API 
 resumed from its state continues the step count and the loss curve of an uninterrupted run."""
 
 import io
+import time
 
 import pytest
 import requests
@@ -128,13 +129,28 @@ def test_samples_and_states_are_uploaded_as_the_run_goes(
 
 
 def test_a_stopped_job_resumed_from_its_state_continues_the_loss_curve(
-    api: Api, admin_key, admin, client, worker, registered, trainer
+    api: Api, admin_key, admin, client, worker, registered, trainer, monkeypatch
 ):
     upload_dataset(api, admin_key, "blobs", "10_blob")  # 30 steps an epoch
     reference_id = start(api, admin_key, "blobs", "straight", epochs=3)
     reference = ended(reference_id)
     assert reference.status == "Completed", (reference.reason, reference.log)
 
+    # the run to stop: every step takes at least 0.05 s (a pause after it is reported), so the stop below lands
+    # before its last step however fast the machine is; the steps themselves are the real trainer's
+    import gpu_runtime.trainer
+
+    original = gpu_runtime.trainer.train
+
+    def paced(*args, on_progress=None, **kwargs):
+        def slowed(info: dict) -> None:
+            if on_progress is not None:
+                on_progress(info)
+            time.sleep(0.05)
+
+        return original(*args, on_progress=slowed, **kwargs)
+
+    monkeypatch.setattr(gpu_runtime.trainer, "train", paced)
     job_id = start(api, admin_key, "blobs", "resumed", epochs=3)
     first = wait_until(lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="state.pt").first(), 300)
     training.stop(first)
