@@ -64,21 +64,52 @@ def flatten(config: dict[str, dict]) -> dict[str, Any]:
     return {key: value for values in config.values() for key, value in values.items()}
 
 
-def expected_outputs(config: dict[str, dict]) -> list[str]:
-    """Every file a run may write: epoch files when ``epoch % save_every_n_epochs == 0`` before the last epoch,
-    and the final file (kohya's naming, contract §9.8); with ``save_state`` a state beside each of them, with
-    ``save_state_on_train_end`` the final one (the trainer's one-file states, ``...-state.pt``)."""
+def _count(value: Any) -> int | None:
+    """A positive integer option as kohya reads it, None otherwise (the trainer refuses a bad value by name)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        return None
+    return int(value)
+
+
+def expected_outputs(config: dict[str, dict], max_saves: int = 100) -> list[str]:
+    """Every file a run may write, for a presigned PUT each (kohya's names, contract §9.8); with ``save_state`` a
+    state beside each LoRA file, with ``save_state_on_train_end`` the final one (the trainer's one-file states).
+
+    - epoch files ``{name}-{epoch:06d}`` where ``epoch % save_every_n_epochs == 0`` before the last epoch (kohya's
+      ``save_n_epoch_ratio`` sets that period from the number of epochs);
+    - step files ``{name}-step{step:08d}`` every ``save_every_n_steps`` steps;
+    - the final file.
+    The number of steps, and of epochs of a ``max_train_steps`` run, depends on the images' buckets, which only the
+    trainer builds: such saves are presigned up to ``max_saves`` each (``ESD_TRAINING_MAX_SAVES``). The trainer
+    checks, before its first step, that every file it will write has a URL, and fails the job naming the first
+    one that has not, so a save is never dropped silently."""
     flat = flatten(config)
     name = flat["output_name"]
-    epochs = int(flat.get("max_train_epochs") or 0) or 1
-    every = max(1, int(flat.get("save_every_n_epochs") or 1))
-    saved = [epoch for epoch in range(1, epochs) if epoch % every == 0]
-    names = [f"{name}.safetensors"] + [f"{name}-{epoch:06d}.safetensors" for epoch in saved]
+    epochs = _count(flat.get("max_train_epochs"))
+    max_steps = None if epochs else (_count(flat.get("max_train_steps")) or 1600)
+    ratio = _count(flat.get("save_n_epoch_ratio"))
+    every = _count(flat.get("save_every_n_epochs")) or 1
+    if ratio and epochs:
+        every = max(1, math.floor(epochs / ratio))
+    elif ratio:
+        every = 1  # the period depends on the epochs: every epoch covers it
+    if epochs:
+        saved = [epoch for epoch in range(1, epochs) if epoch % every == 0]
+    else:  # at least a step an epoch: no more epochs than steps
+        saved = [every * k for k in range(1, max_saves + 1) if every * k < max_steps]
+    names = [f"{name}-{epoch:06d}" for epoch in saved]
+    if step_every := _count(flat.get("save_every_n_steps")):
+        names += [
+            f"{name}-step{step_every * k:08d}"
+            for k in range(1, max_saves + 1)
+            if max_steps is None or step_every * k <= max_steps
+        ]
+    files = [f"{name}.safetensors"] + [f"{base}.safetensors" for base in names]
     if flat.get("save_state") is True:
-        names += [f"{name}-state.pt"] + [f"{name}-{epoch:06d}-state.pt" for epoch in saved]
+        files += [f"{name}-state.pt"] + [f"{base}-state.pt" for base in names]
     elif flat.get("save_state_on_train_end") is True:
-        names.append(f"{name}-state.pt")
-    return names
+        files.append(f"{name}-state.pt")
+    return files
 
 
 def set_key(config: dict[str, dict], key: str, value: Any) -> None:

@@ -268,7 +268,7 @@ def training_spec(job: TrainingJob, config: dict, model_key: str, dataset: Datas
             "dataset": {key[len(base) + 1 :]: store.presign_get(key, expires) for key in files},
             "outputs": {
                 name: store.presign_put(f"{output_prefix}/{name}", expires)
-                for name in kohya_config.expected_outputs(config)
+                for name in kohya_config.expected_outputs(config, settings.ESD_TRAINING_MAX_SAVES)
             },
             "inputs": inputs,
             "samples": [

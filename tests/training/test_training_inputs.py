@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 from django.core.management import CommandError, call_command
 
-from apps.training import training
+from apps.training import kohya_config, training
 from apps.training.models import Dataset, TrainingJob
 from apps.training.tasks import worker_training_event
 from esd.storage import blob_store
@@ -120,6 +120,53 @@ def test_no_sample_slots_without_samples_and_states_are_expected_outputs(api: Ap
     _, spec = spec_of(job_id)
     assert spec["urls"]["samples"] == [] and spec["urls"]["inputs"] == {}
     assert set(spec["urls"]["outputs"]) == {"x.safetensors", "x-000001.safetensors", "x-state.pt", "x-000001-state.pt"}
+
+
+def test_step_saves_are_presigned_by_kohya_name_up_to_the_bound(api: Api, admin_key, extras, settings):
+    settings.ESD_TRAINING_MAX_SAVES = 3
+    body = native(
+        config_params={
+            **config_with(),
+            "saving_arguments": {"output_name": "x", "save_every_n_epochs": 1, "save_every_n_steps": 50},
+        }
+    )
+    answer = api.post("trainings", body, key=admin_key)
+    assert answer.status == 201, answer.body
+    _, spec = spec_of(answer.body["data"]["id"])
+    assert set(spec["urls"]["outputs"]) == {  # two epochs (config_with): one epoch file
+        "x.safetensors",
+        "x-000001.safetensors",
+        "x-step00000050.safetensors",
+        "x-step00000100.safetensors",
+        "x-step00000150.safetensors",
+    }
+
+
+@pytest.mark.parametrize(
+    ("saving", "expected"),
+    [
+        # epochs fixed: kohya's save_n_epoch_ratio sets the period, floor(10 / 3) = 3
+        ({"max_train_epochs": 10, "save_n_epoch_ratio": 3}, ["x-000003", "x-000006", "x-000009"]),
+        # a max_train_steps run: at most a step an epoch, step saves no later than the last step, both bounded
+        ({"max_train_steps": 3, "save_every_n_epochs": 1}, ["x-000001", "x-000002"]),
+        (
+            {"max_train_steps": 120, "save_every_n_steps": 50},
+            ["x-000001", "x-000002", "x-step00000050", "x-step00000100"],
+        ),
+        (
+            {"max_train_steps": 1000, "save_every_n_steps": 100},
+            ["x-000001", "x-000002", "x-step00000100", "x-step00000200"],
+        ),
+        # a bad value is the trainer's to refuse (by name): no URL is made up for it
+        ({"max_train_epochs": 2, "save_every_n_steps": "often"}, ["x-000001"]),
+    ],
+)
+def test_expected_outputs_follow_kohya_periods(saving, expected):
+    config = {"saving_arguments": {"output_name": "x", **saving}}
+    names = kohya_config.expected_outputs(config, max_saves=2)
+    assert names == ["x.safetensors", *(f"{base}.safetensors" for base in expected)]
+    with_states = kohya_config.expected_outputs({"s": {**config["saving_arguments"], "save_state": True}}, 2)
+    assert with_states == [*names, "x-state.pt", *(f"{base}-state.pt" for base in expected)]
 
 
 def fetch(client, url: str) -> bytes:
