@@ -35,6 +35,10 @@ _NOT_COMPARED = frozenset(
         "save_state",
         "save_state_on_train_end",
         "save_last_n_epochs_state",
+        "save_every_n_steps",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
+        "save_n_epoch_ratio",
         "resume",
         "training_comment",
     }
