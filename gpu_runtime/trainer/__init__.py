@@ -5,9 +5,9 @@ inference engine does (``from_single_file`` with a shipped config dir), run on t
 report progress and honour cancellation between steps. What it must keep from kohya is the *interface*: the TOML
 config ESD sends (all tables flattened, ``max_train_epochs`` over ``max_train_steps``; unknown keys refused), the
 dataset layout (``<repeats>_<name>/`` folders, captions beside the images), the file names it saves
-(``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, then ``{output_name}.safetensors``; the
-training states as single ``...-state.pt`` files) and the
-LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
+(``{output_name}-{epoch:06d}.safetensors`` per ``save_every_n_epochs``, ``{output_name}-step{step:08d}.safetensors``
+per ``save_every_n_steps``, then ``{output_name}.safetensors``; the training states as single ``...-state.pt`` files)
+and the LoRA file format (kohya key names, ``.alpha``, ``ss_*`` metadata) so that A1111, ComfyUI and diffusers'
 ``load_lora_weights`` read the result. A config key that would change the result and is not implemented fails
 the run at start, named.
 

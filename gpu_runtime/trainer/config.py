@@ -107,10 +107,6 @@ _UNSUPPORTED = {
     "in_json": "fine-tuning metadata datasets are not supported: use <repeats>_<name> folders",
     "dataset_config": "dataset config files are not supported: use <repeats>_<name> folders",
     "dataset_repeats": "repeats come from the folder names",
-    "save_every_n_steps": "files are saved per epoch only",
-    "save_n_epoch_ratio": "files are saved per save_every_n_epochs only",
-    "save_last_n_steps": "files are saved per epoch only",
-    "save_last_n_steps_state": "states are saved per epoch only",
     "masked_loss": "masked loss is not supported",
     "alpha_mask": "masked loss is not supported",
     "fp8_base": "fp8 base weights are not supported",
@@ -133,6 +129,10 @@ _HONOURED = frozenset(
         "save_state",
         "save_state_on_train_end",
         "save_last_n_epochs_state",
+        "save_every_n_steps",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
+        "save_n_epoch_ratio",
         "resume",
         "save_model_as",
         "save_precision",
@@ -600,6 +600,7 @@ class TrainingConfig:
 
     output_name: str = "last"
     epoch_name: str = "epoch"
+    step_name: str = "at"  # kohya's DEFAULT_STEP_NAME: the step files' and step states' name without output_name
     max_train_epochs: int | None = None
     max_train_steps: int = 1600
     save_every_n_epochs: int | None = None
@@ -607,6 +608,10 @@ class TrainingConfig:
     save_state: bool = False
     save_state_on_train_end: bool = False
     save_last_n_epochs_state: int | None = None
+    save_every_n_steps: int | None = None
+    save_last_n_steps: int | None = None  # in steps, not files (kohya's get_remove_step_no)
+    save_last_n_steps_state: int | None = None
+    save_n_epoch_ratio: int | None = None  # replaces save_every_n_epochs once the epochs are known (epoch_interval)
     resume: Path | None = None
     save_precision: str = "float"
     network_dim: int = 4
@@ -738,7 +743,7 @@ class TrainingConfig:
 
         name = _text(raw, "output_name", None)
         if name is not None:
-            c.output_name = c.epoch_name = _file_name(name, "output_name")
+            c.output_name = c.epoch_name = c.step_name = _file_name(name, "output_name")
         epochs = _number(raw, "max_train_epochs", None, int, 1)
         c.max_train_epochs = epochs
         c.max_train_steps = _number(raw, "max_train_steps", 1600, int, 1)
@@ -749,6 +754,7 @@ class TrainingConfig:
         c.save_last_n_epochs_state = _number(raw, "save_last_n_epochs_state", None, int, 1)
         if c.save_last_n_epochs_state is not None and not c.save_state:
             warnings.append("save_last_n_epochs_state has no effect without save_state")
+        _step_saves(raw, c, warnings)
         resume = _paths(raw.get("resume"), "resume")
         if len(resume) > 1:
             raise TrainingError("resume must be one state file")
@@ -933,6 +939,31 @@ class TrainingConfig:
         """kohya's per-epoch state name (``{output_name}-{epoch:06d}-state``) as one file."""
         return f"{self.epoch_name}-{epoch:06d}-state.pt"
 
+    def step_file(self, step: int) -> str:
+        """kohya's per-step file name (``get_step_ckpt_name``: ``{output_name}-step{step:08d}.safetensors``)."""
+        return f"{self.step_name}-step{step:08d}.safetensors"
+
+    def step_state_file(self, step: int) -> str:
+        """kohya's per-step state name (``{output_name}-step{step:08d}-state``) as one file."""
+        return f"{self.step_name}-step{step:08d}-state.pt"
+
+    def epoch_interval(self, epochs: int) -> int | None:
+        """Every how many epochs a file is saved in a run of ``epochs`` epochs: ``save_every_n_epochs``, or with
+        ``save_n_epoch_ratio`` kohya's ``floor(epochs / ratio) or 1`` (it overrides save_every_n_epochs)."""
+        if self.save_n_epoch_ratio:
+            return epochs // self.save_n_epoch_ratio or 1
+        return self.save_every_n_epochs
+
+    def removed_step(self, step: int, keep: int | None) -> int | None:
+        """The earlier step save that the save at ``step`` rotates out (kohya's ``get_remove_step_no``): ``keep``
+        (``save_last_n_steps``) counts steps, not files: the save ``keep + 1`` steps back, rounded down to a
+        multiple of ``save_every_n_steps``, goes. None when nothing is (step 0 was never saved)."""
+        if keep is None or not self.save_every_n_steps:
+            return None
+        removed = step - keep - 1
+        removed -= removed % self.save_every_n_steps
+        return removed if removed > 0 else None
+
     def final_state_file(self) -> str:
         """kohya's end-of-training state name (``{output_name}-state``) as one file."""
         return f"{self.output_name}-state.pt"
@@ -1001,15 +1032,42 @@ def _parse_optimizer(raw: Mapping[str, Any], c: TrainingConfig) -> None:
         raise TrainingError('lr_scheduler adafactor needs optimizer_type "Adafactor" with relative_step=True')
 
 
-def output_file_names(config: TrainingConfig, epochs: int) -> list[str]:
-    """Every file a run of ``epochs`` epochs may write (before ``save_last_n_epochs`` / ``save_last_n_epochs_state``
-    delete older ones), the training states included, so a caller can presign an upload URL for each."""
+def _step_saves(raw: Mapping[str, Any], c: TrainingConfig, warnings: list[str]) -> None:
+    """kohya's step-based saves: ``save_every_n_steps`` (a file, and with ``save_state`` a state, after every
+    n-th optimizer step), ``save_last_n_steps`` / ``save_last_n_steps_state`` (how many *steps* back the saves
+    are kept) and ``save_n_epoch_ratio`` (at least that many epoch saves in the run). Whole numbers from 1: kohya
+    would divide by a zero ``save_every_n_steps``; what has no effect in kohya either is reported."""
+    c.save_every_n_steps = _number(raw, "save_every_n_steps", None, int, 1)
+    c.save_last_n_steps = _number(raw, "save_last_n_steps", None, int, 1)
+    c.save_last_n_steps_state = _number(raw, "save_last_n_steps_state", None, int, 1)
+    c.save_n_epoch_ratio = _number(raw, "save_n_epoch_ratio", None, int, 1)
+    for key in ("save_last_n_steps", "save_last_n_steps_state"):
+        if getattr(c, key) is not None and not c.save_every_n_steps:
+            warnings.append(f"{key} has no effect without save_every_n_steps")
+    if c.save_last_n_steps_state is not None and c.save_every_n_steps and not c.save_state:
+        warnings.append("save_last_n_steps_state has no effect without save_state")
+    if c.save_n_epoch_ratio and c.save_every_n_epochs:
+        warnings.append("save_every_n_epochs is replaced by what save_n_epoch_ratio gives (as in kohya)")
+
+
+def output_file_names(config: TrainingConfig, epochs: int, total_steps: int | None = None) -> list[str]:
+    """Every file a run of ``epochs`` epochs and ``total_steps`` optimizer steps may write (before the
+    ``save_last_n_*`` options delete older ones), the training states included, so a caller can presign an upload
+    URL for each: the epoch files, the epoch states, the step files (every multiple of ``save_every_n_steps`` up
+    to ``total_steps``, the last step included, as kohya saves it before it stops), the step states, the final
+    file and the final state. Without ``total_steps`` no step files are listed."""
     names = []
-    if config.save_every_n_epochs:
-        saved = [e for e in range(1, epochs) if e % config.save_every_n_epochs == 0]
+    interval = config.epoch_interval(epochs)
+    if interval:
+        saved = [e for e in range(1, epochs) if e % interval == 0]
         names += [config.epoch_file(e) for e in saved]
         if config.save_state:
             names += [config.epoch_state_file(e) for e in saved]
+    if config.save_every_n_steps and total_steps:
+        steps = range(config.save_every_n_steps, total_steps + 1, config.save_every_n_steps)
+        names += [config.step_file(s) for s in steps]
+        if config.save_state:
+            names += [config.step_state_file(s) for s in steps]
     names.append(config.final_file())
     if config.save_state or config.save_state_on_train_end:
         names.append(config.final_state_file())

@@ -7,15 +7,21 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from gpu_runtime.trainer.buckets import BucketBatches
 from gpu_runtime.trainer.captions import _Encoder, process_caption
-from gpu_runtime.trainer.config import RESUME_IGNORED, TrainingConfig, check_prediction, timestep_range
+from gpu_runtime.trainer.config import (
+    RESUME_IGNORED,
+    TrainingConfig,
+    check_prediction,
+    output_file_names,
+    timestep_range,
+)
 from gpu_runtime.trainer.dataset import RegImages, TrainImage, _pixels, load_dataset, load_reg_images
 from gpu_runtime.trainer.errors import TrainingCancelled, TrainingError
 from gpu_runtime.trainer.lora import create_network
@@ -37,15 +43,16 @@ from gpu_runtime.trainer.state import (
 
 Progress = Callable[[dict], None]
 # ``on_output({"kind": "model" | "state" | "sample", "path", "epoch", "step", "removed"})``: a file was written
-# (or, with ``removed``, deleted again by ``save_last_n_epochs``) - so a worker can upload it while the run goes on.
+# (or, with ``removed``, deleted again by the ``save_last_n_*`` options) - so a worker can upload it while the run
+# goes on. ``epoch`` is the epoch in progress (or just ended), ``step`` the optimizer steps done.
 Output = Callable[[dict], None]
 
 
 @dataclass
 class TrainResult:
-    """What a finished training produced: the files (epoch files and states first, then the final file and, with
-    ``save_state`` / ``save_state_on_train_end``, the final state), the sample images (in the order they were made,
-    under ``sample/``) and its log."""
+    """What a finished training produced: the files still there (the epoch and step files and states in the order
+    they were written, then the final file and, with ``save_state`` / ``save_state_on_train_end``, the final
+    state), the sample images (in the order they were made, under ``sample/``) and its log."""
 
     files: list[Path]
     warnings: list[str]
@@ -78,6 +85,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     work_dir: Path | None = None,
     on_output: Output | None = None,
+    uploadable: Collection[str] | None = None,
 ) -> TrainResult:
     """Train a kohya-format LoRA for ``model_path`` on ``dataset_dir`` as ``config_path`` says; write the epoch
     files and the final file into ``output_dir``.
@@ -90,6 +98,10 @@ def train(
 
     With ``resume`` (a state file a ``save_state`` run wrote) the run continues from that state's step exactly as
     the saved run would have; a config or dataset that would train differently is refused, naming what differs.
+    ``uploadable`` (the names of the files the job has an upload URL for) makes the run check, once its steps are
+    known and before the model is loaded, that every model file and state it may write is among them, and fail
+    with a :class:`TrainingError` naming the first missing file and the option that makes it otherwise (a file
+    without a URL would be trained for and then lost). None checks nothing.
     With ``reg_data_dir`` (resolved against the config file's folder) kohya's regularization images join the
     dataset, repeated to the training images' count, and their loss is weighted by ``prior_loss_weight``.
     """
@@ -121,8 +133,49 @@ def train(
         torch.manual_seed(seed)
         return _train(
             config, Path(model_path), images, output_dir, work_dir, device, seed, warnings, started_at,
-            on_progress, should_stop, state, reg, on_output,
+            on_progress, should_stop, state, reg, on_output, uploadable,
         )  # fmt: skip
+
+
+def _check_uploadable(
+    config: TrainingConfig, epochs: int, total_steps: int, uploadable: set[str], done_step: int, first_epoch: int
+) -> None:
+    """Fail before the first step when this run would write a file the job cannot upload (see :func:`train`).
+
+    The files are :func:`output_file_names`' for the real epochs and steps, less those a resumed run does not write
+    again (the epoch saves before ``first_epoch``, the step saves up to ``done_step``: the run before wrote them).
+    """
+    done: set[str] = set()
+    for epoch in range(1, first_epoch):
+        done |= {config.epoch_file(epoch), config.epoch_state_file(epoch)}
+    if config.save_every_n_steps:
+        for saved in range(config.save_every_n_steps, done_step + 1, config.save_every_n_steps):
+            done |= {config.step_file(saved), config.step_state_file(saved)}
+    missing = [name for name in output_file_names(config, epochs, total_steps) if name not in done | uploadable]
+    if not missing:
+        return
+    first, more = missing[0], f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    every, interval, note = config.save_every_n_steps, config.save_every_n_epochs, ""
+    step_names: set[str] = set()
+    if every:
+        for saved in range(every, total_steps + 1, every):
+            step_names |= {config.step_file(saved), config.step_state_file(saved)}
+    if first in step_names:
+        saves = "step states" if first.endswith("-state.pt") else "step saves"
+        option = f"save_every_n_steps = {every}" + (" with save_state" if saves == "step states" else "")
+        why = f"{option} makes {total_steps // every} {saves}"
+        note = " (the server presigns a bounded number of step saves)"
+    elif interval and first not in (config.final_file(), config.final_state_file()):
+        saves = "epoch states" if first.endswith("-state.pt") else "epoch saves"
+        ratio = config.save_n_epoch_ratio
+        option = f"save_n_epoch_ratio = {ratio}" if ratio else f"save_every_n_epochs = {interval}"
+        option += " with save_state" if saves == "epoch states" else ""
+        why = f"{option} makes {(epochs - 1) // interval} {saves}"
+    elif first == config.final_file():
+        why = "the run ends with its final file"
+    else:
+        why = "save_state / save_state_on_train_end make the final state"
+    raise TrainingError(f"{why}: this job has no upload URL for {first}{more}{note}")
 
 
 def _train(
@@ -140,6 +193,7 @@ def _train(
     resumed: dict | None = None,
     reg: RegImages | None = None,
     on_output: Output | None = None,
+    uploadable: Collection[str] | None = None,
 ) -> TrainResult:
     """The training loop proper (see :func:`train`); runs inside a forked, seeded RNG. ``resumed`` is the state
     to continue from (checked against the config and dataset); ``reg`` the regularization images (already at the
@@ -148,6 +202,39 @@ def _train(
         (config.sample_every_n_epochs, config.sample_every_n_steps, config.sample_at_first)
     )
     prompts = load_prompts(config.sample_prompts, config.sample_sampler, warnings) if sampling else []
+    # schedule: steps = epochs x ceil(batches / gradient accumulation); batches = ceil(images x repeats / batch),
+    # with buckets the sum of that over the buckets (a batch never mixes buckets)
+    samples = sum(image.repeats for image in images)
+    buckets = None
+    if config.enable_bucket:
+        buckets = BucketBatches([(image.bucket, image.repeats) for image in images], config.train_batch_size, seed)
+        batches_per_epoch = len(buckets)
+    else:
+        batches_per_epoch = math.ceil(samples / config.train_batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    if config.max_train_epochs:
+        epochs = config.max_train_epochs
+        total_steps = epochs * steps_per_epoch
+    else:
+        total_steps = config.max_train_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    # kohya sets save_every_n_epochs from save_n_epoch_ratio once the epochs are known
+    config = replace(config, save_every_n_epochs=config.epoch_interval(epochs))
+    done_step, first_epoch, position = 0, 1, None
+    if resumed is not None:
+        if int(resumed["total_steps"]) != total_steps:
+            raise TrainingError(
+                f"resume: the state was saved in a run of {resumed['total_steps']} steps, this run has {total_steps}"
+            )
+        if int(resumed["step"]) >= total_steps:
+            raise TrainingError(f"resume: the state is at step {resumed['step']} of {total_steps}: nothing is left")
+        done_step = int(resumed["step"])
+        # a step state is inside its epoch (``batch`` of its batches done): the run goes on in that epoch
+        position = resumed.get("batch")
+        first_epoch = int(resumed["epoch"]) + (1 if position is None else 0)
+    if uploadable is not None:
+        _check_uploadable(config, epochs, total_steps, set(uploadable), done_step, first_epoch)
+
     precision = _precision(config, device)
     weight_dtype = precision.weight_dtype
     model = _load_model(model_path, work_dir / "configs", device, weight_dtype)
@@ -194,23 +281,6 @@ def _train(
     model.unet.train(config.train_unet)
     for encoder in model.text_encoders:
         encoder.train(config.train_text_encoder)
-
-    # schedule: steps = epochs x ceil(batches / gradient accumulation); batches = ceil(images x repeats / batch),
-    # with buckets the sum of that over the buckets (a batch never mixes buckets)
-    samples = sum(image.repeats for image in images)
-    buckets = None
-    if config.enable_bucket:
-        buckets = BucketBatches([(image.bucket, image.repeats) for image in images], config.train_batch_size, seed)
-        batches_per_epoch = len(buckets)
-    else:
-        batches_per_epoch = math.ceil(samples / config.train_batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    if config.max_train_epochs:
-        epochs = config.max_train_epochs
-        total_steps = epochs * steps_per_epoch
-    else:
-        total_steps = config.max_train_steps
-        epochs = math.ceil(total_steps / steps_per_epoch)
 
     groups = network.param_groups(config)
     trainable = list(network.parameters())
@@ -266,15 +336,21 @@ def _train(
     state_files: list[Path] = []
     step_losses: list[float] = []  # every batch's loss, kept in the state
     step = 0
-    first_epoch = 1
     loss_value = float("nan")
 
-    def training_state(epoch: int) -> dict:
-        """What a resume needs to take the next step exactly as this run would (see :mod:`..state`)."""
+    def training_state(epoch: int, within: tuple[int, list[list[int]], list[float]] | None = None) -> dict:
+        """What a resume needs to take the next step exactly as this run would (see :mod:`..state`). A state
+        saved inside ``epoch`` (a step save) has ``within``: the batches done, the epoch's batches in their order
+        (its shuffle cannot be drawn again: the RNGs have moved on) and the epoch's losses so far (the running
+        mean goes on from them); an epoch-end state has ``batch`` None (``epoch`` is done)."""
         schedule = getattr(lr_schedule, "state_dict", None)
+        done, order, losses = within if within is not None else (None, None, None)
         return {
             "seed": seed,
             "epoch": epoch,
+            "batch": done,
+            "batches": order,
+            "epoch_losses": list(losses) if losses is not None else None,
             "step": step,
             "total_steps": total_steps,
             "network": {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()},
@@ -289,12 +365,6 @@ def _train(
         }
 
     if resumed is not None:
-        if int(resumed["total_steps"]) != total_steps:
-            raise TrainingError(
-                f"resume: the state was saved in a run of {resumed['total_steps']} steps, this run has {total_steps}"
-            )
-        if int(resumed["step"]) >= total_steps:
-            raise TrainingError(f"resume: the state is at step {resumed['step']} of {total_steps}: nothing is left")
         network.load_state_dict(resumed["network"])
         optimizer.load_state_dict(resumed["optimizer"])
         if resumed["lr_schedule"] is not None:
@@ -302,7 +372,7 @@ def _train(
         if scaler is not None and resumed["scaler"] is not None:
             scaler.load_state_dict(resumed["scaler"])
         restore_rngs(resumed["rngs"], generator, rng, device)  # after the latent cache, which draws noise too
-        step, first_epoch = int(resumed["step"]), int(resumed["epoch"]) + 1
+        step = done_step
         step_losses = [float(x) for x in resumed["losses"]]
         loss_value = float(resumed["loss"])
         # the run before saved these (they are not here): save_last_n_epochs(_state) rotates them out by name, as
@@ -314,16 +384,54 @@ def _train(
             if config.save_state:
                 states = earlier[-kept_states:] if kept_states else earlier
                 state_files = [output_dir / config.epoch_state_file(e) for e in states]
+
+    def remove(kind: str, path: Path, epoch: int, step: int) -> None:
+        """Rotate out an earlier save (this run's, or the run's before a resume: reported either way)."""
+        path.unlink(missing_ok=True)
+        if path in written:
+            written.remove(path)
+        output(kind, [path], epoch, step, removed=True)
+
+    def save_step(epoch: int, within: tuple[int, list[list[int]], list[float]]) -> None:
+        """kohya's save every ``save_every_n_steps``: the file (its ``ss_epoch`` the epochs done before this one,
+        as kohya passes its 0-based epoch), with ``save_state`` the state and the state ``save_last_n_steps_state``
+        (or ``save_last_n_steps``) rotates out, then the file ``save_last_n_steps`` rotates out, in kohya's order.
+        The removals go by kohya's arithmetic on the step number, so a resumed run removes what an unbroken one
+        would."""
+        path = output_dir / config.step_file(step)
+        with _eval_weights(config, optimizer):
+            _save(path, network.kohya_state_dict(_save_dtype(config)), _finish(metadata, epoch - 1, step))
+        written.append(path)
+        output("model", [path], epoch, step)
+        if config.save_state:  # kohya's save_and_remove_state_stepwise
+            state_path = output_dir / config.step_state_file(step)
+            save_state(state_path, training_state(epoch, within))
+            written.append(state_path)
+            output("state", [state_path], epoch, step)
+            old = config.removed_step(step, config.save_last_n_steps_state or config.save_last_n_steps)
+            if old is not None:
+                remove("state", output_dir / config.step_state_file(old), epoch, step)
+        old = config.removed_step(step, config.save_last_n_steps)
+        if old is not None:
+            remove("model", output_dir / config.step_file(old), epoch, step)
+
     for epoch in range(first_epoch, epochs + 1):
-        if buckets is not None:
-            batches = buckets.batches(epoch)
+        if epoch == first_epoch and position is not None:  # resumed inside this epoch: its order, its losses
+            assert resumed is not None
+            batches = [[int(i) for i in batch] for batch in resumed["batches"]]
+            epoch_losses = [float(x) for x in resumed["epoch_losses"]]
+            skip = int(position)
         else:
-            order = [index for index, image in enumerate(images) for _ in range(image.repeats)]
-            rng.shuffle(order)
-            size = config.train_batch_size
-            batches = [order[i : i + size] for i in range(0, len(order), size)]
-        epoch_losses: list[float] = []
-        for number, batch_indexes in enumerate(batches, start=1):
+            if buckets is not None:
+                batches = buckets.batches(epoch)
+            else:
+                order = [index for index, image in enumerate(images) for _ in range(image.repeats)]
+                rng.shuffle(order)
+                size = config.train_batch_size
+                batches = [order[i : i + size] for i in range(0, len(order), size)]
+            epoch_losses = []
+            skip = 0
+        for number, batch_indexes in enumerate(batches[skip:], start=skip + 1):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
             batch = [images[i] for i in batch_indexes]
@@ -401,6 +509,8 @@ def _train(
             if on_progress is not None:
                 on_progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total_steps, "loss": loss_value})
             sample_files += output("sample", sample(network, None, step), epoch, step)  # every sample_every_n_steps
+            if config.save_every_n_steps and step % config.save_every_n_steps == 0:  # after the samples, as kohya
+                save_step(epoch, (number, batches, epoch_losses))
             if step >= total_steps:
                 break
         sample_files += output("sample", sample(network, epoch, step), epoch, step)  # every sample_every_n_epochs
@@ -416,11 +526,7 @@ def _train(
             output("model", [path], epoch, step)
             if config.save_last_n_epochs is not None:
                 while len(epoch_files) > config.save_last_n_epochs:
-                    old = epoch_files.pop(0)
-                    old.unlink(missing_ok=True)
-                    if old in written:
-                        written.remove(old)
-                    output("model", [old], epoch, step, removed=True)
+                    remove("model", epoch_files.pop(0), epoch, step)
             if config.save_state:  # kohya's save_and_remove_state_on_epoch_end
                 path = output_dir / config.epoch_state_file(epoch)
                 save_state(path, training_state(epoch))
@@ -429,11 +535,7 @@ def _train(
                 output("state", [path], epoch, step)
                 keep = config.save_last_n_epochs_state or config.save_last_n_epochs
                 while keep is not None and len(state_files) > keep:
-                    old = state_files.pop(0)
-                    old.unlink(missing_ok=True)
-                    if old in written:
-                        written.remove(old)
-                    output("state", [old], epoch, step, removed=True)
+                    remove("state", state_files.pop(0), epoch, step)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"cancelled at step {step} of {total_steps}")
     final = output_dir / config.final_file()

@@ -1,13 +1,17 @@
-"""kohya's training state (``save_state``, ``save_state_on_train_end``, ``save_last_n_epochs_state``, ``resume``)
+"""kohya's training state (``save_state``, ``save_state_on_train_end``, ``save_last_n_epochs_state``,
+``save_last_n_steps_state``, ``resume``)
 as one file per save, so a run continues exactly where a saved one stopped.
 
 Why one file and not kohya's accelerate folder (``{output_name}-{epoch:06d}-state/``): the runtime uploads each
-output through its own presigned URL, so a state must be a single file, ``{output_name}-{epoch:06d}-state.pt`` or
-``{output_name}-state.pt``. It holds what the next steps depend on: the LoRA weights (full precision), the optimizer,
-LR-schedule and gradient-scaler state, the step/epoch counters, every RNG the loop draws from (torch's global RNG
-for the dropouts, the CPU generator for the noise, the ``random.Random`` for captions and augmentations, the bucket
-shuffle position), the losses so far and the config and dataset it was trained with, so that a resume with a
-config that would train differently is refused, naming the keys.
+output through its own presigned URL, so a state must be a single file, ``{output_name}-{epoch:06d}-state.pt``,
+``{output_name}-step{step:08d}-state.pt`` (``save_every_n_steps``) or ``{output_name}-state.pt``. It holds what the
+next steps depend on: the LoRA weights (full precision), the optimizer, LR-schedule and gradient-scaler state, the
+step/epoch counters, every RNG the loop draws from (torch's global RNG for the dropouts, the CPU generator for the
+noise, the ``random.Random`` for captions and augmentations, the bucket shuffle position), the losses so far and
+the config and dataset it was trained with, so that a resume with a config that would train differently is refused,
+naming the keys. A step state saved inside an epoch also holds where in the epoch it is (``batch``: the batches
+done), that epoch's batches in their order (its shuffle was drawn from RNGs that have moved on since) and the
+epoch's losses so far; an epoch-end state has ``batch`` None (older states have no such key and mean the same).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ _NOT_COMPARED = frozenset(
         "save_state",
         "save_state_on_train_end",
         "save_last_n_epochs_state",
+        "save_every_n_steps",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
+        "save_n_epoch_ratio",
         "resume",
         "training_comment",
     }
