@@ -320,6 +320,7 @@ def run_spec(
             should_stop=watch,
             work_dir=work_root,
             on_output=uploads,
+            uploadable=frozenset(urls["outputs"]),  # a run that would write a file with no URL fails first
         )
         report("Uploading")
         uploads.wait()

@@ -50,7 +50,12 @@ def start(api: Api, key: str, dataset: str, output_name: str, *, epochs: int, **
                 "fm_type": "sd_1_5",
             },
             "config_params": {
-                "saving_arguments": {"output_name": output_name, "save_every_n_epochs": 1, "save_state": True},
+                "saving_arguments": {
+                    "output_name": output_name,
+                    "save_every_n_epochs": 1,
+                    "save_state": True,
+                    **extra.get("saving_arguments", {}),
+                },
                 "training_arguments": {
                     "max_train_epochs": epochs,
                     "resolution": "64,64",
@@ -205,3 +210,99 @@ def test_a_regularization_dataset_trains_with_the_job(api: Api, admin_key, worke
     with safe_open(str(path), "pt") as lora:
         metadata = lora.metadata()
     assert metadata["ss_num_reg_images"] == "3" and metadata["ss_num_train_images"] == "6"
+
+
+def test_step_saves_rotate_like_kohya_and_a_mid_epoch_state_resumes_exactly(
+    api: Api, admin_key, worker, registered, trainer, monkeypatch
+):
+    """kohya's step saves through the API and a real worker: ``save_every_n_steps = 20`` in a 60-step run writes
+    ``-step00000020/40/60`` files and states; ``save_last_n_steps = 20`` removes step 20's at step 60 (kohya keeps
+    the saves of the last 20 steps), in storage too. A job stopped at its step-20 state - in the middle of the first
+    30-step epoch - and resumed continues the uninterrupted run's loss curve and ends with the same files."""
+    from django.core.management import call_command
+
+    upload_dataset(api, admin_key, "blobs", "10_blob")  # 30 steps an epoch
+    steps = {"save_every_n_steps": 20, "save_last_n_steps": 20}
+
+    def start_stepped(name: str) -> str:
+        return start(api, admin_key, "blobs", name, epochs=2, saving_arguments=steps)
+
+    def output_names(job_id: str, name: str) -> set[str]:
+        prefix = f"kohya/train/{job_id}/output/"
+        return {info.key[len(prefix) :].replace(name, "NAME") for info in blob_store().list(prefix)}
+
+    reference_id = start_stepped("straight")
+    reference = ended(reference_id)
+    assert reference.status == "Completed", (reference.reason, reference.log)
+    expected = {
+        "NAME.safetensors",
+        "NAME-state.pt",
+        "NAME-000001.safetensors",
+        "NAME-000001-state.pt",
+        "NAME-step00000040.safetensors",
+        "NAME-step00000040-state.pt",
+        "NAME-step00000060.safetensors",
+        "NAME-step00000060-state.pt",
+    }
+    assert output_names(reference_id, "straight") == expected  # step 20's file and state were rotated out
+    assert {e["name"] for e in reference.saved if e["kind"] == "state"} == {
+        n.replace("NAME", "straight") for n in expected if n.endswith("-state.pt")
+    }
+    files = [f.name for f in Checkpoint.objects.get(pk=reference_id).files.all()]
+    assert files == [
+        "straight.safetensors",
+        "straight-000001.safetensors",
+        "straight-step00000040.safetensors",
+        "straight-step00000060.safetensors",
+    ]
+
+    import gpu_runtime.trainer
+
+    original = gpu_runtime.trainer.train
+
+    def paced(*args, on_progress=None, **kwargs):  # the stop lands before step 30 however fast the machine is
+        def slowed(info: dict) -> None:
+            if on_progress is not None:
+                on_progress(info)
+            time.sleep(0.2)
+
+        return original(*args, on_progress=slowed, **kwargs)
+
+    monkeypatch.setattr(gpu_runtime.trainer, "train", paced)
+    job_id = start_stepped("resumed")
+    first = wait_until(
+        lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="step00000020-state.pt").first(), 300
+    )
+    training.stop(first)
+    stopped = ended(job_id)
+    monkeypatch.undo()
+    assert stopped.status == "Stopped", (stopped.reason, stopped.log)
+    state = training.latest_state(stopped)
+    assert state["name"] == "resumed-step00000020-state.pt" and state["step"] == 20  # mid-epoch 1
+
+    call_command("resume_training", job_id, "--by", "tester")
+    job = ended(job_id)
+    assert job.status == "Completed", (job.reason, job.log)
+    curve, reference_curve = dict(job.losses), dict(reference.losses)
+    assert set(curve) == set(reference_curve) == set(range(1, 61))
+    for step, loss in reference_curve.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+    assert output_names(job_id, "resumed") == expected
+    for suffix in ("-step00000040.safetensors", ".safetensors"):
+        mine, theirs = lora_tensors(job_id, f"resumed{suffix}"), lora_tensors(reference_id, f"straight{suffix}")
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_more_step_saves_than_presigned_fails_before_its_first_step(
+    api: Api, admin_key, worker, registered, trainer, settings
+):
+    settings.ESD_TRAINING_MAX_SAVES = 2  # URLs for step 10 and 20 of a 30-step run
+    upload_dataset(api, admin_key, "blobs", "10_blob")
+    job_id = start(api, admin_key, "blobs", "many", epochs=1, saving_arguments={"save_every_n_steps": 10})
+    job = ended(job_id)
+    assert job.status == "Failed"
+    assert "save_every_n_steps = 10 makes 3 step saves: this job has no upload URL for many-step00000030" in job.reason
+    assert not job.losses  # not a step was trained
+    assert not list(blob_store().list(f"kohya/train/{job_id}/output/"))
