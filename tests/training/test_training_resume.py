@@ -79,6 +79,25 @@ def ended(job_id: str, timeout: float = 300) -> TrainingJob:
     return wait_until(lambda: TrainingJob.objects.filter(pk=job_id, status__in=ENDED).first(), timeout=timeout)
 
 
+def pace_trainer(monkeypatch, seconds: float) -> None:
+    """Every step of the trainer the worker runs is followed by a pause of ``seconds`` (after it is reported), so a
+    stop sent when a save appears lands a known number of steps later however fast the machine is. The steps
+    themselves are the real trainer's."""
+    import gpu_runtime.trainer
+
+    original = gpu_runtime.trainer.train
+
+    def paced(*args, on_progress=None, **kwargs):
+        def slowed(info: dict) -> None:
+            if on_progress is not None:
+                on_progress(info)
+            time.sleep(seconds)
+
+        return original(*args, on_progress=slowed, **kwargs)
+
+    monkeypatch.setattr(gpu_runtime.trainer, "train", paced)
+
+
 def lora_tensors(job_id: str, name: str) -> dict[str, torch.Tensor]:
     return load(blob_store().read_bytes(f"kohya/train/{job_id}/output/{name}"))
 
@@ -141,21 +160,7 @@ def test_a_stopped_job_resumed_from_its_state_continues_the_loss_curve(
     reference = ended(reference_id)
     assert reference.status == "Completed", (reference.reason, reference.log)
 
-    # the run to stop: every step takes at least 0.05 s (a pause after it is reported), so the stop below lands
-    # before its last step however fast the machine is; the steps themselves are the real trainer's
-    import gpu_runtime.trainer
-
-    original = gpu_runtime.trainer.train
-
-    def paced(*args, on_progress=None, **kwargs):
-        def slowed(info: dict) -> None:
-            if on_progress is not None:
-                on_progress(info)
-            time.sleep(0.05)
-
-        return original(*args, on_progress=slowed, **kwargs)
-
-    monkeypatch.setattr(gpu_runtime.trainer, "train", paced)
+    pace_trainer(monkeypatch, 0.05)  # the run to stop: the stop below lands before its last step
     job_id = start(api, admin_key, "blobs", "resumed", epochs=3)
     first = wait_until(lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="state.pt").first(), 300)
     training.stop(first)
@@ -256,19 +261,7 @@ def test_step_saves_rotate_like_kohya_and_a_mid_epoch_state_resumes_exactly(
         "straight-step00000060.safetensors",
     ]
 
-    import gpu_runtime.trainer
-
-    original = gpu_runtime.trainer.train
-
-    def paced(*args, on_progress=None, **kwargs):  # the stop lands before step 30 however fast the machine is
-        def slowed(info: dict) -> None:
-            if on_progress is not None:
-                on_progress(info)
-            time.sleep(0.2)
-
-        return original(*args, on_progress=slowed, **kwargs)
-
-    monkeypatch.setattr(gpu_runtime.trainer, "train", paced)
+    pace_trainer(monkeypatch, 0.2)  # the stop lands before step 30
     job_id = start_stepped("resumed")
     first = wait_until(
         lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="step00000020-state.pt").first(), 300
