@@ -252,9 +252,9 @@ ESD_WORKER_HEARTBEAT_TTL = env.int("ESD_WORKER_HEARTBEAT_TTL", default=45)
 ESD_TRAINING_QUEUE = env.str("ESD_TRAINING_QUEUE", default="esd-training")
 # Upload slots for a training's sample images (kohya's sample_prompts); images past them are noted, not uploaded.
 ESD_TRAINING_SAMPLE_SLOTS = env.int("ESD_TRAINING_SAMPLE_SLOTS", default=200)
-# The most intermediate saves of one kind (step files; epoch files of a max_train_steps run) a training may make:
-# the server presigns an upload URL for each, and the trainer refuses a run that would make more, naming the file.
-ESD_TRAINING_MAX_SAVES = env.int("ESD_TRAINING_MAX_SAVES", default=100)
+# The most intermediate saves of each kind (epoch files, step files) a training may make: the server presigns an
+# upload URL for each, and the trainer refuses a run that would make more before its first step, naming the file.
+ESD_TRAINING_MAX_SAVES = env.int("ESD_TRAINING_MAX_SAVES", default=200)
 # A running self-hosted training whose worker has not heartbeated for this long is failed (resumable from a state).
 ESD_TRAINING_WORKER_LOST_SECONDS = env.int("ESD_TRAINING_WORKER_LOST_SECONDS", default=300)
 ESD_EVENTS_QUEUE = env.str("ESD_EVENTS_QUEUE", default="esd-events")

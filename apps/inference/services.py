@@ -416,6 +416,7 @@ def ingest_output(job_id: str, raw: bytes | None, arrival: Arrival | None = None
         log.info("result for job %s arrived after it ended; dropped", job_id)
         if job is not None and was_cancelled(job):
             _discard_late_output(job)
+            _account_cancelled(job_id, arrival)
     return job
 
 

@@ -64,11 +64,59 @@ def flatten(config: dict[str, dict]) -> dict[str, Any]:
     return {key: value for values in config.values() for key, value in values.items()}
 
 
-def _count(value: Any) -> int | None:
-    """A positive integer option as kohya reads it, None otherwise (the trainer refuses a bad value by name)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+# The kohya keys that decide which files a run writes: whole numbers from 1 (or unset), checked at creation
+# (``check_saving``), since the server presigns an upload URL for each file they make.
+SAVING_COUNTS = (
+    "max_train_epochs",
+    "max_train_steps",
+    "save_every_n_epochs",
+    "save_n_epoch_ratio",
+    "save_every_n_steps",
+    "save_last_n_epochs",
+    "save_last_n_epochs_state",
+    "save_last_n_steps",
+    "save_last_n_steps_state",
+)
+
+
+def unset(value: Any) -> bool:
+    """kohya's None as the trainer reads it: TOML has no null, so GUIs write empty strings (or "None")."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "none"))
+
+
+def whole(flat: dict[str, Any], key: str) -> int | None:
+    """A whole-number option read as the trainer reads it (numbers written as strings too); None when unset.
+    Raises ValueError naming the key for anything else, or a number below 1."""
+    value = flat.get(key)
+    if unset(value):
         return None
-    return int(value)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value) if isinstance(value, str) else value
+        if not isinstance(number, int | float) or not math.isfinite(number) or number != int(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{key} must be at least 1, got {value!r}")
+    return int(number)
+
+
+def check_saving(config: dict[str, dict]) -> None:
+    """What decides the files a run writes is readable here exactly as the trainer will read it (ValueError
+    naming the key otherwise), so the URLs presigned for them are the ones the trainer needs."""
+    flat = flatten(config)
+    counts = {key: whole(flat, key) for key in SAVING_COUNTS}
+    if counts["save_n_epoch_ratio"] and not counts["max_train_epochs"]:
+        raise ValueError("save_n_epoch_ratio needs max_train_epochs (its saves depend on the number of epochs)")
+
+
+def _count(flat: dict[str, Any], key: str) -> int | None:
+    try:
+        return whole(flat, key)
+    except ValueError:  # refused at creation (check_saving); an operator's template is the trainer's to refuse
+        return None
 
 
 def expected_outputs(config: dict[str, dict], max_saves: int = 100) -> list[str]:
@@ -80,25 +128,23 @@ def expected_outputs(config: dict[str, dict], max_saves: int = 100) -> list[str]
     - step files ``{name}-step{step:08d}`` every ``save_every_n_steps`` steps;
     - the final file.
     The number of steps, and of epochs of a ``max_train_steps`` run, depends on the images' buckets, which only the
-    trainer builds: such saves are presigned up to ``max_saves`` each (``ESD_TRAINING_MAX_SAVES``). The trainer
+    trainer builds: saves are presigned up to ``max_saves`` of each kind (``ESD_TRAINING_MAX_SAVES``). The trainer
     checks, before its first step, that every file it will write has a URL, and fails the job naming the first
     one that has not, so a save is never dropped silently."""
     flat = flatten(config)
     name = flat["output_name"]
-    epochs = _count(flat.get("max_train_epochs"))
-    max_steps = None if epochs else (_count(flat.get("max_train_steps")) or 1600)
-    ratio = _count(flat.get("save_n_epoch_ratio"))
-    every = _count(flat.get("save_every_n_epochs")) or 1
+    epochs = _count(flat, "max_train_epochs")
+    max_steps = None if epochs else (_count(flat, "max_train_steps") or 1600)
+    ratio = _count(flat, "save_n_epoch_ratio")
+    every = _count(flat, "save_every_n_epochs") or 1
     if ratio and epochs:
         every = max(1, math.floor(epochs / ratio))
     elif ratio:
         every = 1  # the period depends on the epochs: every epoch covers it
-    if epochs:
-        saved = [epoch for epoch in range(1, epochs) if epoch % every == 0]
-    else:  # at least a step an epoch: no more epochs than steps
-        saved = [every * k for k in range(1, max_saves + 1) if every * k < max_steps]
+    last_epoch = epochs if epochs else max_steps  # at least a step an epoch: no more epochs than steps
+    saved = [every * k for k in range(1, max_saves + 1) if every * k < last_epoch]
     names = [f"{name}-{epoch:06d}" for epoch in saved]
-    if step_every := _count(flat.get("save_every_n_steps")):
+    if step_every := _count(flat, "save_every_n_steps"):
         names += [
             f"{name}-step{step_every * k:08d}"
             for k in range(1, max_saves + 1)

@@ -105,8 +105,13 @@ def create_training(*, user: User, permissions: frozenset[str], lora_train_type:
     else:
         merged = kohya_config.merge_native(template, given_config)
         shown_config = kohya_config.config_params_of(merged, given_config)
-    output_name = merged["saving_arguments"]["output_name"]
-    if not isinstance(output_name, str) or not keys.is_segment(f"{output_name}.safetensors"):
+    # the name the trainer reads (kohya reads all sections as one), with the longest file name it makes from it
+    output_name = kohya_config.flatten(merged)["output_name"]
+    if (
+        not isinstance(output_name, str)
+        or kohya_config.unset(output_name)
+        or not keys.is_segment(f"{output_name}-step00000000-state.pt")
+    ):
         raise BadRequest(f"filename {output_name} is not allowed")
     if CheckpointFile.objects.filter(name=f"{output_name}.safetensors").exists():
         raise BadRequest(f"{output_name}.safetensors already exists, please use another or rename/delete exists")
@@ -185,6 +190,10 @@ def bind_inputs(config: dict[str, dict], user: User, permissions: frozenset[str]
     for key in ("save_state", "save_state_on_train_end"):  # the uploads presigned for a run depend on them
         if key in flat and not isinstance(flat[key], bool):
             raise BadRequest(f"{key} must be true or false, got {flat[key]!r}")
+    try:
+        kohya_config.check_saving(config)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     if flat.get("resume"):
         raise BadRequest("resume cannot be set in config_params: resume a stopped or failed job instead")
     prompts = flat.get("sample_prompts")
@@ -555,7 +564,10 @@ def fail_lost() -> int:
 def latest_state(job: TrainingJob) -> dict | None:
     """The state a resume continues from: the one saved at the highest step."""
     states = [entry for entry in job.saved if entry.get("kind") == "state"]
-    return max(states, key=lambda entry: (entry.get("step") or 0, entry["name"]), default=None)
+    # at the same step an epoch's (or the final) state wins over a step state: it is past the epoch's end work
+    return max(
+        states, key=lambda entry: (entry.get("step") or 0, "-step" not in entry["name"], entry["name"]), default=None
+    )
 
 
 def resume_problem(job: TrainingJob) -> str | None:

@@ -326,3 +326,45 @@ def test_sagemaker_cancel_drops_the_result_when_it_arrives(api: Api, admin_key, 
     assert data["status"] == "failed" and data["image_names"] == []
     assert data["sagemakerRaw"] == {"error": "cancelled by admin"}
     assert list(aws.list(f"out/{job_id}/")) == []
+
+
+def test_an_ingestion_racing_the_cancel_leaves_nothing_and_accounts_once(monkeypatch):
+    """The worker's result is being stored when the cancel lands (after the images, before the job's row): the
+    job stays cancelled, what was stored is removed, and the worker time is recorded once."""
+    from django.utils import timezone
+
+    from apps.inference import services
+
+    job = InferenceJob.objects.create(
+        task_type="txt2img",
+        inference_type="Async",
+        owner="admin",
+        endpoint_name="esd-async-x",
+        backend="self-hosted",
+        status="inprogress",
+        start_time=timezone.now(),
+    )
+    job_id = str(job.id)
+    store = blob_store()
+    store.put_bytes(keys.raw_output(job_id), json.dumps(OUTPUT).encode())
+    original = store.put_bytes
+
+    def cancel_meanwhile(key: str, data: bytes) -> None:
+        original(key, data)
+        if key == keys.result_params(job_id):  # the images and the param file are stored: the cancel comes now
+            services.cancel_job(InferenceJob.objects.get(pk=job_id), "admin")
+
+    monkeypatch.setattr(store, "put_bytes", cancel_meanwhile)
+    arrival = services.Arrival(timezone.now(), run_seconds=2.0, gpu_seconds=1.5)
+    services.ingest_output(job_id, store.read_bytes(keys.raw_output(job_id)), arrival)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.sagemaker_raw == {"error": "cancelled by admin"}
+    assert job.image_names == [] and job.gpu_seconds == 1.5
+    assert list(store.list(f"out/{job_id}/")) == [] and not output_uploaded(job_id)
+
+    # the same result again, or a failure report, changes nothing more
+    services.ingest_output(job_id, json.dumps(OUTPUT).encode(), services.Arrival(timezone.now(), gpu_seconds=9.0))
+    services.fail_job(job_id, {"error": "late"}, services.Arrival(timezone.now(), gpu_seconds=7.0))
+    job.refresh_from_db()
+    assert job.gpu_seconds == 1.5 and job.sagemaker_raw == {"error": "cancelled by admin"}
+    assert list(store.list(f"out/{job_id}/")) == [] and not output_uploaded(job_id)

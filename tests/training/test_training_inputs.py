@@ -98,6 +98,11 @@ def test_named_files_become_the_workers_paths(api: Api, admin_key, extras, setti
         ({"network_weights": "missing.safetensors"}, "network_weights 'missing.safetensors' is not a Lora checkpoint"),
         ({"base_weights": ["style.safetensors", "../x"]}, "base_weights '../x' is not a Lora checkpoint file"),
         ({"resume": "old-state.pt"}, "resume cannot be set in config_params"),
+        # what decides the files presigned for a run is read as the trainer reads it, or refused
+        ({"save_every_n_steps": "often"}, "save_every_n_steps must be a whole number, got 'often'"),
+        ({"save_every_n_steps": True}, "save_every_n_steps must be a whole number, got True"),
+        ({"save_last_n_steps": 0}, "save_last_n_steps must be at least 1, got 0"),
+        ({"save_n_epoch_ratio": 1.5}, "save_n_epoch_ratio must be a whole number, got 1.5"),
     ],
 )
 def test_unknown_names_are_refused_and_nothing_is_left(api: Api, admin_key, extras, arguments, message):
@@ -120,6 +125,43 @@ def test_no_sample_slots_without_samples_and_states_are_expected_outputs(api: Ap
     _, spec = spec_of(job_id)
     assert spec["urls"]["samples"] == [] and spec["urls"]["inputs"] == {}
     assert set(spec["urls"]["outputs"]) == {"x.safetensors", "x-000001.safetensors", "x-state.pt", "x-000001-state.pt"}
+
+
+@pytest.mark.parametrize("name", ["None", " ", "x" * 234])
+def test_an_output_name_the_trainer_cannot_write_is_refused(api: Api, admin_key, extras, name):
+    """kohya reads "None" and blanks as unset (it would write ``last.safetensors``); a name whose longest file,
+    ``{name}-step00000000-state.pt``, is over 255 bytes could not be saved mid-run."""
+    body = native(config_params={**config_with(), "saving_arguments": {"output_name": name, "save_every_n_epochs": 1}})
+    answer = api.post("trainings", body, key=admin_key)
+    assert (answer.status, answer.body["message"]) == (400, f"filename {name} is not allowed"), answer.body
+    assert not TrainingJob.objects.exists()
+
+
+def test_numbers_written_as_text_presign_what_the_trainer_saves(api: Api, admin_key, extras):
+    saving = {"output_name": "x", "save_every_n_epochs": 1, "save_every_n_steps": "5"}
+    body = native(config_params={**config_with(), "saving_arguments": saving})
+    answer = api.post("trainings", body, key=admin_key)
+    assert answer.status == 201, answer.body
+    _, spec = spec_of(answer.body["data"]["id"])
+    assert "x-step00000005.safetensors" in spec["urls"]["outputs"]
+
+
+def test_save_n_epoch_ratio_needs_a_number_of_epochs():
+    """The API's schema asks for max_train_epochs; an operator's template or another section may unset it."""
+    with pytest.raises(ValueError, match="save_n_epoch_ratio needs max_train_epochs"):
+        kohya_config.check_saving(
+            {"a": {"max_train_epochs": 4}, "b": {"max_train_epochs": "", "save_n_epoch_ratio": 2}}
+        )
+    kohya_config.check_saving({"a": {"max_train_epochs": 4, "save_n_epoch_ratio": 2}})
+
+
+def test_at_the_same_step_the_epoch_state_is_resumed_from(db):
+    step_state = {**STATE, "name": "x-step00000012-state.pt", "step": 12}
+    epoch_state = {**STATE, "name": "x-000002-state.pt", "epoch": 2, "step": 12}
+    earlier = {**STATE, "name": "x-step00000010-state.pt", "step": 10}
+    for saved in ([step_state, epoch_state, earlier], [earlier, epoch_state, step_state]):
+        assert training.latest_state(job_with("Failed", saved))["name"] == "x-000002-state.pt"
+    assert training.latest_state(job_with("Failed", [earlier, step_state]))["name"] == "x-step00000012-state.pt"
 
 
 def test_step_saves_are_presigned_by_kohya_name_up_to_the_bound(api: Api, admin_key, extras, settings):
@@ -147,25 +189,27 @@ def test_step_saves_are_presigned_by_kohya_name_up_to_the_bound(api: Api, admin_
     [
         # epochs fixed: kohya's save_n_epoch_ratio sets the period, floor(10 / 3) = 3
         ({"max_train_epochs": 10, "save_n_epoch_ratio": 3}, ["x-000003", "x-000006", "x-000009"]),
+        # the epoch saves are bounded too (the trainer refuses a run that makes more)
+        ({"max_train_epochs": 10000}, ["x-000001", "x-000002", "x-000003"]),
         # a max_train_steps run: at most a step an epoch, step saves no later than the last step, both bounded
         ({"max_train_steps": 3, "save_every_n_epochs": 1}, ["x-000001", "x-000002"]),
         (
             {"max_train_steps": 120, "save_every_n_steps": 50},
-            ["x-000001", "x-000002", "x-step00000050", "x-step00000100"],
+            ["x-000001", "x-000002", "x-000003", "x-step00000050", "x-step00000100"],
         ),
         (
-            {"max_train_steps": 1000, "save_every_n_steps": 100},
-            ["x-000001", "x-000002", "x-step00000100", "x-step00000200"],
+            {"max_train_steps": 1000, "save_every_n_steps": "100"},  # text, as the trainer reads it
+            ["x-000001", "x-000002", "x-000003", "x-step00000100", "x-step00000200", "x-step00000300"],
         ),
-        # a bad value is the trainer's to refuse (by name): no URL is made up for it
+        # a bad value (an operator's template: the API refuses it) is the trainer's to refuse by name
         ({"max_train_epochs": 2, "save_every_n_steps": "often"}, ["x-000001"]),
     ],
 )
 def test_expected_outputs_follow_kohya_periods(saving, expected):
     config = {"saving_arguments": {"output_name": "x", **saving}}
-    names = kohya_config.expected_outputs(config, max_saves=2)
+    names = kohya_config.expected_outputs(config, max_saves=3)
     assert names == ["x.safetensors", *(f"{base}.safetensors" for base in expected)]
-    with_states = kohya_config.expected_outputs({"s": {**config["saving_arguments"], "save_state": True}}, 2)
+    with_states = kohya_config.expected_outputs({"s": {**config["saving_arguments"], "save_state": True}}, 3)
     assert with_states == [*names, "x-state.pt", *(f"{base}-state.pt" for base in expected)]
 
 

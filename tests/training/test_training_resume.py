@@ -220,14 +220,15 @@ def test_a_regularization_dataset_trains_with_the_job(api: Api, admin_key, worke
 def test_step_saves_rotate_like_kohya_and_a_mid_epoch_state_resumes_exactly(
     api: Api, admin_key, worker, registered, trainer, monkeypatch
 ):
-    """kohya's step saves through the API and a real worker: ``save_every_n_steps = 20`` in a 60-step run writes
-    ``-step00000020/40/60`` files and states; ``save_last_n_steps = 20`` removes step 20's at step 60 (kohya keeps
-    the saves of the last 20 steps), in storage too. A job stopped at its step-20 state - in the middle of the first
-    30-step epoch - and resumed continues the uninterrupted run's loss curve and ends with the same files."""
+    """kohya's step saves through the API and a real worker: ``save_every_n_steps = 10`` in a 60-step run writes
+    ``-step00000010`` ... ``-step00000060`` files and states; ``save_last_n_steps = 20`` removes, at step s, the save
+    of step s - 21 rounded down to a multiple of 10 (kohya keeps the saves of the last 20 steps), in storage too: 40,
+    50 and 60 are left. A job stopped at its step-10 state - in the middle of the first 30-step epoch - and resumed
+    continues the uninterrupted run's loss curve and ends with the same files."""
     from django.core.management import call_command
 
     upload_dataset(api, admin_key, "blobs", "10_blob")  # 30 steps an epoch
-    steps = {"save_every_n_steps": 20, "save_last_n_steps": 20}
+    steps = {"save_every_n_steps": 10, "save_last_n_steps": 20}
 
     def start_stepped(name: str) -> str:
         return start(api, admin_key, "blobs", name, epochs=2, saving_arguments=steps)
@@ -244,12 +245,10 @@ def test_step_saves_rotate_like_kohya_and_a_mid_epoch_state_resumes_exactly(
         "NAME-state.pt",
         "NAME-000001.safetensors",
         "NAME-000001-state.pt",
-        "NAME-step00000040.safetensors",
-        "NAME-step00000040-state.pt",
-        "NAME-step00000060.safetensors",
-        "NAME-step00000060-state.pt",
+        *(f"NAME-step000000{step}.safetensors" for step in (40, 50, 60)),
+        *(f"NAME-step000000{step}-state.pt" for step in (40, 50, 60)),
     }
-    assert output_names(reference_id, "straight") == expected  # step 20's file and state were rotated out
+    assert output_names(reference_id, "straight") == expected  # steps 10 to 30 were rotated out
     assert {e["name"] for e in reference.saved if e["kind"] == "state"} == {
         n.replace("NAME", "straight") for n in expected if n.endswith("-state.pt")
     }
@@ -258,20 +257,21 @@ def test_step_saves_rotate_like_kohya_and_a_mid_epoch_state_resumes_exactly(
         "straight.safetensors",
         "straight-000001.safetensors",
         "straight-step00000040.safetensors",
+        "straight-step00000050.safetensors",
         "straight-step00000060.safetensors",
     ]
 
-    pace_trainer(monkeypatch, 0.2)  # the stop lands before step 30
+    pace_trainer(monkeypatch, 0.5)  # the stop lands before step 20 (the next state): 10 paced steps, 5 s
     job_id = start_stepped("resumed")
     first = wait_until(
-        lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="step00000020-state.pt").first(), 300
+        lambda: TrainingJob.objects.filter(pk=job_id, saved__icontains="step00000010-state.pt").first(), 300
     )
     training.stop(first)
     stopped = ended(job_id)
     monkeypatch.undo()
     assert stopped.status == "Stopped", (stopped.reason, stopped.log)
     state = training.latest_state(stopped)
-    assert state["name"] == "resumed-step00000020-state.pt" and state["step"] == 20  # mid-epoch 1
+    assert state["name"] == "resumed-step00000010-state.pt" and state["step"] == 10  # mid-epoch 1
 
     call_command("resume_training", job_id, "--by", "tester")
     job = ended(job_id)
