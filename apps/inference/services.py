@@ -503,15 +503,16 @@ def cancel_job(job: InferenceJob, username: str) -> InferenceJob:
     if job.status in TERMINAL:
         raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")
     reason = f"cancelled by {username}"
-    if job.backend != "sagemaker":
-        # before the job ends, whatever its status: a job being started right now is skipped by the worker that
-        # takes it, which looks at the marker first
-        try:
-            blob_store().put_bytes(cancel_marker(job), reason.encode())
-        except Exception:
-            log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
     with transaction.atomic():
         before = InferenceJob.objects.select_for_update().filter(pk=job.pk).values_list("status", flat=True).first()
+        if before not in TERMINAL and before is not None and job.backend != "sagemaker":
+            # before the job ends, whatever its status: a job being started right now is skipped by the worker that
+            # takes it, which looks at the marker first; and under the row's lock: a worker that sees the marker
+            # and reports its stop at once waits for this cancel to be recorded, rather than ending the job first
+            try:
+                blob_store().put_bytes(cancel_marker(job), reason.encode())
+            except Exception:
+                log.warning("could not write the cancel marker of inference %s", job.id, exc_info=True)
         if before in TERMINAL or before is None or not _fail(str(job.id), {"error": reason}):
             job.refresh_from_db()
             raise BadRequest(f"inference job {job.id} has already ended with status {job.status}")

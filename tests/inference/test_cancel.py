@@ -368,3 +368,52 @@ def test_an_ingestion_racing_the_cancel_leaves_nothing_and_accounts_once(monkeyp
     job.refresh_from_db()
     assert job.gpu_seconds == 1.5 and job.sagemaker_raw == {"error": "cancelled by admin"}
     assert list(store.list(f"out/{job_id}/")) == [] and not output_uploaded(job_id)
+
+
+def test_a_worker_reporting_its_stop_at_once_waits_for_the_cancel(monkeypatch):
+    """The worker sees the marker and reports ``cancelled at step 3`` while ``cancel_job`` is still writing it: the
+    report waits for the cancel's row lock, so the cancel answers with the job cancelled by its user (PostgreSQL;
+    SQLite has no row locks, and the embedded mode's events run in the same process)."""
+    import threading
+
+    from django.db import connection
+    from django.utils import timezone
+
+    from apps.inference import services
+
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: PostgreSQL (CI's second pass)")
+    job = InferenceJob.objects.create(
+        task_type="txt2img",
+        inference_type="Async",
+        owner="admin",
+        endpoint_name="esd-async-x",
+        backend="self-hosted",
+        status="inprogress",
+        start_time=timezone.now(),
+    )
+    job_id = str(job.id)
+    store = blob_store()
+    original = store.put_bytes
+    reports: list[threading.Thread] = []
+
+    def report_stop() -> None:
+        try:
+            services.fail_job(job_id, {"error": "cancelled at step 3 of 50"})
+        finally:
+            connection.close()
+
+    def marker_then_report(key: str, data: bytes) -> None:
+        original(key, data)
+        if key == services.cancel_marker(job):  # the worker polls it now and reports its stop
+            reports.append(threading.Thread(target=report_stop))
+            reports[0].start()
+            reports[0].join(timeout=1)  # blocked on the row lock (without it, it would end the job here)
+
+    monkeypatch.setattr(store, "put_bytes", marker_then_report)
+    cancelled = services.cancel_job(job, "admin")
+    reports[0].join(timeout=30)
+    assert not reports[0].is_alive()
+    assert cancelled.status == "failed" and cancelled.sagemaker_raw == {"error": "cancelled by admin"}
+    job.refresh_from_db()
+    assert job.sagemaker_raw == {"error": "cancelled by admin"}  # the worker's later report changed nothing
