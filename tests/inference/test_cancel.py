@@ -328,14 +328,11 @@ def test_sagemaker_cancel_drops_the_result_when_it_arrives(api: Api, admin_key, 
     assert list(aws.list(f"out/{job_id}/")) == []
 
 
-def test_an_ingestion_racing_the_cancel_leaves_nothing_and_accounts_once(monkeypatch):
-    """The worker's result is being stored when the cancel lands (after the images, before the job's row): the
-    job stays cancelled, what was stored is removed, and the worker time is recorded once."""
+def running_job() -> InferenceJob:
+    """A self-hosted job a worker is running, as the services see it (for races set up by hand)."""
     from django.utils import timezone
 
-    from apps.inference import services
-
-    job = InferenceJob.objects.create(
+    return InferenceJob.objects.create(
         task_type="txt2img",
         inference_type="Async",
         owner="admin",
@@ -344,6 +341,16 @@ def test_an_ingestion_racing_the_cancel_leaves_nothing_and_accounts_once(monkeyp
         status="inprogress",
         start_time=timezone.now(),
     )
+
+
+def test_an_ingestion_racing_the_cancel_leaves_nothing_and_accounts_once(monkeypatch):
+    """The worker's result is being stored when the cancel lands (after the images, before the job's row): the
+    job stays cancelled, what was stored is removed, and the worker time is recorded once."""
+    from django.utils import timezone
+
+    from apps.inference import services
+
+    job = running_job()
     job_id = str(job.id)
     store = blob_store()
     store.put_bytes(keys.raw_output(job_id), json.dumps(OUTPUT).encode())
@@ -377,21 +384,12 @@ def test_a_worker_reporting_its_stop_at_once_waits_for_the_cancel(monkeypatch):
     import threading
 
     from django.db import connection
-    from django.utils import timezone
 
     from apps.inference import services
 
     if connection.vendor != "postgresql":
         pytest.skip("row locks: PostgreSQL (CI's second pass)")
-    job = InferenceJob.objects.create(
-        task_type="txt2img",
-        inference_type="Async",
-        owner="admin",
-        endpoint_name="esd-async-x",
-        backend="self-hosted",
-        status="inprogress",
-        start_time=timezone.now(),
-    )
+    job = running_job()
     job_id = str(job.id)
     store = blob_store()
     original = store.put_bytes
